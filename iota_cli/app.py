@@ -1,0 +1,52 @@
+"""The `iota` command line: assembles the command modules; no logic lives here.
+
+Run `iota --help`. Every command module imports its heavy dependencies inside the command, so help
+stays fast (see bench/startup.py).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from iota_cli import __version__
+from iota_cli.commands import auth, backends, config, doctor, join, orchestrator, service, status, swarm
+
+app = typer.Typer(
+    name="iota",
+    help=(
+        "Contribute your computer to training a large language model with thousands of others.\n\n"
+        "\b\nExamples:\n"
+        "  iota doctor                 check this machine against the minimums\n"
+        "  iota swarm                  train a tiny model with a local swarm\n"
+        "  iota join --orchestrator https://swarm.example.org\n"
+    ),
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"iota {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """Contribute compute to a decentralized LLM pretraining swarm."""
+
+
+for module in (doctor, backends, config, auth, join, status, swarm, service, orchestrator):
+    module.register(app)
+
+
+def main() -> None:
+    app(prog_name="iota")

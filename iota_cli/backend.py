@@ -1,0 +1,147 @@
+"""The compute backend interface, and how a backend is found and chosen.
+
+A backend trains one pipeline stage. Implementations live in `backends/` (iota_torch, iota_mlx) and
+register a BackendFactory under the entry-point group `iota.backends`, so a third party can add one
+without touching the core. This module imports no ML framework.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Protocol, runtime_checkable
+
+from iota_cli.modelspec import ModelConfig
+from iota_cli.tensors import TensorDict
+
+ENTRY_POINT_GROUP = "iota.backends"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with bias correction (as torch), decay on matrices only, global-norm clipping."""
+
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class BackwardResult:
+    grads: TensorDict | None  # {"grad": (B, T, bottleneck)} toward the previous stage; None for the head
+    loss: float | None = None  # the tail's mean cross-entropy; None elsewhere
+
+
+@runtime_checkable
+class StageBackend(Protocol):
+    """One stage of the model on one device.
+
+    Tensor names on this interface:
+      forward inputs:  head {"tokens": I32 (B,T)};  body/tail {"activations": (B,T,b)}
+      forward outputs: head/body {"activations": (B,T,b) in cfg.wire_dtype};  tail {}
+      backward grads:  head/body {"grad": (B,T,b)};  tail {"targets": I32 (B,T)}
+      backward result: body/tail {"grad": (B,T,b) in cfg.wire_dtype};  head None; tail also the loss
+    Weights use the names of modelspec.stage_params; optimizer state uses "<param>.exp_avg",
+    "<param>.exp_avg_sq" (float32) and "step" (I64 scalar shape ()), the same for every backend.
+    """
+
+    name: str
+
+    def forward(self, work_id: str, inputs: TensorDict) -> TensorDict:
+        """Run the stage forward and keep what backward needs under work_id."""
+        ...
+
+    def backward(self, work_id: str, grads: TensorDict) -> BackwardResult:
+        """Accumulate parameter gradients for work_id, free its saved state, return input gradients."""
+        ...
+
+    def free(self, work_id: str) -> None:
+        """Drop a work id's saved state (abandoned work). Unknown ids are ignored."""
+        ...
+
+    def step(self) -> float:
+        """Average the gradients accumulated since the last step, clip, take an AdamW step; return grad norm."""
+        ...
+
+    def weights(self) -> TensorDict:
+        """The stage's weights as float32, named per the spec."""
+        ...
+
+    def optimizer_state(self) -> TensorDict:
+        ...
+
+    def load(self, weights: TensorDict, optimizer_state: TensorDict | None = None) -> None:
+        """Replace weights (and optimizer state); work ids in flight stay valid."""
+        ...
+
+    def memory_required(self, batch_size: int) -> int:
+        """Bytes this stage needs on its device to train at batch_size (weights, optimizer, activations)."""
+        ...
+
+
+class BackendFactory(Protocol):
+    """What the entry point names: describes a backend and builds stages with it."""
+
+    name: str
+    description: str
+
+    def available(self) -> tuple[bool, str]:
+        """(True, version) when usable here, else (False, why not)."""
+        ...
+
+    def create(self, cfg: ModelConfig, stage: int, optim: OptimConfig, seed: int = 0) -> StageBackend:
+        """A stage with freshly initialised weights (call load() to use given ones)."""
+        ...
+
+
+class BackendError(RuntimeError):
+    """No usable backend, or the one asked for cannot run here."""
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    description: str
+    available: bool
+    detail: str  # version when available, otherwise the reason
+
+
+def factories() -> dict[str, BackendFactory]:
+    """Every registered backend factory by name (loading a factory must not import its framework)."""
+    out = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            out[ep.name] = ep.load()
+        except Exception:  # noqa: BLE001 - a broken plug-in must not break the CLI
+            continue
+    return out
+
+
+def list_backends() -> list[BackendInfo]:
+    infos = []
+    for name, f in sorted(factories().items()):
+        ok, detail = f.available()
+        infos.append(BackendInfo(name, f.description, ok, detail))
+    return infos
+
+
+def auto_choice(system: str, machine: str, has_nvidia: bool) -> str | None:
+    """The backend this platform should use, or None when it has no supported accelerator."""
+    if system == "Darwin" and machine == "arm64":
+        return "mlx"
+    if system == "Linux" and has_nvidia:
+        return "torch-cuda"
+    return None
+
+
+def get_factory(name: str) -> BackendFactory:
+    fs = factories()
+    if name not in fs:
+        known = ", ".join(sorted(fs)) or "none installed"
+        raise BackendError(f"unknown backend {name!r} (known: {known})")
+    ok, why = fs[name].available()
+    if not ok:
+        raise BackendError(f"backend {name!r} is not available here: {why}")
+    return fs[name]

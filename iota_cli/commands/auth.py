@@ -1,0 +1,7 @@
+"""`iota auth` (not built yet)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

@@ -1,0 +1,7 @@
+"""`iota doctor` (not built yet)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

@@ -1,0 +1,7 @@
+"""`iota status` (not built yet)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

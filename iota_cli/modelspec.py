@@ -1,0 +1,238 @@
+"""The framework-agnostic model: config, stage split, and the name, shape and init of every parameter.
+
+Every backend builds its stage from this spec and stores weights under these names, so a stage trained
+on MLX loads in torch and the two can be merged. Run `python -m iota_cli.modelspec` to print the default
+config's stages and sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+StageKind = Literal["head", "body", "tail"]
+
+# Byte-level tokenizer: ids 0..255 are bytes, then a few specials. No download is ever needed.
+BYTE_VOCAB = 256
+SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<unk>")
+BOS_ID, EOS_ID, PAD_ID, UNK_ID = range(BYTE_VOCAB, BYTE_VOCAB + len(SPECIAL_TOKENS))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A Llama-style decoder split into pipeline stages joined by bottlenecks."""
+
+    vocab_size: int = BYTE_VOCAB + len(SPECIAL_TOKENS)
+    d_model: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    ffn_dim: int = 1408
+    context: int = 256
+    # Width of what crosses a stage boundary; d_model / bottleneck_dim is the compression ratio.
+    bottleneck_dim: int = 8
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    # Compute dtype of the stage ("float32" or "bfloat16"); master weights are always float32.
+    dtype: str = "float32"
+    # Dtype of activations and gradients on the wire.
+    wire_dtype: str = "bfloat16"
+    # "bytes" or a path to a tokenizer.json (tokenizers) with vocab_size entries.
+    tokenizer: str = "bytes"
+    # Layers per stage: head, body..., tail. Empty means split_layers(n_layers, 3).
+    stages: tuple[int, ...] = field(default_factory=tuple)
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            object.__setattr__(self, "stages", split_layers(self.n_layers, 3))
+        object.__setattr__(self, "stages", tuple(int(n) for n in self.stages))
+        problems = validate(self)
+        if problems:
+            raise ValueError("invalid model config: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def compression(self) -> float:
+        """How many times narrower a boundary activation is than the residual stream (same dtype)."""
+        return self.d_model / self.bottleneck_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stages"] = list(self.stages)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Build from a dict, ignoring unknown keys so old clients survive new servers."""
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        if "stages" in kw:
+            kw["stages"] = tuple(kw["stages"])
+        return cls(**kw)
+
+
+def validate(cfg: ModelConfig) -> list[str]:
+    """Every reason this config cannot be built (empty when it can)."""
+    p = []
+    if cfg.d_model % cfg.n_heads:
+        p.append(f"d_model {cfg.d_model} is not divisible by n_heads {cfg.n_heads}")
+    elif cfg.head_dim % 2:
+        p.append(f"head_dim {cfg.head_dim} must be even for rotary embeddings")
+    if cfg.n_heads % cfg.n_kv_heads:
+        p.append(f"n_heads {cfg.n_heads} is not divisible by n_kv_heads {cfg.n_kv_heads}")
+    if not 0 < cfg.bottleneck_dim <= cfg.d_model:
+        p.append(f"bottleneck_dim {cfg.bottleneck_dim} must be in 1..d_model")
+    if len(cfg.stages) < 2:
+        p.append("a model needs at least two stages (head and tail)")
+    if sum(cfg.stages) != cfg.n_layers or any(n < 0 for n in cfg.stages):
+        p.append(f"stages {list(cfg.stages)} must be non-negative and sum to n_layers {cfg.n_layers}")
+    if cfg.vocab_size < 1 or cfg.context < 1:
+        p.append("vocab_size and context must be positive")
+    for name in ("dtype", "wire_dtype"):
+        if getattr(cfg, name) not in ("float32", "bfloat16", "float16"):
+            p.append(f"{name} must be float32, bfloat16 or float16")
+    return p
+
+
+def split_layers(n_layers: int, n_stages: int) -> tuple[int, ...]:
+    """Split layers so end stages get one fewer than middle ones (they carry embedding and LM head)."""
+    if n_stages < 2:
+        raise ValueError("need at least two stages")
+    if n_stages == 2:
+        return (n_layers - n_layers // 2, n_layers // 2)
+    # Solve 2*(m-1) + (n_stages-2)*m ~= n_layers for the middle size m, then spread the remainder.
+    m = max(1, round((n_layers + 2) / n_stages))
+    sizes = [max(m - 1, 0)] + [m] * (n_stages - 2) + [max(m - 1, 0)]
+    i = 1
+    while sum(sizes) < n_layers:
+        sizes[i % n_stages] += 1
+        i += 1
+    while sum(sizes) > n_layers:
+        sizes[max(range(n_stages), key=lambda k: sizes[k])] -= 1
+    return tuple(sizes)
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    shape: tuple[int, ...]
+    init: Literal["normal", "ones", "zeros"] = "normal"
+    std: float = 0.0
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage: its place in the pipeline and the global indices of its blocks."""
+
+    index: int
+    n_stages: int
+    layers: tuple[int, ...]
+
+    @property
+    def kind(self) -> StageKind:
+        if self.index == 0:
+            return "head"
+        return "tail" if self.index == self.n_stages - 1 else "body"
+
+
+def stage_specs(cfg: ModelConfig) -> list[StageSpec]:
+    out, start = [], 0
+    for i, n in enumerate(cfg.stages):
+        out.append(StageSpec(i, cfg.n_stages, tuple(range(start, start + n))))
+        start += n
+    return out
+
+
+def stage_spec(cfg: ModelConfig, index: int) -> StageSpec:
+    if not 0 <= index < cfg.n_stages:
+        raise ValueError(f"stage {index} out of range 0..{cfg.n_stages - 1}")
+    return stage_specs(cfg)[index]
+
+
+def block_params(cfg: ModelConfig, layer: int) -> list[ParamSpec]:
+    d, hd, f = cfg.d_model, cfg.head_dim, cfg.ffn_dim
+    std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    p = f"layers.{layer}."
+    return [
+        ParamSpec(p + "input_layernorm.weight", (d,), "ones"),
+        ParamSpec(p + "self_attn.q_proj.weight", (cfg.n_heads * hd, d), "normal", std),
+        ParamSpec(p + "self_attn.k_proj.weight", (cfg.n_kv_heads * hd, d), "normal", std),
+        ParamSpec(p + "self_attn.v_proj.weight", (cfg.n_kv_heads * hd, d), "normal", std),
+        ParamSpec(p + "self_attn.o_proj.weight", (d, cfg.n_heads * hd), "normal", out_std),
+        ParamSpec(p + "post_attention_layernorm.weight", (d,), "ones"),
+        ParamSpec(p + "mlp.gate_proj.weight", (f, d), "normal", std),
+        ParamSpec(p + "mlp.up_proj.weight", (f, d), "normal", std),
+        ParamSpec(p + "mlp.down_proj.weight", (d, f), "normal", out_std),
+    ]
+
+
+def stage_params(cfg: ModelConfig, stage: StageSpec) -> list[ParamSpec]:
+    """Parameters of a stage in forward order.
+
+    Forward (identical in every backend):
+      head:  x = embed_tokens[tokens]
+      other: x = up_proj(z) + pad(z)      # z (B,T,b) from the previous stage; pad adds z to channels [:b]
+      x = block(x) for each layer
+      head/body: z = down_proj(rmsnorm(x)) + x[..., :b]   -> sent to the next stage
+      tail:      logits = lm_head(rmsnorm(x)); loss = mean cross-entropy
+    The `+ x[..., :b]` / `+ pad(z)` pair is the narrow residual path that crosses every boundary.
+    """
+    d, b, std = cfg.d_model, cfg.bottleneck_dim, cfg.init_std
+    ps: list[ParamSpec] = []
+    if stage.kind == "head":
+        ps.append(ParamSpec("embed_tokens.weight", (cfg.vocab_size, d), "normal", std))
+    else:
+        ps.append(ParamSpec(f"bottleneck.{stage.index - 1}.up_proj.weight", (d, b), "normal", std))
+    for layer in stage.layers:
+        ps.extend(block_params(cfg, layer))
+    if stage.kind == "tail":
+        ps.append(ParamSpec("norm.weight", (d,), "ones"))
+        ps.append(ParamSpec("lm_head.weight", (cfg.vocab_size, d), "normal", std))
+    else:
+        ps.append(ParamSpec(f"bottleneck.{stage.index}.norm.weight", (d,), "ones"))
+        ps.append(ParamSpec(f"bottleneck.{stage.index}.down_proj.weight", (b, d), "normal", std))
+    return ps
+
+
+def param_count(cfg: ModelConfig, stage: StageSpec | None = None) -> int:
+    stages = [stage] if stage else stage_specs(cfg)
+    return sum(p.numel for s in stages for p in stage_params(cfg, s))
+
+
+def forward_flops_per_token(cfg: ModelConfig, stage: StageSpec) -> float:
+    """Matmul FLOPs of one token through the stage's forward (2 per multiply-add, attention included)."""
+    matmul = sum(p.numel for p in stage_params(cfg, stage) if p.init == "normal")
+    if stage.kind == "head":
+        matmul -= cfg.vocab_size * cfg.d_model  # the embedding is a lookup
+    attn = 2 * 2 * cfg.context * cfg.d_model * len(stage.layers) / 2  # QK^T and AV, causal half
+    return 2.0 * matmul + attn
+
+
+def activation_shape(cfg: ModelConfig, batch: int, seq: int) -> tuple[int, int, int]:
+    """Shape of what crosses a stage boundary, in either direction."""
+    return (batch, seq, cfg.bottleneck_dim)
+
+
+def _main() -> None:
+    cfg = ModelConfig()
+    print(f"default config: {cfg.n_layers} layers, d_model {cfg.d_model}, compression {cfg.compression:.0f}x")
+    for s in stage_specs(cfg):
+        print(f"  stage {s.index} {s.kind:4s} layers {list(s.layers)} params {param_count(cfg, s):,}")
+    print(f"  total params {param_count(cfg):,}")
+
+
+if __name__ == "__main__":
+    _main()

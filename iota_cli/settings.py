@@ -1,0 +1,165 @@
+"""Settings: defaults, then the TOML config file, then `IOTA_<NAME>` environment variables.
+
+Every path comes from here. `IOTA_HOME` relocates everything (tests and `iota swarm` workers use it);
+under systemd the unit's $STATE_DIRECTORY / $CACHE_DIRECTORY / $LOGS_DIRECTORY are honoured.
+Secrets are never settings: the token lives in the keyring (see credentials.py).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from iota_cli.files import atomic_write
+
+APP_NAME = "iota"
+
+
+@dataclass(frozen=True)
+class Settings:
+    orchestrator: str = ""  # URL of the orchestrator to join, e.g. https://swarm.example.org
+    backend: str = "auto"  # auto, torch-cuda, torch-mps, torch-cpu, mlx, mlx-cpu
+    run: str = ""  # run id to join; empty: the orchestrator's active run
+    name: str = ""  # display name for this contributor; empty: the host name
+    allow_battery: bool = False  # keep training on battery power
+    max_memory_gb: float = 0.0  # cap on memory the stage may use; 0: what the device reports
+
+
+SETTING_HELP = {
+    "orchestrator": "URL of the orchestrator to join",
+    "backend": "compute backend (auto, torch-cuda, torch-mps, torch-cpu, mlx, mlx-cpu)",
+    "run": "run id to join (empty: the orchestrator's active run)",
+    "name": "display name for this contributor (empty: host name)",
+    "allow_battery": "keep training on battery power (true/false)",
+    "max_memory_gb": "cap on the memory a stage may use, in GB (0: no cap)",
+}
+SECRET_KEYS = {"token", "admin_token", "password"}
+
+
+class SettingsError(ValueError):
+    """A setting name or value that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Paths:
+    config_file: Path
+    data_dir: Path  # checkpoints, local state
+    cache_dir: Path  # downloaded weight shards
+    log_dir: Path
+
+    def to_dict(self) -> dict[str, str]:
+        return {k: str(v) for k, v in asdict(self).items()}
+
+
+def paths(env: Mapping[str, str] | None = None) -> Paths:
+    """Where config, data, cache and logs live: IOTA_HOME, then systemd's dirs, then platformdirs."""
+    env = os.environ if env is None else env
+    if home := env.get("IOTA_HOME"):
+        h = Path(home)
+        return Paths(h / "config.toml", h / "data", h / "cache", h / "logs")
+    from platformdirs import PlatformDirs
+
+    d = PlatformDirs(APP_NAME, appauthor=False)
+    config_dir = Path(env.get("IOTA_CONFIG_DIR") or d.user_config_dir)
+    # On macOS config and data share a directory, so data goes in a subfolder.
+    data = Path(env.get("STATE_DIRECTORY") or d.user_data_dir) / "state"
+    cache = Path(env.get("CACHE_DIRECTORY") or d.user_cache_dir)
+    logs = Path(env.get("LOGS_DIRECTORY") or d.user_log_dir)
+    return Paths(config_dir / "config.toml", data, cache, logs)
+
+
+def _coerce(key: str, raw: Any) -> Any:
+    kind = {f.name: f.type for f in fields(Settings)}[key]
+    try:
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            low = str(raw).strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if kind == "float":
+            return float(raw)
+        return str(raw)
+    except ValueError:
+        raise SettingsError(f"{key}: {raw!r} is not a valid {kind}") from None
+
+
+def check_key(key: str) -> str:
+    key = key.strip().lower().replace("-", "_")
+    if key in SECRET_KEYS:
+        raise SettingsError(f"{key} is a secret and is never stored in the config file; use `iota login`")
+    if key not in SETTING_HELP:
+        raise SettingsError(f"unknown setting {key!r} (known: {', '.join(SETTING_HELP)})")
+    return key
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise SettingsError(f"{path} is not valid TOML: {e}") from None
+
+
+def sources(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Where each setting's effective value comes from: default, file or env."""
+    env = os.environ if env is None else env
+    file = read_file(paths(env).config_file)
+    out = {}
+    for key in SETTING_HELP:
+        out[key] = "env" if f"IOTA_{key.upper()}" in env else "file" if key in file else "default"
+    return out
+
+
+def load(env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for key, raw in read_file(paths(env).config_file).items():
+        if key in SETTING_HELP:
+            values[key] = _coerce(key, raw)
+    for key in SETTING_HELP:
+        if (raw := env.get(f"IOTA_{key.upper()}")) is not None:
+            values[key] = _coerce(key, raw)
+    return Settings(**values)
+
+
+def set_value(key: str, raw: str, env: Mapping[str, str] | None = None) -> Any:
+    """Validate and store one setting in the config file; return the stored value."""
+    key = check_key(key)
+    value = _coerce(key, raw)
+    path = paths(env).config_file
+    data = read_file(path)
+    data[key] = value
+    atomic_write(path, render_toml(data).encode())
+    return value
+
+
+def unset_value(key: str, env: Mapping[str, str] | None = None) -> None:
+    key = check_key(key)
+    path = paths(env).config_file
+    data = read_file(path)
+    if data.pop(key, None) is not None:
+        atomic_write(path, render_toml(data).encode())
+
+
+def render_toml(data: Mapping[str, Any]) -> str:
+    """Render a flat table of scalars (all the config file ever holds)."""
+    lines = []
+    for k in sorted(data):
+        v = data[k]
+        if isinstance(v, bool):
+            lines.append(f"{k} = {'true' if v else 'false'}")
+        elif isinstance(v, int | float):
+            lines.append(f"{k} = {v!r}")
+        else:
+            s = str(v).replace("\\", "\\\\").replace('"', '\\"')
+            lines.append(f'{k} = "{s}"')
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,14 @@
+"""Shared fixtures: every test gets its own IOTA_HOME, so no test touches the real ~/.config."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def iota_home(tmp_path, monkeypatch):
+    home = tmp_path / "iota-home"
+    monkeypatch.setenv("IOTA_HOME", str(home))
+    for var in ("IOTA_TOKEN", "IOTA_ORCHESTRATOR", "IOTA_BACKEND", "CREDENTIALS_DIRECTORY", "NOTIFY_SOCKET"):
+        monkeypatch.delenv(var, raising=False)
+    return home
