@@ -11,6 +11,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from iota_cli.tensors import RawTensor, TensorDict
+
 StageKind = Literal["head", "body", "tail"]
 
 # Byte-level tokenizer: ids 0..255 are bytes, then a few specials. No download is ever needed.
@@ -221,9 +223,71 @@ def forward_flops_per_token(cfg: ModelConfig, stage: StageSpec) -> float:
     return 2.0 * matmul + attn
 
 
+def initial_weights(cfg: ModelConfig, stage: StageSpec | int, seed: int = 0) -> TensorDict:
+    """Fresh float32 weights from each ParamSpec; the same seed gives the same bytes in every backend."""
+    import numpy as np  # only backends call this, and both depend on numpy
+
+    s = _as_stage(cfg, stage)
+    rng = np.random.default_rng([seed, s.index])
+    out = {}
+    for p in stage_params(cfg, s):
+        if p.init == "normal":
+            a = rng.standard_normal(p.shape, dtype=np.float32) * np.float32(p.std)
+        else:
+            a = np.full(p.shape, 1.0 if p.init == "ones" else 0.0, dtype=np.float32)
+        out[p.name] = RawTensor("F32", p.shape, a.astype("<f4").tobytes())
+    return out
+
+
 def activation_shape(cfg: ModelConfig, batch: int, seq: int) -> tuple[int, int, int]:
     """Shape of what crosses a stage boundary, in either direction."""
     return (batch, seq, cfg.bottleneck_dim)
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def _as_stage(cfg: ModelConfig, stage: StageSpec | int) -> StageSpec:
+    return stage if isinstance(stage, StageSpec) else stage_spec(cfg, stage)
+
+
+def saved_bytes_per_token(cfg: ModelConfig, stage: StageSpec | int) -> int:
+    """Bytes autograd keeps per token of one in-flight item (norms in float32, the rest in cfg.dtype)."""
+    s = _as_stage(cfg, stage)
+    a, d, f = DTYPE_BYTES[cfg.dtype], cfg.d_model, cfg.ffn_dim
+    kv = cfg.n_kv_heads * cfg.head_dim
+    norm = 2 * 4 * d + a * d  # a float32 RMSNorm keeps its input and normalised input; the matmul its cast
+    attn = norm + a * (2 * d + 2 * kv) + a * 2 * d  # roped q, k and v; attention output and o_proj input
+    mlp = norm + a * 4 * f  # gate, up, silu(gate) and the down_proj input
+    per = len(s.layers) * (attn + mlp)
+    if s.kind == "tail":
+        per += norm + (4 + a) * cfg.vocab_size  # logits and their float32 log-softmax
+    else:
+        per += norm + 4 * cfg.bottleneck_dim
+    if s.kind != "head":
+        per += 4 * cfg.bottleneck_dim
+    return per
+
+
+def estimate_memory(
+    cfg: ModelConfig, stage: StageSpec | int, batch_size: int, seq_len: int, in_flight: int = 1
+) -> int:
+    """Bytes to train a stage: float32 weights, grads and two AdamW moments, plus per in-flight item
+    of (batch_size, seq_len) its saved activations (and, at 16-bit compute, its cast copy of the weights),
+    plus the transient peak of one backward. Excludes the framework's own overhead (a CUDA context ~0.5 GB).
+    """
+    s = _as_stage(cfg, stage)
+    params = param_count(cfg, s)
+    tokens = batch_size * seq_len
+    per_item = tokens * saved_bytes_per_token(cfg, s)
+    if cfg.dtype != "float32":
+        matrices = sum(p.numel for p in stage_params(cfg, s) if len(p.shape) >= 2)
+        per_item += matrices * DTYPE_BYTES[cfg.dtype]
+    # One backward at a time: attention scores when no fused kernel is used, or the tail's logit grads.
+    scores = batch_size * cfg.n_heads * seq_len * seq_len * 4 if s.layers else 0
+    logits = 2 * tokens * cfg.vocab_size * 4 if s.kind == "tail" else 0
+    transient = max(scores, logits, per_item // max(len(s.layers), 1))
+    return 4 * 4 * params + max(in_flight, 0) * per_item + transient
 
 
 def _main() -> None:
