@@ -189,8 +189,14 @@ def stage_params(cfg: ModelConfig, stage: StageSpec) -> list[ParamSpec]:
       other: x = up_proj(z) + pad(z)      # z (B,T,b) from the previous stage; pad adds z to channels [:b]
       x = block(x) for each layer
       head/body: z = down_proj(rmsnorm(x)) + x[..., :b]   -> sent to the next stage
-      tail:      logits = lm_head(rmsnorm(x)); loss = mean cross-entropy
+      tail:      logits = lm_head(rmsnorm(x)); loss = mean cross-entropy over all B*T targets
     The `+ x[..., :b]` / `+ pad(z)` pair is the narrow residual path that crosses every boundary.
+    block(x): h = x + o_proj(attn(rope(q_proj(n)), rope(k_proj(n)), v_proj(n))), n = rmsnorm(x);
+              out = h + down_proj(silu(gate_proj(m)) * up_proj(m)), m = rmsnorm(h).
+    attn is causal softmax(q k^T / sqrt(head_dim)) v with n_heads // n_kv_heads query heads per kv head;
+    rope rotates halves (x * cos + cat(-x2, x1) * sin) with the tables of rope_tables.
+    rmsnorm(x) = x * rsqrt(mean(x^2) + norm_eps) * weight, in float32. The residual stream and the
+    boundary tensors are float32; matmuls and attention run in cfg.dtype (inputs cast, as autocast does).
     """
     d, b, std = cfg.d_model, cfg.bottleneck_dim, cfg.init_std
     ps: list[ParamSpec] = []
@@ -242,6 +248,17 @@ def initial_weights(cfg: ModelConfig, stage: StageSpec | int, seed: int = 0) -> 
 def activation_shape(cfg: ModelConfig, batch: int, seq: int) -> tuple[int, int, int]:
     """Shape of what crosses a stage boundary, in either direction."""
     return (batch, seq, cfg.bottleneck_dim)
+
+
+def rope_tables(cfg: ModelConfig, seq_len: int) -> tuple[list[float], list[float]]:
+    """cos and sin of the RoPE angles pos * rope_theta^(-2i/head_dim), (seq_len, head_dim/2) row-major.
+
+    Computed in float64 here so every backend rounds the same numbers to float32.
+    """
+    half = cfg.head_dim // 2
+    inv = [cfg.rope_theta ** (-2.0 * i / cfg.head_dim) for i in range(half)]
+    angles = [t * f for t in range(seq_len) for f in inv]
+    return [math.cos(a) for a in angles], [math.sin(a) for a in angles]
 
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
