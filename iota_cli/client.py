@@ -1,0 +1,474 @@
+"""The one HTTP client: JSON calls, blob uploads and resumable, sha256-verified downloads.
+
+Two layers of retrying. urllib3's Retry (mounted on the one Session) makes a few quick attempts on
+connection errors and 500/502/504 for idempotent methods. Above it, `Client.request` waits out an
+orchestrator that is down or busy (connection refused or reset, timeouts, 429, 502/503/504) with capped
+exponential backoff and jitter, honours Retry-After, reports each wait through `on_wait`, and stops
+waiting the moment `client.stop` is set. 429 and 503 stay out of urllib3's hands because its Retry-After
+sleep cannot be interrupted (a SIGTERM would hang). Every POST in protocol v1 is idempotent, so the
+upper layer retries POSTs too.
+
+Try it against a running orchestrator:
+    python -c "from iota_cli.client import Client; print(Client('http://127.0.0.1:8000').health())"
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urljoin, urlsplit
+
+from iota_cli import __version__
+from iota_cli.files import fsync_dir
+
+if TYPE_CHECKING:
+    import requests
+
+log = logging.getLogger("iota.client")
+PROTOCOL_VERSION = "1"
+WAIT_STATUSES = frozenset({429, 502, 503, 504})  # wait as long as it takes (or max_wait_s)
+CHUNK = 1 << 16
+
+OnWait = Callable[[str, float], None]  # (message, seconds about to be slept)
+OnProgress = Callable[[int, "int | None"], None]  # (bytes so far, total or None)
+
+
+class ClientError(Exception):
+    """Base of everything this module raises on purpose."""
+
+
+class ApiError(ClientError):
+    """The server refused the request (4xx, or a 5xx that persisted); `detail` is its message."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status, self.detail = status, detail
+
+
+class Unreachable(ClientError):
+    """The server did not answer within max_wait_s (or waiting was not allowed)."""
+
+
+class Stopped(Unreachable):
+    """Waiting for the server was cut short by the stop event (shutdown)."""
+
+
+class IntegrityError(ClientError):
+    """Downloaded bytes kept failing their sha256 check."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    data: Any  # parsed JSON, or None (204 or an empty body)
+    retry_after: float | None = None  # the server's Retry-After hint, in seconds
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Backoff:
+    """Capped exponential backoff with jitter: base, 2*base, 4*base ... up to cap, each scaled by 0.5-1."""
+
+    base: float = 1.0
+    cap: float = 30.0
+    attempt: int = 0
+
+    def next(self) -> float:
+        delay = min(self.cap, self.base * 2**self.attempt)
+        self.attempt += 1
+        return delay * random.uniform(0.5, 1.0)
+
+
+class _Patience:
+    """One operation's waiting: backoff, the max_wait_s deadline, on_wait reports and the stop event."""
+
+    def __init__(self, client: Client, wait: bool) -> None:
+        self.client, self.allowed = client, wait
+        self.backoff = Backoff(*client.backoff)
+        self.first_failure: float | None = None
+        self.server_errors = 0
+
+    def wait(self, why: str, hint: float | None = None) -> None:
+        c = self.client
+        if c.stop.is_set():
+            raise Stopped(f"{why} (stopping)")
+        if not self.allowed:
+            raise Unreachable(why)
+        now = time.monotonic()
+        self.first_failure = self.first_failure or now
+        delay = self.backoff.next()
+        if hint is not None:  # Retry-After is a floor, plus a little jitter so replicas spread out
+            delay = hint + random.uniform(0, 0.1 * hint + 0.05)
+        if c.max_wait_s is not None:
+            left = self.first_failure + c.max_wait_s - now
+            if left <= 0:
+                raise Unreachable(f"{why}; gave up after {c.max_wait_s:g} s")
+            delay = min(delay, left)
+        message = f"{why}, retrying in {_secs(delay)}"
+        if c.on_wait is not None:
+            c.on_wait(message, delay)
+        else:
+            log.warning(message)
+        if c.stop.wait(delay):
+            raise Stopped(f"{why} (stopping)")
+
+    def progress(self) -> None:
+        """Something worked: the next failure starts the backoff (and the deadline) afresh."""
+        self.backoff.attempt, self.first_failure, self.server_errors = 0, None, 0
+
+
+class Client:
+    """HTTP client for one orchestrator; safe to share between the worker and its heartbeat thread."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        *,
+        timeout: tuple[float, float] = (5.0, 60.0),
+        max_wait_s: float | None = None,
+        on_wait: OnWait | None = None,
+        stop: threading.Event | None = None,
+        backoff: tuple[float, float] = (1.0, 30.0),
+        retries: int = 3,
+        retry_backoff: float = 0.25,
+        integrity_retries: int = 3,
+    ) -> None:
+        import requests
+        from requests.adapters import HTTPAdapter
+        from urllib3.util.retry import Retry
+
+        self.base_url = base_url.rstrip("/") + "/"
+        self._origin = _origin(self.base_url)
+        self._token = token
+        self.timeout, self.max_wait_s, self.on_wait = timeout, max_wait_s, on_wait
+        self.stop = stop or threading.Event()
+        self.backoff, self.retries, self.integrity_retries = backoff, retries, integrity_retries
+        quick = Retry(
+            total=retries, connect=retries, read=retries, status=retries, other=0,
+            backoff_factor=retry_backoff, backoff_max=2.0, backoff_jitter=retry_backoff,
+            status_forcelist=(500, 502, 504), raise_on_status=False, respect_retry_after_header=False,
+        )  # fmt: skip
+        self._session = requests.Session()
+        self._session.headers["User-Agent"] = f"iota-cli/{__version__}"
+        self._session.headers["X-Iota-Protocol"] = PROTOCOL_VERSION
+        adapter = HTTPAdapter(max_retries=quick, pool_maxsize=8)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+
+    def __repr__(self) -> str:  # never show the token
+        return f"Client({self.base_url!r}, token={'set' if self._token else None})"
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._session.close()
+
+    @property
+    def token(self) -> str | None:
+        return self._token
+
+    @token.setter
+    def token(self, value: str | None) -> None:  # set after `POST /v1/contributors`
+        self._token = value
+
+    def url(self, path_or_url: str) -> str:
+        """Resolve a path (or a URL the server handed out) against base_url."""
+        return urljoin(self.base_url, path_or_url)
+
+    # -- JSON calls ------------------------------------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        data: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: tuple[float, float] | None = None,
+        wait: bool = True,
+    ) -> Reply:
+        """Send until the server answers; 2xx -> Reply, 4xx -> ApiError, down/busy -> wait (see module doc).
+
+        wait=False gives up with Unreachable at the first failure that would need waiting.
+        """
+        patience = _Patience(self, wait)
+        while True:
+            try:
+                r = self._send(method, path, json=json, data=data, headers=headers, timeout=timeout)
+            except _transient_errors() as e:
+                patience.wait(f"{self._who(path)} unreachable ({_describe(e, timeout or self.timeout)})")
+                continue
+            with r:
+                if r.status_code < 400:
+                    body = r.json() if r.content and "json" in r.headers.get("Content-Type", "") else None
+                    return Reply(r.status_code, body, _retry_after(r), dict(r.headers))
+                status, detail, hint = r.status_code, _detail(r), _retry_after(r)
+            if status in WAIT_STATUSES:
+                state = "busy" if status == 429 else "unavailable"
+                patience.wait(f"{self._who(path)} {state} (HTTP {status})", hint)
+            elif status >= 500 and patience.server_errors < self.retries:
+                patience.server_errors += 1
+                patience.wait(f"{self._who(path)} error (HTTP {status}: {detail})", hint)
+            else:
+                raise ApiError(status, detail)
+
+    def get(self, path: str, **kw: Any) -> Any:
+        """GET path and return the parsed JSON (None on 204)."""
+        return self.request("GET", path, **kw).data
+
+    def post(self, path: str, body: Any = None, **kw: Any) -> Any:
+        """POST a JSON body and return the parsed JSON (None on 204; use request() for Retry-After)."""
+        return self.request("POST", path, json=body if body is not None else {}, **kw).data
+
+    def health(self, timeout: tuple[float, float] = (2.0, 5.0)) -> dict[str, Any]:
+        """GET /v1/health once, without waiting; the answer plus `latency_s` (request round trip)."""
+        t0 = time.perf_counter()
+        reply = self.request("GET", "/v1/health", timeout=timeout, wait=False)
+        data = reply.data if isinstance(reply.data, dict) else {}
+        return {**data, "latency_s": time.perf_counter() - t0}
+
+    # -- blobs -----------------------------------------------------------------------------------------
+
+    def upload(self, url: str, data: bytes) -> str:
+        """PUT bytes to an upload URL with their sha256 (the server verifies it); return the hex digest."""
+        digest = hashlib.sha256(data).hexdigest()
+        headers = {"X-Iota-Sha256": digest, "Content-Type": "application/octet-stream"}
+        self.request("PUT", url, data=data, headers=headers)
+        return digest
+
+    def download(
+        self,
+        url: str,
+        dest: Path,
+        sha256: str,
+        size: int | None = None,
+        *,
+        on_progress: OnProgress | None = None,
+    ) -> Path:
+        """Fetch url into dest (resuming `<dest>.part` with Range), check sha256; a good dest is a hit."""
+        dest = Path(dest)
+        if _verified(dest, sha256, size):
+            return dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = dest.with_name(dest.name + ".part")
+        with _file_lock(dest.with_name(dest.name + ".lock"), self.stop):
+            if _verified(dest, sha256, size):  # another process fetched it while we waited for the lock
+                return dest
+            for failures in range(1, self.integrity_retries + 1):
+                hasher = self._fetch(url, part, size, on_progress)
+                got, n = hasher.hexdigest(), part.stat().st_size
+                if got == sha256 and (size is None or n == size):
+                    with open(part, "rb+") as f:
+                        os.fsync(f.fileno())
+                    os.replace(part, dest)
+                    fsync_dir(dest.parent)
+                    return dest
+                part.unlink(missing_ok=True)
+                if self.on_wait is not None and failures < self.integrity_retries:
+                    self.on_wait(f"{dest.name}: sha256 mismatch ({n} bytes), fetching again", 0.0)
+        raise IntegrityError(f"{url}: sha256 mismatch {self.integrity_retries} times (want {sha256})")
+
+    def _fetch(self, url: str, part: Path, size: int | None, on_progress: OnProgress | None) -> Any:
+        """Bring part up to the whole body (resuming what is there); return its running sha256."""
+        hasher, have = _hash_file(part)
+        if size is not None and have > size:
+            hasher, have = _restart(part)
+        patience = _Patience(self, True)
+        while True:
+            headers = {"Accept-Encoding": "identity"}
+            if have:
+                headers["Range"] = f"bytes={have}-"
+            try:
+                r = self._send("GET", url, headers=headers, stream=True)
+            except _transient_errors() as e:
+                patience.wait(f"{self._who(url)} unreachable ({_describe(e, self.timeout)})")
+                continue
+            with r:
+                status, span = r.status_code, parse_content_range(r.headers.get("Content-Range"))
+                total = span[2] if span else None
+                if status == 416:  # nothing past `have`: complete when the sizes agree, else stale
+                    expected = total if total is not None else size
+                    if have and (expected is None or expected == have):
+                        return hasher
+                    hasher, have = _restart(part)
+                    continue
+                if status >= 400:
+                    hint = _retry_after(r)
+                    if status in WAIT_STATUSES or (status >= 500 and patience.server_errors < self.retries):
+                        patience.server_errors += 0 if status in WAIT_STATUSES else 1
+                        patience.wait(f"{self._who(url)} answered HTTP {status}", hint)
+                        continue
+                    raise ApiError(status, _detail(r))
+                if status == 206 and (span is None or span[0] != have):
+                    hasher, have = _restart(part)  # not the piece we asked for: start clean
+                    continue
+                if status != 206 and have:
+                    hasher, have = _restart(part)  # 200 to a Range request: the server sent it all again
+                if total is None and r.headers.get("Content-Length", "").isdigit():
+                    total = have + int(r.headers["Content-Length"])
+                total = size if size is not None else total
+                before = have
+                try:
+                    with open(part, "ab") as f:
+                        for chunk in r.iter_content(CHUNK):
+                            f.write(chunk)
+                            hasher.update(chunk)
+                            have += len(chunk)
+                            if on_progress is not None:
+                                on_progress(have, total)
+                except _transient_errors() as e:
+                    if have > before:
+                        patience.progress()
+                    patience.wait(f"download of {part.name[:-5]} cut off at {have} bytes ({_describe(e)})")
+                    continue
+            if total is None or have >= total:
+                return hasher
+            if have == before:  # the server closed early without sending anything: wait before asking again
+                patience.wait(f"{self._who(url)} sent no data at byte {have}")
+            else:
+                patience.progress()
+
+    # -- plumbing --------------------------------------------------------------------------------------
+
+    def _send(
+        self, method: str, path: str, *, timeout: tuple[float, float] | None = None, **kw: Any
+    ) -> requests.Response:
+        url = self.url(path)
+        headers = dict(kw.pop("headers", None) or {})
+        # The token goes only to the orchestrator itself, never to a blob store's presigned URL.
+        if self._token and _origin(url) == self._origin:
+            headers["Authorization"] = f"Bearer {self._token}"
+        return self._session.request(method, url, headers=headers, timeout=timeout or self.timeout, **kw)
+
+    def _who(self, path: str) -> str:
+        url = self.url(path)
+        return "orchestrator" if _origin(url) == self._origin else urlsplit(url).netloc
+
+
+def parse_content_range(value: str | None) -> tuple[int | None, int | None, int | None] | None:
+    """`bytes 0-9/100` -> (0, 9, 100); `bytes */100` -> (None, None, 100); anything else -> None."""
+    m = re.fullmatch(r"\s*bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*", value or "")
+    if not m:
+        return None
+    start, end, total = (None if g in (None, "*") else int(g) for g in m.groups())
+    if start is not None and end is not None and (end < start or (total is not None and end >= total)):
+        return None
+    return start, end, total
+
+
+def _transient_errors() -> tuple[type[Exception], ...]:
+    import requests
+
+    return (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+
+
+def _describe(e: Exception, timeout: tuple[float, float] | None = None) -> str:
+    import requests
+
+    text = str(e).lower()
+    if isinstance(e, requests.ConnectTimeout):
+        return "connect timed out"
+    if isinstance(e, requests.ReadTimeout) or "read timed out" in text:
+        return f"no answer in {timeout[1]:g} s" if timeout else "read timed out"
+    for needle, words in (("refused", "connection refused"), ("reset", "connection reset")):
+        if needle in text:
+            return words
+    if isinstance(e, requests.exceptions.ChunkedEncodingError) or "incomplete" in text:
+        return "transfer cut off"
+    if "name or service" in text or "nodename" in text or "resolve" in text:
+        return "host name not found"
+    return type(e).__name__
+
+
+def _detail(r: requests.Response) -> str:
+    try:
+        d = r.json().get("detail")
+    except (ValueError, AttributeError):
+        d = None
+    if isinstance(d, list):  # FastAPI validation errors
+        d = "; ".join(str(x.get("msg", x)) if isinstance(x, dict) else str(x) for x in d)
+    return str(d) if d else (r.text[:200].strip() or r.reason or "no detail")
+
+
+def _retry_after(r: requests.Response) -> float | None:
+    """Retry-After in seconds (delta-seconds or an HTTP date), clamped to [0, 1 h]."""
+    value = r.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        secs = float(value)
+    except ValueError:
+        import email.utils
+
+        try:
+            secs = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return min(max(secs, 0.0), 3600.0)
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.netloc
+
+
+def _secs(s: float) -> str:
+    return f"{s:.0f} s" if s >= 1.5 else f"{s:.1f} s"
+
+
+def _hash_file(path: Path) -> tuple[Any, int]:
+    hasher, n = hashlib.sha256(), 0
+    with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            hasher.update(chunk)
+            n += len(chunk)
+    return hasher, n
+
+
+def _restart(part: Path) -> tuple[Any, int]:
+    part.unlink(missing_ok=True)
+    return hashlib.sha256(), 0
+
+
+def _verified(path: Path, sha256: str, size: int | None) -> bool:
+    if not path.is_file() or (size is not None and path.stat().st_size != size):
+        return False
+    return _hash_file(path)[0].hexdigest() == sha256
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, stop: threading.Event) -> Iterator[None]:
+    """Hold an exclusive lock on path so two workers sharing a cache never write one part file."""
+    try:
+        import fcntl
+    except ImportError:  # no fcntl (Windows): no cross-process sharing guard
+        yield
+        return
+    with open(path, "a") as f:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if stop.wait(0.1):
+                    raise Stopped(f"stopped while waiting for {path.name}") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
