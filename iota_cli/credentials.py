@@ -75,6 +75,8 @@ def _keyring_get(accounts: list[str]) -> tuple[str | None, str | None]:
 
 
 def _why(e: BaseException) -> str:
+    if type(e).__name__ == "NoKeyringError":  # keyring's fail backend: its message is a paragraph
+        return "no keyring backend is installed or running"
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
 

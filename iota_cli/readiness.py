@@ -5,6 +5,7 @@ and the backend for this platform can run. Both are slow-ish, so hardware.probe(
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass
 
 
@@ -28,22 +29,17 @@ class BackendStatus:
 
 
 def probe_network(url: str, timeout: tuple[float, float] = (3.0, 5.0)) -> NetworkStatus:
-    """GET {url}/v1/health and time it."""
-    # TODO: switch to iota_cli.client.Client(url).health() (the one HTTP client) once client.py lands.
-    import time
-
-    import requests
-
-    health = url.rstrip("/") + "/v1/health"
-    t0 = time.perf_counter()
+    """GET {url}/v1/health once (no retries: doctor reports, it does not wait) and time it."""
+    if not re.match(r"https?://[^/]", url):
+        return NetworkStatus(url, False, None, "not an http:// or https:// URL")
     try:
-        r = requests.get(health, timeout=timeout, headers={"X-Iota-Protocol": "1"})
-    except requests.RequestException as e:
-        return NetworkStatus(url, False, None, f"{type(e).__name__}: {str(e)[:160]}")
-    ms = round((time.perf_counter() - t0) * 1000, 1)
-    if r.status_code != 200:
-        return NetworkStatus(url, False, ms, f"HTTP {r.status_code} from {health}")
-    return NetworkStatus(url, True, ms, "ok")
+        from iota_cli.client import Client
+
+        with Client(url, retries=0) as client:
+            reply = client.health(timeout=timeout)
+    except Exception as e:  # noqa: BLE001 - Unreachable, ApiError, or anything requests raises
+        return NetworkStatus(url, False, None, str(e)[:160] or type(e).__name__)
+    return NetworkStatus(url, True, round(float(reply["latency_s"]) * 1000, 1), "ok")
 
 
 def framework_of(backend: str) -> str | None:

@@ -1,7 +1,113 @@
-"""`iota auth` (not built yet)."""
+"""`iota login`, `iota logout`, `iota whoami`: the orchestrator token in the OS keyring.
+
+The token never reaches the terminal, the config file or a log; only its sha256 fingerprint is shown.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
 
 import typer
 
+OrchestratorOption = Annotated[
+    str | None,
+    typer.Option(metavar="URL", help="The orchestrator this token is for (default: the configured one)."),
+]
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command()(login)
+    app.command()(logout)
+    app.command()(whoami)
+
+
+def _orchestrator(flag: str | None) -> str:
+    from iota_cli import output, settings
+
+    if flag is not None:
+        return flag
+    try:
+        return settings.load().orchestrator
+    except settings.SettingsError as e:
+        output.fail(str(e), code=output.EXIT_CONFIG)
+
+
+def _read_token() -> str:
+    import sys
+
+    if sys.stdin.isatty():
+        return typer.prompt("Token", hide_input=True)
+    return sys.stdin.readline()
+
+
+def login(
+    token: Annotated[
+        str | None,
+        typer.Option(
+            metavar="TOKEN", help="The token (stdin is safer: a flag shows in shell history and ps)."
+        ),
+    ] = None,
+    orchestrator: OrchestratorOption = None,
+) -> None:
+    """Store the orchestrator token in the OS keyring.
+
+    Reads the token from --token, else from stdin (a hidden prompt in a terminal).
+
+    \b
+    Examples:
+      iota login                      (paste the token at the prompt)
+      iota login < ~/iota-token.txt
+    """
+    from iota_cli import credentials, output
+
+    url = _orchestrator(orchestrator)
+    if token is None:
+        token = _read_token()
+    try:
+        backend = credentials.store_token(token, url)
+    except credentials.CredentialsError as e:
+        output.fail(str(e), code=output.EXIT_CONFIG)
+    account = credentials.account_for(url)
+    fp = credentials.fingerprint(token.strip())
+    output.echo(f"Stored the token for {account} in the OS keyring ({backend}); fingerprint {fp}.")
+
+
+def logout(orchestrator: OrchestratorOption = None) -> None:
+    """Remove the stored token from the OS keyring."""
+    import os
+
+    from iota_cli import credentials, output
+
+    url = _orchestrator(orchestrator)
+    account = credentials.account_for(url)
+    try:
+        removed = credentials.delete_token(url)
+    except credentials.CredentialsError as e:
+        output.fail(str(e), code=output.EXIT_CONFIG)
+    output.echo(f"Removed the token for {account}." if removed else f"No token was stored for {account}.")
+    if os.environ.get("IOTA_TOKEN"):
+        output.warn("IOTA_TOKEN is still set in this environment and will be used")
+
+
+def whoami(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Say which token would be used and where it comes from (never the token itself).
+
+    Sources, first found wins: --token, IOTA_TOKEN, $CREDENTIALS_DIRECTORY/iota-token, the OS keyring.
+    """
+    from iota_cli import credentials, output
+
+    url = _orchestrator(None)
+    try:
+        found = credentials.resolve_token(None, orchestrator=url)
+    except credentials.CredentialsError as e:
+        if as_json:
+            output.print_json({"authenticated": False, "orchestrator": url or None, "error": str(e)})
+            raise typer.Exit(output.EXIT_CONFIG) from None
+        output.fail(str(e), code=output.EXIT_CONFIG)
+    fp = credentials.fingerprint(found.token)
+    if as_json:
+        output.print_json(
+            {"authenticated": True, "orchestrator": url or None, "source": found.source, "fingerprint": fp}
+        )
+        return
+    output.echo(f"Token from {found.source} (fingerprint {fp}) for {url or 'no orchestrator configured'}.")

@@ -1,7 +1,114 @@
-"""`iota config` (not built yet)."""
+"""`iota config show|get|set|unset|path`: the TOML config file and its IOTA_<NAME> overrides.
+
+All the logic is settings.py's; this module parses and prints.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
 
 import typer
 
+config_app = typer.Typer(
+    help="Show and change settings (a TOML file; IOTA_<NAME> environment variables override it).",
+    no_args_is_help=True,
+)
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.add_typer(config_app, name="config")
+
+
+def _fmt(value: Any) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def _load():
+    from iota_cli import output, settings
+
+    try:
+        return settings.load()
+    except settings.SettingsError as e:
+        output.fail(str(e), hint="fix or delete the file (see `iota config path`)", code=output.EXIT_CONFIG)
+
+
+@config_app.command("show")
+def show(as_json: JsonOption = False) -> None:
+    """Every setting, its value and where it comes from (default, file or env)."""
+    from dataclasses import asdict
+
+    from iota_cli import output, settings
+
+    values = asdict(_load())
+    src = settings.sources()
+    if as_json:
+        output.print_json(
+            {"settings": values, "sources": src, "config_file": str(settings.paths().config_file)}
+        )
+        return
+    rows = [(k, _fmt(v), src[k], settings.SETTING_HELP[k]) for k, v in values.items()]
+    output.echo(output.table(["setting", "value", "source", "meaning"], rows))
+
+
+@config_app.command("get")
+def get(key: Annotated[str, typer.Argument(help="Setting name, e.g. orchestrator.")]) -> None:
+    """Print one setting's effective value."""
+    from iota_cli import output, settings
+
+    try:
+        key = settings.check_key(key)
+    except settings.SettingsError as e:
+        output.fail(str(e), code=output.EXIT_USAGE)
+    output.echo(_fmt(getattr(_load(), key)))
+
+
+@config_app.command("set")
+def set_(
+    key: Annotated[str, typer.Argument(help="Setting name, e.g. orchestrator.")],
+    value: Annotated[str, typer.Argument(help="New value.")],
+) -> None:
+    """Store a setting in the config file.
+
+    \b
+    Example:
+      iota config set orchestrator https://swarm.example.org
+    """
+    import os
+
+    from iota_cli import output, settings
+
+    path = settings.paths().config_file
+    _load()  # refuse to rewrite a file we cannot read
+    try:
+        stored = settings.set_value(key, value)
+        key = settings.check_key(key)
+    except settings.SettingsError as e:
+        output.fail(str(e), code=output.EXIT_USAGE)
+    output.echo(f"{key} = {_fmt(stored)}  (in {path})")
+    if f"IOTA_{key.upper()}" in os.environ:
+        output.warn(f"IOTA_{key.upper()} is set in the environment and overrides this value")
+
+
+@config_app.command("unset")
+def unset(key: Annotated[str, typer.Argument(help="Setting name.")]) -> None:
+    """Remove a setting from the config file (back to its default)."""
+    from iota_cli import output, settings
+
+    _load()
+    try:
+        settings.unset_value(key)
+    except settings.SettingsError as e:
+        output.fail(str(e), code=output.EXIT_USAGE)
+
+
+@config_app.command("path")
+def path(as_json: JsonOption = False) -> None:
+    """Where the config file, data, cache and logs live (IOTA_HOME relocates them all)."""
+    from iota_cli import output, settings
+
+    paths = settings.paths().to_dict()
+    if as_json:
+        output.print_json(paths)
+        return
+    output.echo(output.table(["what", "path"], list(paths.items())))
