@@ -80,6 +80,10 @@ class StageBackend(Protocol):
         """The stage's weights as float32, named per the spec."""
         ...
 
+    def gradients(self) -> TensorDict:
+        """The parameter gradients summed over backward passes since the last step (float32, spec names)."""
+        ...
+
     def optimizer_state(self) -> TensorDict:
         """AdamW moments (float32) and the step count (I64), named as above; zeros before the first step."""
         ...

@@ -273,16 +273,16 @@ def saved_bytes_per_token(cfg: ModelConfig, stage: StageSpec | int) -> int:
     s = _as_stage(cfg, stage)
     a, d, f = DTYPE_BYTES[cfg.dtype], cfg.d_model, cfg.ffn_dim
     kv = cfg.n_kv_heads * cfg.head_dim
-    norm = 2 * 4 * d + a * d  # a float32 RMSNorm keeps its input and normalised input; the matmul its cast
-    attn = norm + a * (2 * d + 2 * kv) + a * 2 * d  # roped q, k and v; attention output and o_proj input
-    mlp = norm + a * 4 * f  # gate, up, silu(gate) and the down_proj input
-    per = len(s.layers) * (attn + mlp)
+    # A float32 RMSNorm keeps x, x*rstd and rstd; each matmul reading its output keeps its own cast.
+    norm = 2 * 4 * d + 4
+    reads = (1, 1) if a == 4 else (3, 2)  # autocast casts the norm's output once per q/k/v and gate/up
+    attn = norm + a * d * reads[0] + a * (3 * d + 2 * kv) + 4 * cfg.n_heads  # q, k, v, out, o_proj in, lse
+    mlp = norm + a * d * reads[1] + a * 4 * f  # gate, up, silu(gate) and the down_proj input
+    per = len(s.layers) * (attn + mlp) + norm + a * d
     if s.kind == "tail":
-        per += norm + (4 + a) * cfg.vocab_size  # logits and their float32 log-softmax
-    else:
-        per += norm + 4 * cfg.bottleneck_dim
+        per += (4 + a) * cfg.vocab_size  # the logits and their float32 log-softmax
     if s.kind != "head":
-        per += 4 * cfg.bottleneck_dim
+        per += (4 + a) * cfg.bottleneck_dim  # the incoming boundary tensor and up_proj's cast of it
     return per
 
 
@@ -298,7 +298,7 @@ def estimate_memory(
     tokens = batch_size * seq_len
     per_item = tokens * saved_bytes_per_token(cfg, s)
     if cfg.dtype != "float32":
-        matrices = sum(p.numel for p in stage_params(cfg, s) if len(p.shape) >= 2)
+        matrices = sum(p.numel for p in stage_params(cfg, s) if len(p.shape) >= 2 and "embed" not in p.name)
         per_item += matrices * DTYPE_BYTES[cfg.dtype]
     # One backward at a time: attention scores when no fused kernel is used, or the tail's logit grads.
     scores = batch_size * cfg.n_heads * seq_len * seq_len * 4 if s.layers else 0

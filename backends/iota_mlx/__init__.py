@@ -1,0 +1,49 @@
+"""iota's MLX backend: the factories behind the entry points mlx (Metal) and mlx-cpu.
+
+Importing this package does not import mlx; a factory does when it checks availability or builds a
+stage. On a Mac `pip install 'iota-cli[mlx]'`; on Linux the same extra installs mlx[cpu] (CPU only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from iota_cli.backend import BackendError, OptimConfig
+from iota_cli.modelspec import ModelConfig
+
+if TYPE_CHECKING:
+    from iota_mlx.stage import MlxStage
+
+
+@dataclass(frozen=True)
+class MlxFactory:
+    name: str
+    device: str  # "gpu" (Metal) or "cpu"
+    description: str
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            import mlx.core as mx
+        except ImportError as e:  # bare `pip install mlx` on Linux fails here: libmlx.so has no backend
+            return False, f"mlx is not usable ({e}); install 'iota-cli[mlx]'"
+        v = f"mlx {mx.__version__}"
+        if self.device == "gpu" and not mx.metal.is_available():
+            return False, f"{v} has no Metal device (needs a Mac with Apple Silicon)"
+        return True, v
+
+    def create(self, cfg: ModelConfig, stage: int, optim: OptimConfig, seed: int = 0) -> MlxStage:
+        ok, why = self.available()
+        if not ok:
+            raise BackendError(f"backend {self.name} is not available here: {why}")
+        import mlx.core as mx
+
+        from iota_mlx.stage import MlxStage
+
+        if self.device == "gpu":  # keep the working set resident, as mlx-lm does before training
+            mx.set_wired_limit(mx.device_info()["max_recommended_working_set_size"])
+        return MlxStage(self.name, cfg, stage, optim, self.device, seed)
+
+
+metal_backend = MlxFactory("mlx", "gpu", "MLX on Apple Silicon's GPU (Metal)")
+cpu_backend = MlxFactory("mlx-cpu", "cpu", "MLX on the CPU (Linux CI, testing)")

@@ -1,0 +1,59 @@
+"""iota's torch backend: the factories behind the entry points torch-cuda, torch-mps and torch-cpu.
+
+Importing this package does not import torch (so `iota backends` and the registry stay cheap); torch
+is imported when a factory checks availability or builds a stage. Install: `pip install 'iota-cli[torch]'`.
+Set IOTA_TORCH_COMPILE=1 (or pass compile=True to create) to run the stage under torch.compile.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from iota_cli.backend import BackendError, OptimConfig
+from iota_cli.modelspec import ModelConfig
+
+if TYPE_CHECKING:
+    from iota_torch.stage import TorchStage
+
+
+@dataclass(frozen=True)
+class TorchFactory:
+    name: str
+    device: str  # "cuda", "mps" or "cpu"
+    description: str
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            import torch
+        except ImportError:
+            return False, "torch is not installed (pip install 'iota-cli[torch]')"
+        v = f"torch {torch.__version__}"
+        if self.device == "cuda":
+            if not torch.cuda.is_available():
+                build = "a CPU-only build" if torch.version.cuda is None else "unable to see a CUDA device"
+                return False, f"{v} is {build}"
+            return True, f"{v}, {torch.cuda.get_device_name(0)}"
+        if self.device == "mps" and not torch.backends.mps.is_available():
+            return False, f"{v} has no MPS device (needs a Mac with Apple Silicon)"
+        return True, v
+
+    def create(
+        self, cfg: ModelConfig, stage: int, optim: OptimConfig, seed: int = 0, *, compile: bool | None = None
+    ) -> TorchStage:
+        ok, why = self.available()
+        if not ok:
+            raise BackendError(f"backend {self.name} is not available here: {why}")
+        from iota_torch.stage import TorchStage
+
+        if compile is None:
+            compile = os.environ.get("IOTA_TORCH_COMPILE", "") not in ("", "0")
+        return TorchStage(self.name, cfg, stage, optim, self.device, seed, compile=compile)
+
+
+cuda_backend = TorchFactory(
+    "torch-cuda", "cuda", "PyTorch on an NVIDIA GPU (autocast to the run dtype, fused AdamW)"
+)
+mps_backend = TorchFactory("torch-mps", "mps", "PyTorch on Apple's Metal (MPS)")
+cpu_backend = TorchFactory("torch-cpu", "cpu", "PyTorch on the CPU (slow; for testing and small runs)")
