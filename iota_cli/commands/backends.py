@@ -1,7 +1,44 @@
-"""`iota backends` (not built yet)."""
+"""`iota backends` [--json]: every installed compute backend, whether it runs here, and which one auto picks.
+
+Asking a backend whether it is available imports its framework (torch, mlx), so this command takes a
+second or two; the imports happen inside the command, never when `iota --help` loads this module.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
 
 import typer
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("backends")(backends)
+
+
+def backends(
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """List the compute backends, whether each is available here and why not, and which auto would use."""
+    from iota_cli import backend, output
+
+    infos = backend.list_backends()
+    auto = backend.detect_auto_choice()
+    usable = {i.name for i in infos if i.available}
+    if json_out:
+        rows = [
+            {"name": i.name, "available": i.available, "detail": i.detail, "description": i.description}
+            for i in infos
+        ]
+        output.print_json({"backends": rows, "auto": auto, "auto_available": auto in usable})
+        return
+    if not infos:
+        output.fail("no backends are installed", hint="pip install 'iota-cli[torch]' (or [mlx] on a Mac)")
+    rows = [[i.name, "yes" if i.available else "no", i.detail] for i in infos]
+    output.echo(output.table(["BACKEND", "AVAILABLE", "VERSION OR WHY NOT"], rows))
+    output.echo()
+    if auto is None:
+        output.echo("auto: none (no Apple Silicon or NVIDIA GPU here); --backend torch-cpu uses the CPU")
+    elif auto in usable:
+        output.echo(f"auto: {auto}")
+    else:
+        output.echo(f"auto: {auto}, but it is not available here (see above)")
