@@ -1,0 +1,174 @@
+"""The worker's progress display: a tqdm bar in a terminal, steady plain log lines otherwise.
+
+    p = Progress("tail", total=1000, notifier=notifier)
+    p.update(step=12, tokens=49152, loss=4.1, credits=3.5, state="training")
+    p.close()
+
+The same facts go to sd_notify STATUS= (see notify.py) so `systemctl status iota` shows them.
+`tokens` is the worker's cumulative token count; tokens/s is measured over the last `window_s`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from iota_cli.logs import under_systemd
+from iota_cli.notify import Notifier
+
+log = logging.getLogger("iota.progress")
+
+
+@dataclass
+class Facts:
+    step: int = 0
+    tokens: int = 0
+    tokens_per_s: float | None = None
+    loss: float | None = None
+    credits: float | None = None
+    state: str = "starting"
+
+
+def si(x: float) -> str:
+    """3100 -> '3.1k'; short enough for a status line."""
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.1f}{suffix}"
+    return f"{x:.0f}" if float(x).is_integer() or abs(x) >= 100 else f"{x:.1f}"
+
+
+def describe(f: Facts, with_step: bool = True) -> str:
+    """'step 12, 3.1k tok/s, loss 4.10, 3.5 credits, training' (ASCII: journals may not be UTF-8)."""
+    parts = [f"step {f.step}"] if with_step else []
+    if f.tokens_per_s is not None:
+        parts.append(f"{si(f.tokens_per_s)} tok/s")
+    if f.loss is not None:
+        parts.append(f"loss {f.loss:.3f}")
+    if f.credits is not None:
+        parts.append(f"{si(f.credits)} credits")
+    parts.append(f.state)
+    return ", ".join(parts)
+
+
+class Progress:
+    """One worker's progress; `interactive=None` decides from the terminal and systemd."""
+
+    def __init__(
+        self,
+        label: str,
+        interactive: bool | None = None,
+        interval_s: float = 10.0,
+        total: int | None = None,
+        notifier: Notifier | None = None,
+        position: int | None = None,
+        stream: TextIO | None = None,
+        window_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.label = label
+        self.stream = sys.stderr if stream is None else stream
+        if interactive is None:
+            interactive = not under_systemd() and self.stream.isatty()
+        self.interactive = interactive
+        self.interval_s = interval_s
+        self.notifier = notifier
+        self.window_s = window_s
+        self.facts = Facts()
+        self._clock = clock
+        self._samples: deque[tuple[float, int]] = deque()
+        self._last_line: float | None = None
+        self._last_status: float | None = None
+        self._stack = contextlib.ExitStack()
+        self._bar: Any = None
+        self._closed = False
+        if interactive:
+            from tqdm.auto import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            self._bar = tqdm(
+                total=total,
+                desc=label,
+                unit="step",
+                position=position,
+                file=self.stream,
+                dynamic_ncols=True,
+                bar_format="{desc}: {n_fmt}"
+                + ("/{total_fmt}" if total else "")
+                + " steps [{elapsed}] {postfix}",
+            )
+            # Log records print above the bar instead of tearing it.
+            self._stack.enter_context(logging_redirect_tqdm())
+
+    def _rate(self, now: float, tokens: int) -> float | None:
+        self._samples.append((now, tokens))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self.window_s:
+            self._samples.popleft()
+        (t0, n0), (t1, n1) = self._samples[0], self._samples[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else self.facts.tokens_per_s
+
+    def update(
+        self,
+        *,
+        step: int | None = None,
+        tokens: int | None = None,
+        loss: float | None = None,
+        credits: float | None = None,
+        state: str | None = None,
+    ) -> None:
+        """Record new facts (only those given change) and show them if it is time."""
+        now = self._clock()
+        f = self.facts
+        state_changed = state is not None and state != f.state
+        if step is not None:
+            f.step = step
+        if tokens is not None:
+            f.tokens = tokens
+            f.tokens_per_s = self._rate(now, tokens)
+        if loss is not None:
+            f.loss = loss
+        if credits is not None:
+            f.credits = credits
+        if state is not None:
+            f.state = state
+        self._show(now, state_changed)
+
+    def _show(self, now: float, state_changed: bool, final: bool = False) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(describe(self.facts, with_step=False), refresh=False)
+            if self.facts.step != self._bar.n:
+                self._bar.update(self.facts.step - self._bar.n)  # refreshes at tqdm's own pace
+            elif state_changed or final:
+                self._bar.refresh()
+        elif final or state_changed or self._last_line is None or now - self._last_line >= self.interval_s:
+            self._last_line = now
+            log.info("%s: %s", self.label, describe(self.facts))
+        if self.notifier is not None and (
+            final or state_changed or self._last_status is None or now - self._last_status >= 1.0
+        ):
+            self._last_status = now
+            self.notifier.status(f"{self.label}: {describe(self.facts)}")
+
+    def close(self, state: str | None = None) -> None:
+        """Show the final facts once more and release the terminal (once)."""
+        if self._closed:
+            return
+        self._closed = True
+        if state is not None:
+            self.facts.state = state
+        self._show(self._clock(), state_changed=False, final=True)
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self._stack.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
