@@ -22,10 +22,7 @@ from iota_cli.hardware import GIB, HardwareReport
 
 Status = Literal["pass", "warn", "fail", "unknown"]
 MEMORY_TOLERANCE_GIB = 1.0  # per 16 GiB of the minimum, i.e. 6.25%
-CPU_ONLY_HINT = (
-    "iota trains on an NVIDIA GPU (Linux) or Apple Silicon (macOS). For development only, "
-    "`--backend torch-cpu` runs a stage on the CPU (e.g. `iota swarm --backend torch-cpu`)."
-)
+CPU_ONLY_HINT = "For development only, `--backend torch-cpu` trains on the CPU."
 
 
 @dataclass(frozen=True)
@@ -88,8 +85,7 @@ def check_platform(r: HardwareReport) -> Check:
                 f"{found} under Rosetta 2",
                 req,
                 "fail",
-                "This Python is an x86_64 build running under Rosetta; MLX needs a native one. Install an "
-                "arm64 Python (python.org or Homebrew in /opt/homebrew) and reinstall iota in it.",
+                "This Python runs under Rosetta: install an arm64 Python and reinstall iota in it.",
             )
         if r.arch == "arm64":
             return Check("platform", found, req, "pass")
@@ -100,12 +96,12 @@ def check_platform(r: HardwareReport) -> Check:
             found,
             req,
             "fail",
-            "Intel Macs are not supported: MLX needs Apple Silicon (M1 or newer).",
+            "Intel Macs are not supported: MLX needs Apple Silicon.",
         )
     if r.os == "Linux":
         return Check("platform", found, "Linux or macOS", "pass")
     return Check(
-        "platform", found, "Linux or macOS", "fail", "iota supports Linux (NVIDIA) and macOS (Apple Silicon)."
+        "platform", found, "Linux or macOS", "fail", "iota runs on Linux (NVIDIA) and macOS (Apple Silicon)."
     )
 
 
@@ -124,7 +120,7 @@ def check_gpu(r: HardwareReport, m: Minimums) -> Check:
     if not r.gpus:
         hint = CPU_ONLY_HINT
         if r.nvidia_pci_devices:
-            hint = "An NVIDIA card is installed but no driver answers: install the NVIDIA driver. " + hint
+            hint = "An NVIDIA card is present but no driver answers: install the NVIDIA driver."
         return Check("gpu", "none", req, "fail", hint)
     best = max(r.gpus, key=lambda g: g.vram_bytes or 0)
     more = f" (+{len(r.gpus) - 1} more)" if len(r.gpus) > 1 else ""
@@ -137,7 +133,7 @@ def check_gpu(r: HardwareReport, m: Minimums) -> Check:
             found,
             req,
             "fail",
-            f"A stage needs {m.vram_gib:g} GB on one GPU; this card has less. " + CPU_ONLY_HINT,
+            f"A stage needs {m.vram_gib:g} GB on one GPU. " + CPU_ONLY_HINT,
         )
     return Check("gpu", found, req, "pass")
 
@@ -153,9 +149,9 @@ def check_memory(r: HardwareReport, m: Minimums) -> Check:
         return Check("memory", found, req, "unknown", r.unknown.get("ram_bytes", ""))
     if passes_memory(r.ram_bytes, minimum):
         return Check("memory", found, req, "pass")
-    hint = "This machine has too little memory to hold a stage."
+    hint = "Too little memory to hold a stage."
     if r.ram_cgroup_limit_bytes is not None and r.ram_cgroup_limit_bytes == r.ram_bytes:
-        hint = "The container's memory limit is too low: raise it (e.g. `docker run --memory 16g`)."
+        hint = "The cgroup memory limit is too low: raise it (e.g. `docker run --memory 16g`)."
     return Check("memory", found, req, "fail", hint)
 
 
@@ -166,11 +162,11 @@ def check_disk(r: HardwareReport, m: Minimums) -> Check:
     if r.disk_free_bytes is None:
         return Check("disk", found, req, "unknown", r.unknown.get("disk_free_bytes", ""))
     free = r.disk_free_bytes / GIB
-    move = "Free some space, or move iota's data with IOTA_HOME (see `iota config path`)."
+    move = "Free space, or move iota's data with IOTA_HOME (`iota config path`)."
     if free < m.disk_fail_gib:
         return Check("disk", found, req, "fail", move)
     if free < m.disk_warn_gib:
-        return Check("disk", found, req, "warn", f"Enough for small models; larger ones need more. {move}")
+        return Check("disk", found, req, "warn", f"Larger models need more. {move}")
     return Check("disk", found, req, "pass")
 
 
@@ -189,7 +185,7 @@ def check_power(r: HardwareReport) -> Check:
         f"battery{pct}",
         req,
         "warn",
-        "Plug in: `iota join` pauses training on battery (set allow_battery=true to train anyway).",
+        "Plug in: `iota join` pauses on battery (allow_battery=true trains anyway).",
     )
 
 
@@ -199,7 +195,7 @@ def check_sleep(r: HardwareReport) -> Check:
     if s is None or s.sleep_after_min is None:
         hint = ""
         if s and s.inhibit_tool == "systemd-inhibit":
-            hint = "To be sure, run `systemd-inhibit --what=sleep:idle iota join`."
+            hint = "To stay awake: `systemd-inhibit --what=sleep:idle iota join`."
         return Check("sleep", "unknown", req, "unknown", hint)
     if s.sleep_after_min == 0:
         return Check("sleep", "never sleeps", req, "pass")
@@ -208,7 +204,7 @@ def check_sleep(r: HardwareReport) -> Check:
         f"sleeps after {s.sleep_after_min} min idle",
         req,
         "warn",
-        "Run `caffeinate -s iota join`, or `sudo pmset -c sleep 0` to never sleep on AC power.",
+        "Run `caffeinate -s iota join`, or never sleep on AC: `sudo pmset -c sleep 0`.",
     )
 
 
@@ -221,7 +217,7 @@ def check_network(r: HardwareReport) -> Check:
             "no orchestrator configured",
             req,
             "warn",
-            "`iota config set orchestrator https://...` (or pass --orchestrator to `iota join`).",
+            "`iota config set orchestrator URL`, or `iota join --orchestrator URL`.",
         )
     if n.reachable:
         return Check("network", f"{n.url} in {n.latency_ms:.0f} ms", req, "pass")
@@ -230,7 +226,7 @@ def check_network(r: HardwareReport) -> Check:
         f"{n.url}: {n.detail}",
         req,
         "fail",
-        "Check the URL (`iota config get orchestrator`) and that this machine can reach it.",
+        "Check the URL (`iota config get orchestrator`) and this machine's network.",
     )
 
 
@@ -248,9 +244,9 @@ def check_backend(r: HardwareReport) -> Check:
         extra = "mlx" if b.framework == "mlx" else "torch"
         hint = f"Install it: pip install 'iota-cli[{extra}]'"
     elif b.registered is False:
-        hint = "No installed package provides this backend; check the name with `iota backends`."
+        hint = "No installed package provides it; see `iota backends`."
     else:
-        hint = "Reinstall the backend's framework, or choose another with `iota config set backend ...`."
+        hint = "Reinstall its framework, or `iota config set backend NAME`."
     status: Status = "unknown" if b.available is None else "fail"
     return Check("backend", f"{b.name}{ver}: {b.detail}", req, status, hint)
 

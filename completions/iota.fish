@@ -1,0 +1,1 @@
+complete --command iota --no-files --arguments "(env _IOTA_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) iota)" --condition "env _IOTA_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) iota"
