@@ -366,17 +366,9 @@ def uninstall(scope: Scope, layout: Layout, runner: Runner = run_command) -> lis
     return removed
 
 
-STATUS_PROPERTIES = (
-    "LoadState",
-    "ActiveState",
-    "SubState",
-    "UnitFileState",
-    "StatusText",
-    "MainPID",
-    "NRestarts",
-    "Result",
-    "ActiveEnterTimestamp",
-)
+# StatusText is the worker's sd_notify STATUS=.
+STATUS_PROPERTIES: tuple[str, ...] = ("LoadState", "ActiveState", "SubState", "UnitFileState", "StatusText")
+STATUS_PROPERTIES += ("MainPID", "NRestarts", "Result", "ActiveEnterTimestamp")
 
 
 def status(scope: Scope, runner: Runner = run_command) -> dict[str, str]:
