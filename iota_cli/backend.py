@@ -69,6 +69,10 @@ class StageBackend(Protocol):
         """Drop a work id's saved state (abandoned work). Unknown ids are ignored."""
         ...
 
+    def in_flight(self) -> list[str]:
+        """The work ids whose saved state this stage holds."""
+        ...
+
     def step(self) -> float:
         """Average the gradients accumulated since the last step, clip, take an AdamW step; return grad norm.
 
