@@ -235,11 +235,15 @@ def check_backend(r: HardwareReport) -> Check:
     if b is None:
         return Check("backend", "not checked", "importable", "unknown")
     if b.name is None:
-        return Check("backend", "none for this hardware", "importable", "unknown", "See the gpu check.")
+        hint = "See the gpu check; `iota doctor --backend torch-cpu` checks the CPU backend."
+        return Check("backend", "none for this hardware", "importable", "unknown", hint)
     req = f"{b.name} importable"
     ver = f" {b.framework} {b.version}" if b.version else ""
     if b.available:
-        return Check("backend", f"{b.name}{ver} ({b.detail})", req, "pass")
+        same = not b.detail or (
+            b.version is not None and b.version in b.detail
+        )  # detail is often the version
+        return Check("backend", f"{b.name}{ver}" + ("" if same else f" ({b.detail})"), req, "pass")
     if b.framework and b.version is None:
         extra = "mlx" if b.framework == "mlx" else "torch"
         hint = f"Install it: pip install 'iota-cli[{extra}]'"
