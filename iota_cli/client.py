@@ -150,7 +150,7 @@ class Client:
 
         self.base_url = base_url.rstrip("/") + "/"
         self._origin = _origin(self.base_url)
-        self._token = token
+        self.token = token  # may be set later, after `POST /v1/contributors`
         self.timeout, self.max_wait_s, self.on_wait = timeout, max_wait_s, on_wait
         self.stop = stop or threading.Event()
         self.backoff, self.retries, self.integrity_retries = backoff, retries, integrity_retries
@@ -167,7 +167,7 @@ class Client:
         self._session.mount("https://", adapter)
 
     def __repr__(self) -> str:  # never show the token
-        return f"Client({self.base_url!r}, token={'set' if self._token else None})"
+        return f"Client({self.base_url!r}, token={'set' if self.token else None})"
 
     def __enter__(self) -> Client:
         return self
@@ -177,14 +177,6 @@ class Client:
 
     def close(self) -> None:
         self._session.close()
-
-    @property
-    def token(self) -> str | None:
-        return self._token
-
-    @token.setter
-    def token(self, value: str | None) -> None:  # set after `POST /v1/contributors`
-        self._token = value
 
     def url(self, path_or_url: str) -> str:
         """Resolve a path (or a URL the server handed out) against base_url."""
@@ -216,8 +208,7 @@ class Client:
                 continue
             with r:
                 if r.status_code < 400:
-                    body = r.json() if r.content and "json" in r.headers.get("Content-Type", "") else None
-                    return Reply(r.status_code, body, _retry_after(r), dict(r.headers))
+                    return Reply(r.status_code, _json(r), _retry_after(r), dict(r.headers))
                 status, detail, hint = r.status_code, _detail(r), _retry_after(r)
             if status in WAIT_STATUSES:
                 state = "busy" if status == 429 else "unavailable"
@@ -302,7 +293,7 @@ class Client:
             with r:
                 status, span = r.status_code, parse_content_range(r.headers.get("Content-Range"))
                 total = span[2] if span else None
-                if status == 416:  # nothing past `have`: complete when the sizes agree, else stale
+                if status == 416 and have:  # nothing past `have`: complete when the sizes agree, else stale
                     expected = total if total is not None else size
                     if have and (expected is None or expected == have):
                         return hasher
@@ -352,8 +343,8 @@ class Client:
         url = self.url(path)
         headers = dict(kw.pop("headers", None) or {})
         # The token goes only to the orchestrator itself, never to a blob store's presigned URL.
-        if self._token and _origin(url) == self._origin:
-            headers["Authorization"] = f"Bearer {self._token}"
+        if self.token and _origin(url) == self._origin:
+            headers["Authorization"] = f"Bearer {self.token}"
         return self._session.request(method, url, headers=headers, timeout=timeout or self.timeout, **kw)
 
     def _who(self, path: str) -> str:
@@ -394,6 +385,15 @@ def _describe(e: Exception, timeout: tuple[float, float] | None = None) -> str:
     if "name or service" in text or "nodename" in text or "resolve" in text:
         return "host name not found"
     return type(e).__name__
+
+
+def _json(r: requests.Response) -> Any:
+    if not r.content or "json" not in r.headers.get("Content-Type", ""):
+        return None
+    try:
+        return r.json()
+    except ValueError:
+        raise ApiError(r.status_code, f"invalid JSON in the answer: {r.text[:100]!r}") from None
 
 
 def _detail(r: requests.Response) -> str:
