@@ -1,0 +1,253 @@
+"""Wire models of protocol version 1, shared by the worker client and the orchestrator.
+
+docs/protocol.md is the prose; these pydantic models are the letter. Importing this module pulls in
+pydantic only (never fastapi), so the contributor side can validate replies with the same types.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PROTOCOL_VERSION = 1
+PROTOCOL_HEADER = "X-Iota-Protocol"
+SHA256_HEADER = "X-Iota-Sha256"  # on blob uploads (checked) and downloads (what the bytes hash to)
+RUN_STATE_HEADER = "X-Iota-Run-State"  # on 204 "no work now": running | finished
+
+# Bounds keep every number inside SQLite's int64 and every string small.
+MAX_INT = 2**62
+Count = Annotated[int, Field(ge=0, le=MAX_INT)]
+Stage = Annotated[int, Field(ge=0, le=1024)]
+Real = Annotated[float, Field(ge=0, le=1e18, allow_inf_nan=False)]
+Id = Annotated[str, Field(min_length=1, max_length=64)]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Label = Annotated[str, Field(max_length=64)]
+RunState = Literal["running", "finished"]
+WorkKind = Literal["forward", "backward"]
+
+
+class Model(BaseModel):
+    # Unknown fields are ignored, so an old client survives a newer server (and the other way round).
+    model_config = ConfigDict(extra="ignore")
+
+
+class Problem(Model):
+    detail: str
+
+
+class Health(Model):
+    status: str = "ok"
+    protocol: int = PROTOCOL_VERSION
+    version: str = ""
+
+
+class BlobRef(Model):
+    """Bytes to download: resolve url against the orchestrator URL (it may be relative), verify sha256."""
+
+    url: str
+    sha256: str
+    size: int
+
+
+class UploadRef(Model):
+    """Where to PUT bytes (with the X-Iota-Sha256 header); at most max_size bytes are accepted."""
+
+    url: str
+    max_size: int
+
+
+# --- runs -----------------------------------------------------------------------------------------------
+
+
+class RunCreate(Model):
+    manifest: dict[str, Any]
+
+
+class RunCreated(Model):
+    run_id: str
+
+
+class RunInfo(Model):
+    run_id: str
+    name: str
+    manifest: dict[str, Any]
+    state: RunState
+    created: float
+
+
+class WorkerStatus(Model):
+    contributor_id: str
+    name: str
+    backend: str
+    alive: bool
+    steps: int
+    epoch: int
+    tokens_per_s: float
+    throughput: float
+    credits: float
+
+
+class StageStatus(Model):
+    stage: int
+    kind: str
+    workers: list[WorkerStatus]
+    queue_forward: int
+    queue_backward: int
+    epoch: int
+    optimizer_steps: int  # sum over the stage's replicas, as they report in heartbeats
+    forward_done: int
+    backward_done: int
+
+
+class CreditLine(Model):
+    contributor_id: str
+    name: str
+    total: float
+
+
+class RunStatus(Model):
+    run_id: str
+    name: str
+    state: RunState
+    created: float
+    n_stages: int
+    max_samples: int
+    samples_issued: int
+    samples_completed: int  # chains whose head backward finished
+    samples_dropped: int
+    tokens_processed: int  # tokens through the tail (batch_size * seq_len per sample)
+    losses_reported: int
+    first_loss: float | None  # mean of the first few tail losses
+    last_loss: float | None  # mean of the last few
+    recent_losses: list[float]
+    stages: list[StageStatus]
+    credits: list[CreditLine]
+
+
+# --- contributors and assignment -----------------------------------------------------------------------
+
+
+class Capabilities(Model):
+    backend: Label = ""
+    memory_bytes: Count = 0  # 0: unknown, every stage is taken to fit
+    throughput: Real = 0.0  # measured speed (e.g. GFLOP/s); only its ratio between workers matters
+
+
+class RegisterRequest(Capabilities):
+    name: Label = ""
+
+
+class RegisterReply(Model):
+    contributor_id: str
+    token: str
+
+
+class AssignmentRequest(Capabilities):
+    run_id: Id | None = None  # None: the newest running run
+    stage: Stage | None = (
+        None  # ask for this stage (an operator pinning a device); None: let the orchestrator pick
+    )
+
+
+class Assignment(Model):
+    run_id: str
+    stage: int
+    n_stages: int
+    manifest: dict[str, Any]
+    epoch: int
+    weights: BlobRef
+    lease_s: float
+    heartbeat_s: float
+
+
+class ContributorInfo(Model):
+    contributor_id: str
+    name: str
+    assignment: Assignment | None
+    credits: float
+
+
+class Credits(Model):
+    contributor_id: str
+    total: float
+    forward: float
+    backward: float
+    entries: int
+
+
+# --- heartbeat and merging -----------------------------------------------------------------------------
+
+
+class Heartbeat(Model):
+    run_id: Id
+    stage: Stage
+    step: Count = 0  # local optimizer steps taken so far
+    epoch: Count = 0  # the weights epoch the worker holds
+    tokens_per_s: Real = 0.0
+
+
+class MergeRound(Model):
+    stage: int
+    epoch: int
+    upload: UploadRef
+    deadline_s: float
+
+
+class HeartbeatReply(Model):
+    lease_s: float
+    epoch: int
+    weights: BlobRef
+    run_state: RunState
+    merge: MergeRound | None = None
+    reassign: bool = False  # ask POST /v1/assignment again: the orchestrator moves this worker
+    drop: list[int] = []  # sample ids whose chain was dropped: free anything saved for them
+
+
+class MergeComplete(Model):
+    run_id: Id
+    stage: Stage
+    epoch: Count
+    sha256: Sha256
+    size: Count
+    weight: Real = 1.0  # backward passes since the last merge
+
+
+class MergeCompleteReply(Model):
+    accepted: bool
+    epoch: int  # the stage's current weights epoch
+
+
+# --- work ----------------------------------------------------------------------------------------------
+
+
+class ClaimRequest(Model):
+    run_id: Id
+    wait_s: float = Field(0.0, ge=0, le=30)  # long-poll: wait up to this long for work before 204
+
+
+class WorkItem(Model):
+    work_id: str
+    kind: WorkKind
+    stage: int
+    sample_id: int
+    tokens: BlobRef | None = None
+    input: BlobRef | None = None
+    upload: UploadRef | None = None
+    deadline_s: float
+    forward_id: str | None = None  # backward only: the work_id of this sample's forward on this stage
+
+
+class WorkComplete(Model):
+    sha256: Sha256 | None = None
+    size: Count = 0
+    loss: float | None = Field(None, allow_inf_nan=False, ge=-1e9, le=1e9)
+
+
+class WorkCompleteReply(Model):
+    credits: float
+    total_credits: float
+
+
+class Ok(Model):
+    ok: bool = True

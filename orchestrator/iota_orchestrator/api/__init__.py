@@ -1,0 +1,1 @@
+"""HTTP routes, one module per concept: runs, contributors, work (assignment, heartbeat, merge), blobs."""

@@ -1,0 +1,80 @@
+"""Contributors: open registration (a token shown once), who am I, leaving, credit totals."""
+
+from __future__ import annotations
+
+import secrets
+
+from fastapi import APIRouter
+from sqlalchemy import insert, select
+
+from iota_cli.protocol import ContributorInfo, Credits, Ok, Problem, RegisterReply, RegisterRequest
+from iota_orchestrator import auth, db, ledger, runs, scheduler
+from iota_orchestrator.api.deps import Contributor, StateDep, now
+from iota_orchestrator.api.urls import assignment_reply
+from iota_orchestrator.errors import NotFound
+
+router = APIRouter(
+    prefix="/v1", tags=["contributors"], responses={401: {"model": Problem}, 404: {"model": Problem}}
+)
+
+
+@router.post("/contributors", response_model=RegisterReply, status_code=201)
+def register(body: RegisterRequest, state: StateDep) -> RegisterReply:
+    """Register a device; the token is returned only here and stored hashed."""
+    cid = "c-" + secrets.token_hex(6)
+    token = auth.new_token("iota")
+    with state.tx() as conn:
+        conn.execute(
+            insert(db.contributors).values(
+                contributor_id=cid,
+                name=body.name or cid,
+                token_hash=auth.hash_token(token),
+                backend=body.backend,
+                memory_bytes=body.memory_bytes,
+                throughput=body.throughput,
+                created=now(),
+                credits=0.0,
+            )
+        )
+    return RegisterReply(contributor_id=cid, token=token)
+
+
+@router.get("/contributors/me", response_model=ContributorInfo)
+def me(cid: Contributor, state: StateDep) -> ContributorInfo:
+    A = db.assignments
+    with state.tx() as conn:
+        c = conn.execute(select(db.contributors).where(db.contributors.c.contributor_id == cid)).first()
+        a = conn.execute(
+            select(A)
+            .join(db.runs, A.c.run_id == db.runs.c.run_id)
+            .where(A.c.contributor_id == cid, db.runs.c.state == "running")
+            .order_by(A.c.assigned.desc())
+            .limit(1)
+        ).first()
+        reply = assignment_reply(conn, state, runs.context(conn, a.run_id), a) if a else None
+    return ContributorInfo(contributor_id=cid, name=c.name, assignment=reply, credits=round(c.credits, 6))
+
+
+@router.post("/contributors/me/leave", response_model=Ok)
+def leave(cid: Contributor, state: StateDep) -> Ok:
+    """The worker is shutting down: re-issue its forward work now, keep its (sticky) assignment."""
+    A = db.assignments
+    keys: set[str] = set()
+    with state.tx() as conn:
+        for (run_id,) in conn.execute(
+            select(A.c.run_id).where(A.c.contributor_id == cid, A.c.state == "active")
+        ).all():
+            keys |= scheduler.release(conn, runs.context(conn, run_id), cid, now(), "left")
+    state.wake.notify(keys)
+    return Ok()
+
+
+@router.get("/contributors/{contributor_id}/credits", response_model=Credits)
+def credits(contributor_id: str, state: StateDep) -> dict:
+    with state.tx() as conn:
+        row = conn.execute(
+            select(db.contributors.c.contributor_id).where(db.contributors.c.contributor_id == contributor_id)
+        ).first()
+        if row is None:
+            raise NotFound(f"no contributor {contributor_id[:64]!r}")
+        return ledger.totals(conn, contributor_id)

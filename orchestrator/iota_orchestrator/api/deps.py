@@ -1,0 +1,78 @@
+"""Request dependencies: the orchestrator state, and who is asking (contributor or admin)."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import select
+
+from iota_orchestrator import auth, db
+from iota_orchestrator.errors import ApiError, Forbidden, Unauthorized
+from iota_orchestrator.state import State
+
+bearer_scheme = HTTPBearer(
+    auto_error=False, description="contributor token, or the admin token for admin routes"
+)
+Creds = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
+CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+def get_state(request: Request) -> State:
+    state = request.app.state.orch
+    if state is None:
+        raise ApiError("orchestrator state is not open")
+    return state
+
+
+StateDep = Annotated[State, Depends(get_state)]
+
+
+def _token(creds: HTTPAuthorizationCredentials | None) -> str:
+    if creds is None or not creds.credentials or len(creds.credentials) > 512:
+        raise Unauthorized("missing bearer token", CHALLENGE)
+    return creds.credentials
+
+
+async def contributor(state: StateDep, creds: Creds) -> str:
+    """The contributor id behind the bearer token (401 when there is none or it is unknown)."""
+    digest = auth.hash_token(_token(creds))
+    cid = state.token_cache.get(digest)
+    if cid is None:
+
+        def lookup() -> str | None:
+            with state.tx() as conn:
+                row = conn.execute(
+                    select(db.contributors.c.contributor_id).where(db.contributors.c.token_hash == digest)
+                ).first()
+            return row[0] if row else None
+
+        cid = await run_in_threadpool(lookup)
+        if cid is None:
+            raise Unauthorized("unknown token; register with POST /v1/contributors", CHALLENGE)
+        state.token_cache[digest] = cid
+    return cid
+
+
+async def admin(state: StateDep, creds: Creds) -> None:
+    token = _token(creds)
+
+    def check() -> bool:
+        with state.tx() as conn:
+            return auth.is_admin(conn, token)
+
+    if not await run_in_threadpool(check):
+        if auth.hash_token(token) in state.token_cache:
+            raise Forbidden("this route needs the admin token")
+        raise Unauthorized("invalid admin token", CHALLENGE)
+
+
+Contributor = Annotated[str, Depends(contributor)]
+Admin = Depends(admin)
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,178 @@
+"""The worker's loop over HTTP: assignment, heartbeat, claim, complete, abandon, merge contributions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+from fastapi import APIRouter, Response
+from fastapi.concurrency import run_in_threadpool
+
+from iota_cli.protocol import (
+    RUN_STATE_HEADER,
+    Assignment,
+    AssignmentRequest,
+    ClaimRequest,
+    Heartbeat,
+    HeartbeatReply,
+    MergeComplete,
+    MergeCompleteReply,
+    MergeRound,
+    Ok,
+    Problem,
+    WorkComplete,
+    WorkCompleteReply,
+    WorkItem,
+)
+from iota_orchestrator import assignment, db, lease, ledger, merge, runs, scheduler
+from iota_orchestrator.api.deps import Contributor, StateDep, now
+from iota_orchestrator.api.urls import assignment_reply, upload_ref, weights_ref, work_item
+from iota_orchestrator.errors import Conflict
+from iota_orchestrator.state import State
+
+router = APIRouter(
+    prefix="/v1",
+    tags=["work"],
+    responses={
+        400: {"model": Problem},
+        401: {"model": Problem},
+        403: {"model": Problem},
+        404: {"model": Problem},
+        409: {"model": Problem},
+    },
+)
+RETRY_S = "1"
+
+
+@router.post("/assignment", response_model=Assignment)
+def assign(body: AssignmentRequest, cid: Contributor, state: StateDep) -> Assignment:
+    """The stage this worker trains: sticky across reconnects, balanced by throughput, fitting memory."""
+    with state.tx() as conn:
+        run_id = body.run_id or runs.newest_running(conn)
+        run = runs.get_run(conn, run_id)
+        if run.state != "running":
+            raise Conflict(f"run {run_id} has finished")
+        ctx = runs.context(conn, run_id)
+        C = db.contributors
+        conn.execute(
+            C.update()
+            .where(C.c.contributor_id == cid)
+            .values(backend=body.backend, memory_bytes=body.memory_bytes, throughput=body.throughput)
+        )
+        a, keys = assignment.assign(conn, ctx, cid, body.memory_bytes, now(), body.stage)
+        reply = assignment_reply(conn, state, ctx, a)
+    state.wake.notify(keys)
+    return reply
+
+
+@router.post("/heartbeat", response_model=HeartbeatReply)
+def heartbeat(body: Heartbeat, cid: Contributor, state: StateDep) -> HeartbeatReply:
+    """Renew the lease; learn the stage's weights epoch, merge rounds, moves and dropped samples."""
+    with state.tx() as conn:
+        ctx = runs.context(conn, body.run_id)
+        r = lease.beat(conn, ctx, cid, body.stage, body.step, body.epoch, body.tokens_per_s, now())
+        weights = weights_ref(conn, state, r["weights_key"])
+    m = r["merge"]
+    offer = None
+    if m is not None:
+        offer = MergeRound(
+            stage=m["stage"],
+            epoch=m["epoch"],
+            upload=upload_ref(state, m["key"], m["max_size"]),
+            deadline_s=round(m["deadline_s"], 3),
+        )
+    return HeartbeatReply(
+        lease_s=r["lease_s"],
+        epoch=r["epoch"],
+        weights=weights,
+        run_state=r["run_state"],
+        merge=offer,
+        reassign=r["reassign"],
+        drop=r["drop"],
+    )
+
+
+def _try_claim(state: State, cid: str, run_id: str) -> tuple[WorkItem | None, list[str], str]:
+    t = now()
+    with state.tx() as conn:
+        run = runs.get_run(conn, run_id)
+        ctx = runs.context(conn, run_id)
+        a = scheduler.assignment(conn, run_id, cid)
+        if a is None:
+            raise Conflict(f"you have no assignment in run {run_id}; POST /v1/assignment first")
+        scheduler.touch(conn, run_id, cid, t)
+        c = scheduler.claim(conn, ctx, run, cid, a.stage, t)
+        keys = [scheduler.worker_key(cid), scheduler.stage_key(run_id, a.stage)]
+    if c is None:
+        return None, keys, run.state
+    _ensure_tokens(state, ctx, c)
+    return work_item(state, ctx, c), keys, run.state
+
+
+def _ensure_tokens(state: State, ctx: runs.RunCtx, c: scheduler.Claimed) -> None:
+    """Token batches are made from the data on demand; (re)write one if this item needs it."""
+    needs = c.row.kind == "forward" and c.row.stage in (0, ctx.n_stages - 1)
+    if c.new_tokens is not None:
+        state.blobs.write(c.chain.tokens_key, c.new_tokens)
+    elif needs and not state.blobs.exists(c.chain.tokens_key):
+        state.blobs.write(c.chain.tokens_key, scheduler.tokens_blob(ctx, c.chain.data_index))
+
+
+@router.post(
+    "/work/claim",
+    response_model=WorkItem,
+    responses={204: {"description": "no work now; retry after Retry-After seconds"}},
+)
+async def claim(body: ClaimRequest, cid: Contributor, state: StateDep) -> WorkItem | Response:
+    """The next work item: routed backward work first, then forward work; 204 when there is none."""
+    deadline = time.monotonic() + body.wait_s
+    item, keys, run_state = await run_in_threadpool(_try_claim, state, cid, body.run_id)
+    while item is None and run_state == "running" and (left := deadline - time.monotonic()) > 0:
+        ev = state.wake.register(keys)
+        try:
+            item, keys, run_state = await run_in_threadpool(_try_claim, state, cid, body.run_id)
+            if item is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ev.wait(), timeout=left)
+        finally:
+            state.wake.unregister(keys, ev)
+    if item is None:
+        return Response(status_code=204, headers={"Retry-After": RETRY_S, RUN_STATE_HEADER: run_state})
+    return item
+
+
+@router.post("/work/{work_id}/complete", response_model=WorkCompleteReply)
+def complete(work_id: str, body: WorkComplete, cid: Contributor, state: StateDep) -> WorkCompleteReply:
+    """Report a finished item whose result is uploaded; credits it once, however often it is repeated."""
+    with state.tx() as conn:
+        row = scheduler.load_item(conn, work_id, cid)
+        ctx = runs.context(conn, row.run_id)
+        credits, keys = scheduler.complete(
+            conn, ctx, state.blobs, row, cid, body.sha256, body.size, body.loss, now()
+        )
+        total = ledger.total(conn, cid)
+    state.wake.notify(keys)
+    return WorkCompleteReply(credits=credits, total_credits=round(total, 6))
+
+
+@router.post("/work/{work_id}/abandon", response_model=Ok)
+def abandon(work_id: str, cid: Contributor, state: StateDep) -> Ok:
+    """Give an item back: forward work is re-queued for another worker, backward work is dropped."""
+    with state.tx() as conn:
+        row = scheduler.load_item(conn, work_id, cid)
+        keys = scheduler.abandon(conn, runs.context(conn, row.run_id), row, now())
+    state.wake.notify(keys)
+    return Ok()
+
+
+@router.post("/merge/complete", response_model=MergeCompleteReply)
+def merge_complete(body: MergeComplete, cid: Contributor, state: StateDep) -> MergeCompleteReply:
+    """Report weights uploaded for the stage's open merge round (409 if the epoch moved on)."""
+    with state.tx() as conn:
+        ctx = runs.context(conn, body.run_id)
+        accepted, epoch = merge.contribute(
+            conn, ctx, state.blobs, cid, body.stage, body.epoch, body.sha256, body.size, body.weight, now()
+        )
+    state.poke.set()
+    return MergeCompleteReply(accepted=accepted, epoch=epoch)

@@ -1,0 +1,155 @@
+"""The local blob store: files under `<data-dir>/blobs`, reached through HMAC-signed, expiring URLs.
+
+Workers only follow the URLs the orchestrator hands out, so an S3-compatible store with presigned URLs
+can replace this one without a client change. Every blob has a sha256 (checked on upload) and a size limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+from iota_cli.files import fsync_dir
+from iota_orchestrator.errors import BadRequest, Forbidden, TooLarge, Unauthorized
+
+KEY_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+MAX_KEY = 400
+URL_PREFIX = "/v1/blobs/"
+
+
+def check_key(key: str) -> str:
+    """Accept `[A-Za-z0-9._/-]` keys without empty, `.` or `..` segments (no path traversal)."""
+    if not key or len(key) > MAX_KEY or not KEY_RE.match(key):
+        raise BadRequest(f"invalid blob key {key[:80]!r}")
+    if any(part in (".", "..") for part in key.split("/")):
+        raise BadRequest(f"invalid blob key {key[:80]!r}")
+    return key
+
+
+@dataclass(frozen=True)
+class Stored:
+    key: str
+    sha256: str
+    size: int
+
+
+class BlobStore:
+    def __init__(self, root: Path, secret: bytes, fsync: bool = False, ttl_s: float = 6 * 3600) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.root / ".tmp"
+        self.tmp.mkdir(exist_ok=True)
+        self.secret = secret
+        self.fsync = fsync
+        self.ttl_s = ttl_s
+
+    def path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    # --- URLs ------------------------------------------------------------------------------------------
+
+    def _sig(self, op: str, key: str, exp: int, max_size: int) -> str:
+        msg = f"{op}\n{key}\n{exp}\n{max_size}".encode()
+        return hmac.new(self.secret, msg, hashlib.sha256).hexdigest()[:40]
+
+    def download_url(self, key: str, now: float | None = None) -> str:
+        exp = int((now or time.time()) + self.ttl_s)
+        return f"{URL_PREFIX}{quote(key)}?exp={exp}&sig={self._sig('get', key, exp, 0)}"
+
+    def upload_url(self, key: str, max_size: int, now: float | None = None) -> str:
+        exp = int((now or time.time()) + self.ttl_s)
+        sig = self._sig("put", key, exp, max_size)
+        return f"{URL_PREFIX}{quote(key)}?exp={exp}&max={max_size}&sig={sig}"
+
+    def verify(self, op: str, key: str, exp: str | None, sig: str | None, max_size: str | None = None) -> int:
+        """Check a URL's signature and expiry; return its size limit (0 for downloads)."""
+        if not sig or not exp:
+            raise Unauthorized("blob URL is not signed; use the URL the orchestrator issued")
+        try:
+            exp_i, max_i = int(exp), int(max_size or 0)
+        except ValueError:
+            raise Forbidden("malformed blob URL signature") from None
+        if not hmac.compare_digest(sig, self._sig(op, key, exp_i, max_i)):
+            raise Forbidden("bad blob URL signature")
+        if exp_i < time.time():
+            raise Forbidden("blob URL expired; ask the orchestrator for a fresh one")
+        return max_i
+
+    # --- bytes -----------------------------------------------------------------------------------------
+
+    def open_temp(self) -> tuple[int, str]:
+        return tempfile.mkstemp(dir=self.tmp, suffix=".part")
+
+    def commit(self, tmp: str, key: str) -> None:
+        """Move a fully written temp file into place (fsync first when durability is 'full')."""
+        dest = self.path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if self.fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, dest)
+        if self.fsync:
+            fsync_dir(dest.parent)
+
+    def write(self, key: str, data: bytes) -> Stored:
+        """Store bytes the orchestrator made itself (weights, token batches)."""
+        fd, tmp = self.open_temp()
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            self.commit(tmp, key)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return Stored(key, hashlib.sha256(data).hexdigest(), len(data))
+
+    def read(self, key: str) -> bytes:
+        return self.path(key).read_bytes()
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path(key).unlink()
+
+
+class UploadSink:
+    """Receives an upload chunk by chunk: enforces the size limit and hashes as it writes."""
+
+    def __init__(self, store: BlobStore, max_size: int) -> None:
+        self.store, self.max_size = store, max_size
+        fd, self.tmp = store.open_temp()
+        self.file = os.fdopen(fd, "wb")
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.max_size:
+            raise TooLarge(f"blob exceeds its limit of {self.max_size} bytes")
+        self.hash.update(chunk)
+        self.file.write(chunk)
+
+    def finish(self, key: str, want_sha: str) -> Stored:
+        self.file.close()
+        got = self.hash.hexdigest()
+        if got != want_sha:
+            raise BadRequest(f"sha256 mismatch: body hashes to {got}, header says {want_sha}; nothing stored")
+        self.store.commit(self.tmp, key)
+        return Stored(key, got, self.size)
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)

@@ -1,0 +1,288 @@
+"""Durable state: SQLAlchemy Core tables, versioned migrations, and the SQLite (WAL) engine.
+
+Only portable Core constructs are used, so the same tables run on PostgreSQL later. A fresh database gets
+the current schema and is stamped with the latest version; an older one is moved forward by MIGRATIONS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    insert,
+    select,
+)
+from sqlalchemy.pool import StaticPool
+
+SCHEMA_VERSION = 1
+metadata = MetaData()
+
+
+def _id(name: str, **kw: Any) -> Column:
+    return Column(name, String(64), **kw)
+
+
+meta = Table("meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text))
+
+runs = Table(
+    "runs",
+    metadata,
+    _id("run_id", primary_key=True),
+    Column("name", String(128), nullable=False),
+    Column("manifest", Text, nullable=False),  # JSON of RunManifest.to_dict()
+    Column("state", String(16), nullable=False),  # running | finished
+    Column("created", Float, nullable=False),
+    Column("stop_requested", Boolean, nullable=False, default=False),
+    Column("final_merge", Float),  # when the closing merge rounds were opened
+    Column("finished", Float),
+    Column("n_samples_epoch", BigInteger, nullable=False),  # samples one pass over the data yields
+    Column("samples_issued", BigInteger, nullable=False, default=0),
+    Column("samples_completed", BigInteger, nullable=False, default=0),
+    Column("samples_dropped", BigInteger, nullable=False, default=0),
+    Column("tokens", BigInteger, nullable=False, default=0),
+)
+
+run_files = Table(
+    "run_files",
+    metadata,
+    _id("run_id", primary_key=True),
+    Column("idx", Integer, primary_key=True),
+    Column("path", Text, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("start", BigInteger, nullable=False),  # offset of the file's first token in the run's stream
+)
+
+stages = Table(
+    "stages",
+    metadata,
+    _id("run_id", primary_key=True),
+    Column("stage", Integer, primary_key=True),
+    Column("epoch", Integer, nullable=False),
+    Column("weights_key", Text, nullable=False),
+    Column("updated", Float, nullable=False),
+)
+
+contributors = Table(
+    "contributors",
+    metadata,
+    _id("contributor_id", primary_key=True),
+    Column("name", String(64), nullable=False),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("backend", String(64), nullable=False),
+    Column("memory_bytes", BigInteger, nullable=False),
+    Column("throughput", Float, nullable=False),
+    Column("created", Float, nullable=False),
+    Column("credits", Float, nullable=False, default=0.0),
+)
+
+assignments = Table(
+    "assignments",
+    metadata,
+    _id("run_id", primary_key=True),
+    _id("contributor_id", primary_key=True),
+    Column("stage", Integer, nullable=False),
+    Column("state", String(16), nullable=False),  # active | dropped | left
+    Column("assigned", Float, nullable=False),
+    Column("last_seen", Float, nullable=False),
+    Column("steps", BigInteger, nullable=False, default=0),
+    Column("epoch", Integer, nullable=False, default=0),  # weights epoch the worker reports holding
+    Column("sync_epoch", Integer, nullable=False, default=-1),  # epoch at which sync_step was taken
+    Column("sync_step", BigInteger, nullable=False, default=0),
+    Column("tokens_per_s", Float, nullable=False, default=0.0),
+    Column("reassign_to", Integer),
+    Column("credits", Float, nullable=False, default=0.0),
+    Index("ix_assign_run_state", "run_id", "state", "last_seen"),
+)
+
+chains = Table(
+    "chains",
+    metadata,
+    _id("run_id", primary_key=True),
+    Column("sample_id", BigInteger, primary_key=True),
+    Column("data_index", BigInteger, nullable=False),  # position in the corpus (shard * per_shard + k)
+    Column("tokens_key", Text, nullable=False),
+    Column("tokens_sha", String(64), nullable=False),
+    Column("tokens_size", Integer, nullable=False),
+    _id("head_worker"),
+    Column("state", String(16), nullable=False),  # active | done | dropped
+    Column("created", Float, nullable=False),
+    Column("finished", Float),
+    Column("gc", Boolean, nullable=False, default=False),
+    Index("ix_chain_head", "run_id", "head_worker", "state"),
+    Index("ix_chain_gc", "state", "gc"),
+)
+
+work = Table(
+    "work",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    _id("run_id", nullable=False),
+    Column("sample_id", BigInteger, nullable=False),
+    Column("stage", Integer, nullable=False),
+    Column("kind", String(8), nullable=False),  # forward | backward
+    Column("state", String(8), nullable=False),  # queued | claimed | done | expired | dropped
+    _id("route"),  # backward: the only contributor that may claim it
+    _id("worker"),  # who claimed it
+    Column("forward_id", Integer),  # backward: the forward work row on this stage
+    Column("input_key", Text),
+    Column("output_key", Text),
+    Column("created", Float, nullable=False),
+    Column("claimed", Float),
+    Column("deadline", Float),
+    Column("completed", Float),
+    Column("credits", Float),
+    Column("notify_drop", Boolean, nullable=False, default=False),
+    Index("ix_work_queue", "run_id", "stage", "state", "kind"),
+    Index("ix_work_route", "route", "state"),
+    Index("ix_work_deadline", "state", "deadline"),
+    Index("ix_work_sample", "run_id", "sample_id"),
+    Index("ix_work_notify", "worker", "notify_drop"),
+)
+
+ledger = Table(
+    "ledger",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    _id("run_id", nullable=False),
+    _id("contributor_id", nullable=False),
+    _id("work_id", nullable=False, unique=True),  # a work item is credited at most once
+    Column("kind", String(8), nullable=False),
+    Column("stage", Integer, nullable=False),
+    Column("tokens", BigInteger, nullable=False),
+    Column("credits", Float, nullable=False),
+    Column("t", Float, nullable=False),
+    Index("ix_ledger_contributor", "contributor_id", "kind"),
+)
+
+losses = Table(
+    "losses",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    _id("run_id", nullable=False),
+    Column("sample_id", BigInteger, nullable=False),
+    Column("loss", Float, nullable=False),
+    Column("t", Float, nullable=False),
+    Index("ix_losses_run", "run_id", "id"),
+)
+
+merge_rounds = Table(
+    "merge_rounds",
+    metadata,
+    _id("run_id", primary_key=True),
+    Column("stage", Integer, primary_key=True),
+    Column("epoch", Integer, primary_key=True),  # contributions are at this epoch; the result is epoch + 1
+    Column("state", String(8), nullable=False),  # open | closing | closed
+    Column("opened", Float, nullable=False),
+    Column("deadline", Float, nullable=False),
+    Column("closed", Float),
+    Column("contributions", Integer, nullable=False, default=0),
+)
+
+merge_contribs = Table(
+    "merge_contribs",
+    metadata,
+    _id("run_id", primary_key=True),
+    Column("stage", Integer, primary_key=True),
+    Column("epoch", Integer, primary_key=True),
+    _id("contributor_id", primary_key=True),
+    Column("blob_key", Text, nullable=False),
+    Column("weight", Float, nullable=False),
+    Column("t", Float, nullable=False),
+)
+
+blobs = Table(
+    "blobs",
+    metadata,
+    Column("key", String(512), primary_key=True),
+    Column("sha256", String(64), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("created", Float, nullable=False),
+)
+
+Migration = Callable[[Connection], None]
+# (version, what it does, how). Append only; never edit a released one.
+MIGRATIONS: list[tuple[int, str, Migration]] = []
+
+
+class SchemaError(RuntimeError):
+    """The database was written by a newer orchestrator, or a migration failed."""
+
+
+def open_engine(path: Path, sync: str = "normal") -> Engine:
+    """A single-connection SQLite engine in WAL mode; callers serialise access (see state.py)."""
+    if sync not in ("normal", "full"):
+        raise ValueError("sync must be 'normal' or 'full'")
+    engine = create_engine(
+        f"sqlite:///{path}",
+        poolclass=StaticPool,
+        connect_args={"check_same_thread": False, "timeout": 30},
+    )
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode survives a killed process (the WAL is in the OS cache); FULL also survives
+        # power loss at the price of an fsync per commit.
+        cur.execute(f"PRAGMA synchronous={sync.upper()}")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    return engine
+
+
+def schema_version(conn: Connection) -> int:
+    row = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).first()
+    return int(row[0]) if row else 0
+
+
+def migrate(engine: Engine, migrations: Sequence[tuple[int, str, Migration]] = MIGRATIONS) -> int:
+    """Bring the schema to the newest version; return the version now in place."""
+    latest = max([SCHEMA_VERSION, *(v for v, _, _ in migrations)])
+    with engine.begin() as conn:
+        meta.create(conn, checkfirst=True)
+        current = schema_version(conn)
+        if current > latest:
+            raise SchemaError(f"database schema v{current} is newer than this orchestrator (v{latest})")
+        if current == 0:
+            metadata.create_all(conn)
+            set_meta(conn, "schema_version", str(latest))
+            return latest
+    for version, what, fn in sorted(migrations, key=lambda m: m[0]):
+        if version <= current:
+            continue
+        with engine.begin() as conn:
+            try:
+                fn(conn)
+            except Exception as e:
+                raise SchemaError(f"migration v{version} ({what}) failed: {e}") from e
+            set_meta(conn, "schema_version", str(version))
+    return latest
+
+
+def get_meta(conn: Connection, key: str) -> str | None:
+    row = conn.execute(select(meta.c.value).where(meta.c.key == key)).first()
+    return row[0] if row else None
+
+
+def set_meta(conn: Connection, key: str, value: str) -> None:
+    if get_meta(conn, key) is None:
+        conn.execute(insert(meta).values(key=key, value=value))
+    else:
+        conn.execute(meta.update().where(meta.c.key == key).values(value=value))

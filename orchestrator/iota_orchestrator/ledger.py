@@ -1,0 +1,79 @@
+"""Credits: every accepted pass earns compute-weighted credits, recorded once per work id.
+
+A forward pass earns `gflops_per_token(stage) * tokens`, a backward pass twice that, and the tail's
+forward item (forward, loss and backward at once) three times. Running totals on the contributor and the
+assignment make reads cheap; the ledger rows are the record they can be rebuilt from.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, func, insert, select, update
+
+from iota_orchestrator import db
+
+BACKWARD_FACTOR = 2.0
+
+
+def work_credits(gflops_per_token: float, tokens: int, kind: str, is_tail: bool) -> float:
+    factor = BACKWARD_FACTOR if kind == "backward" else 1.0 + BACKWARD_FACTOR if is_tail else 1.0
+    return round(gflops_per_token * tokens * factor, 6)
+
+
+def record(
+    conn: Connection,
+    run_id: str,
+    contributor_id: str,
+    work_id: str,
+    kind: str,
+    stage: int,
+    tokens: int,
+    credits: float,
+    now: float,
+) -> None:
+    conn.execute(
+        insert(db.ledger).values(
+            run_id=run_id,
+            contributor_id=contributor_id,
+            work_id=work_id,
+            kind=kind,
+            stage=stage,
+            tokens=tokens,
+            credits=credits,
+            t=now,
+        )
+    )
+    c, a = db.contributors, db.assignments
+    conn.execute(update(c).where(c.c.contributor_id == contributor_id).values(credits=c.c.credits + credits))
+    conn.execute(
+        update(a)
+        .where(a.c.run_id == run_id, a.c.contributor_id == contributor_id)
+        .values(credits=a.c.credits + credits)
+    )
+
+
+def total(conn: Connection, contributor_id: str) -> float:
+    row = conn.execute(
+        select(db.contributors.c.credits).where(db.contributors.c.contributor_id == contributor_id)
+    ).first()
+    return float(row[0]) if row else 0.0
+
+
+def totals(conn: Connection, contributor_id: str) -> dict[str, Any]:
+    """Totals from the ledger itself, split by kind."""
+    L = db.ledger
+    rows = conn.execute(
+        select(L.c.kind, func.sum(L.c.credits), func.count())
+        .where(L.c.contributor_id == contributor_id)
+        .group_by(L.c.kind)
+    ).all()
+    by = {k: (float(s or 0.0), int(n)) for k, s, n in rows}
+    fwd, bwd = by.get("forward", (0.0, 0)), by.get("backward", (0.0, 0))
+    return {
+        "contributor_id": contributor_id,
+        "total": round(fwd[0] + bwd[0], 6),
+        "forward": round(fwd[0], 6),
+        "backward": round(bwd[0], 6),
+        "entries": fwd[1] + bwd[1],
+    }

@@ -1,0 +1,217 @@
+"""Merge rounds: replicas of a stage average their weights every `train.merge_interval` local steps.
+
+A round for (stage, epoch E) opens when a replica at E has stepped merge_interval times since it synced.
+Every live replica at E is then offered the round in its heartbeat, uploads its weights and reports them.
+The round closes when all have contributed or merge_timeout_s passes; the orchestrator averages the
+contributions (weighted by backward passes) with numpy and publishes them as epoch E+1. A contribution
+for an old epoch gets 409 and the worker just syncs; nobody is dropped for a phase race.
+(Butterfly all-reduce, where workers average partitions among themselves, is future work.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, delete, func, insert, select, update
+
+from iota_orchestrator import db, runs, weights
+from iota_orchestrator.errors import BadRequest, Conflict, Forbidden, Invalid
+from iota_orchestrator.runs import RunCtx
+
+R, MC, A, ST = db.merge_rounds, db.merge_contribs, db.assignments, db.stages
+
+
+def stage_row(conn: Connection, run_id: str, stage: int) -> Any:
+    return conn.execute(select(ST).where(ST.c.run_id == run_id, ST.c.stage == stage)).first()
+
+
+def contrib_key(run_id: str, stage: int, epoch: int, contributor_id: str) -> str:
+    return f"runs/{run_id}/merge/s{stage}/e{epoch}/{contributor_id}.safetensors"
+
+
+def get_round(conn: Connection, run_id: str, stage: int, epoch: int) -> Any:
+    return conn.execute(select(R).where(R.c.run_id == run_id, R.c.stage == stage, R.c.epoch == epoch)).first()
+
+
+def open_round(conn: Connection, ctx: RunCtx, stage: int, epoch: int, now: float) -> Any:
+    conn.execute(
+        insert(R).values(
+            run_id=ctx.run_id,
+            stage=stage,
+            epoch=epoch,
+            state="open",
+            opened=now,
+            deadline=now + ctx.manifest.train.merge_timeout_s,
+            contributions=0,
+        )
+    )
+    return get_round(conn, ctx.run_id, stage, epoch)
+
+
+def _contributed(conn: Connection, run_id: str, stage: int, epoch: int) -> set[str]:
+    rows = conn.execute(
+        select(MC.c.contributor_id).where(MC.c.run_id == run_id, MC.c.stage == stage, MC.c.epoch == epoch)
+    ).all()
+    return {r[0] for r in rows}
+
+
+def offer(conn: Connection, ctx: RunCtx, a: Any, now: float) -> dict[str, Any] | None:
+    """The merge round this heartbeating replica should contribute to, opening one when it is due."""
+    st = stage_row(conn, ctx.run_id, a.stage)
+    if a.epoch != st.epoch:
+        return None
+    rnd = get_round(conn, ctx.run_id, a.stage, st.epoch)
+    if rnd is None:
+        if a.sync_epoch != st.epoch or a.steps - a.sync_step < ctx.manifest.train.merge_interval:
+            return None
+        rnd = open_round(conn, ctx, a.stage, st.epoch, now)
+    if rnd.state != "open" or a.contributor_id in _contributed(conn, ctx.run_id, a.stage, st.epoch):
+        return None
+    key = contrib_key(ctx.run_id, a.stage, st.epoch, a.contributor_id)
+    return {
+        "stage": a.stage,
+        "epoch": st.epoch,
+        "key": key,
+        "max_size": weights.max_weights_size(ctx.cfg, a.stage),
+        "deadline_s": max(rnd.deadline - now, 0.0),
+    }
+
+
+def contribute(
+    conn: Connection,
+    ctx: RunCtx,
+    blobs: Any,
+    contributor_id: str,
+    stage: int,
+    epoch: int,
+    sha: str,
+    size: int,
+    weight: float,
+    now: float,
+) -> tuple[bool, int]:
+    """Record a replica's uploaded weights for the open round; (accepted, current epoch)."""
+    a = conn.execute(select(A).where(A.c.run_id == ctx.run_id, A.c.contributor_id == contributor_id)).first()
+    if a is None or a.stage != stage:
+        raise Forbidden(f"you are not a replica of stage {stage} in this run")
+    st = stage_row(conn, ctx.run_id, stage)
+    if epoch != st.epoch:
+        raise Conflict(
+            f"stage {stage} is at epoch {st.epoch}, not {epoch}: load the current weights and carry on"
+        )
+    rnd = get_round(conn, ctx.run_id, stage, epoch)
+    if rnd is None or rnd.state != "open":
+        raise Conflict(f"no merge round is open for stage {stage} at epoch {epoch}")
+    if contributor_id in _contributed(conn, ctx.run_id, stage, epoch):
+        return True, st.epoch
+    key = contrib_key(ctx.run_id, stage, epoch, contributor_id)
+    b = conn.execute(select(db.blobs).where(db.blobs.c.key == key)).first()
+    if b is None:
+        raise BadRequest("upload your weights to the round's upload URL first")
+    if b.sha256 != sha or b.size != size:
+        raise BadRequest("the uploaded weights do not match the sha256 and size you sent")
+    want = {n: ("F32", shape) for n, shape in weights.expected(ctx.cfg, stage).items()}
+    problem = weights.check_tensors(blobs.path(key), want)
+    if problem:
+        raise Invalid(f"weights rejected: {problem}")
+    conn.execute(
+        insert(MC).values(
+            run_id=ctx.run_id,
+            stage=stage,
+            epoch=epoch,
+            contributor_id=contributor_id,
+            blob_key=key,
+            weight=float(weight),
+            t=now,
+        )
+    )
+    conn.execute(
+        update(R)
+        .where(R.c.run_id == ctx.run_id, R.c.stage == stage, R.c.epoch == epoch)
+        .values(contributions=R.c.contributions + 1)
+    )
+    return True, st.epoch
+
+
+def due(conn: Connection, ctx: RunCtx, now: float) -> list[tuple[int, int]]:
+    """Rounds ready to close (all live replicas in, or past the deadline); marks them closing."""
+    out = []
+    for rnd in conn.execute(
+        select(R).where(R.c.run_id == ctx.run_id, R.c.state.in_(("open", "closing")))
+    ).all():
+        if rnd.state == "open":
+            live = conn.execute(
+                select(A.c.contributor_id).where(
+                    A.c.run_id == ctx.run_id,
+                    A.c.stage == rnd.stage,
+                    A.c.state == "active",
+                    A.c.epoch == rnd.epoch,
+                )
+            ).all()
+            waiting = {r[0] for r in live} - _contributed(conn, ctx.run_id, rnd.stage, rnd.epoch)
+            if rnd.deadline > now and (waiting or rnd.contributions == 0):
+                continue
+            conn.execute(
+                update(R)
+                .where(R.c.run_id == ctx.run_id, R.c.stage == rnd.stage, R.c.epoch == rnd.epoch)
+                .values(state="closing")
+            )
+        out.append((rnd.stage, rnd.epoch))
+    return out
+
+
+def contributions(conn: Connection, run_id: str, stage: int, epoch: int) -> list[tuple[str, float]]:
+    rows = conn.execute(
+        select(MC.c.blob_key, MC.c.weight).where(
+            MC.c.run_id == run_id, MC.c.stage == stage, MC.c.epoch == epoch
+        )
+    ).all()
+    return [(r.blob_key, float(r.weight)) for r in rows]
+
+
+def publish(
+    conn: Connection, ctx: RunCtx, stage: int, epoch: int, stored: tuple[str, str, int] | None, now: float
+) -> list[str]:
+    """Make the averaged weights epoch+1 (or, with none usable, forget the round); return keys to delete."""
+    where = (R.c.run_id == ctx.run_id, R.c.stage == stage, R.c.epoch == epoch)
+    dead = [k for k, _ in contributions(conn, ctx.run_id, stage, epoch)]
+    st = stage_row(conn, ctx.run_id, stage)
+    if stored is None or st.epoch != epoch:
+        if stored is not None:
+            dead.append(stored[0])
+        conn.execute(delete(MC).where(MC.c.run_id == ctx.run_id, MC.c.stage == stage, MC.c.epoch == epoch))
+        conn.execute(delete(R).where(*where))
+    else:
+        key, sha, size = stored
+        conn.execute(insert(db.blobs).values(key=key, sha256=sha, size=size, created=now))
+        conn.execute(
+            update(ST)
+            .where(ST.c.run_id == ctx.run_id, ST.c.stage == stage)
+            .values(epoch=epoch + 1, weights_key=key, updated=now)
+        )
+        conn.execute(update(R).where(*where).values(state="closed", closed=now))
+        if epoch >= 1:  # keep the previous epoch for workers still downloading it
+            dead.append(runs.weights_key(ctx.run_id, stage, epoch - 1))
+    conn.execute(delete(db.blobs).where(db.blobs.c.key.in_(dead)))
+    return dead
+
+
+def open_final(conn: Connection, ctx: RunCtx, now: float) -> int:
+    """Open a last round on every stage with live replicas (the run has drained); return how many."""
+    opened = 0
+    for s in range(ctx.n_stages):
+        st = stage_row(conn, ctx.run_id, s)
+        live = conn.execute(
+            select(func.count())
+            .select_from(A)
+            .where(A.c.run_id == ctx.run_id, A.c.stage == s, A.c.state == "active")
+        ).scalar_one()
+        if live and get_round(conn, ctx.run_id, s, st.epoch) is None:
+            open_round(conn, ctx, s, st.epoch, now)
+            opened += 1
+    return opened
+
+
+def unsettled(conn: Connection, run_id: str) -> int:
+    return conn.execute(
+        select(func.count()).select_from(R).where(R.c.run_id == run_id, R.c.state.in_(("open", "closing")))
+    ).scalar_one()

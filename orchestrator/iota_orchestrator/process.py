@@ -1,0 +1,115 @@
+"""Start an orchestrator as a child process and wait until it listens: for tests, benchmarks, `iota swarm`.
+
+with OrchestratorProcess(tmp_dir, admin_token="t") as orch:
+    requests.get(orch.url + "/v1/health")
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from iota_orchestrator.serve import LISTENING
+
+
+class OrchestratorProcess:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int = 0,
+        admin_token: str = "",
+        tick_s: float = 1.0,
+        sync: str = "normal",
+        host: str = "127.0.0.1",
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.data_dir, self.port, self.host = Path(data_dir), port, host
+        self.admin_token, self.tick_s, self.sync = admin_token, tick_s, sync
+        self.extra_env = extra_env or {}
+        self.proc: subprocess.Popen[str] | None = None
+        self.url = ""
+        self.lines: list[str] = []
+
+    def start(self, timeout: float = 60.0) -> OrchestratorProcess:
+        env = {**os.environ, **self.extra_env}
+        if self.admin_token:
+            env["IOTA_ADMIN_TOKEN"] = self.admin_token
+        cmd = [
+            sys.executable,
+            "-m",
+            "iota_orchestrator",
+            "--data-dir",
+            str(self.data_dir),
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--tick",
+            str(self.tick_s),
+            "--sync",
+            self.sync,
+        ]
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
+        found = threading.Event()
+
+        def pump() -> None:
+            assert self.proc is not None and self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self.lines.append(line.rstrip("\n"))
+                if line.startswith(LISTENING):
+                    self.url = line.split()[-1]
+                    found.set()
+            found.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        if not found.wait(timeout) or not self.url:
+            self.kill()
+            raise RuntimeError("orchestrator did not start:\n" + "\n".join(self.lines[-30:]))
+        self.port = int(self.url.rsplit(":", 1)[1])
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def kill(self) -> None:
+        """SIGKILL: the crash case (nothing gets to clean up)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def __enter__(self) -> OrchestratorProcess:
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+def wait_until(predicate: object, timeout: float = 30.0, interval: float = 0.1) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(interval)
+    return False

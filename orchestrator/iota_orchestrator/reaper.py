@@ -1,0 +1,127 @@
+"""The orchestrator's clockwork: a thread that expires leases and deadlines, closes merge rounds,
+finishes drained runs and deletes blobs nobody needs any more.
+
+Every decision is taken from timestamps stored in the database, so a restart picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from sqlalchemy import Connection, delete, select, update
+
+from iota_orchestrator import assignment, db, merge, runs, scheduler, weights
+from iota_orchestrator.runs import RunCtx
+from iota_orchestrator.state import State
+
+log = logging.getLogger("iota_orchestrator")
+GC_BATCH = 500
+
+
+def tick(state: State, now: float | None = None) -> None:
+    now = time.time() if now is None else now
+    with state.tx() as conn:
+        run_ids = [r[0] for r in conn.execute(select(db.runs.c.run_id).where(db.runs.c.state == "running"))]
+    for run_id in run_ids:
+        with state.tx() as conn:
+            ctx = runs.context(conn, run_id)
+            keys = scheduler.expire(conn, ctx, now)
+            assignment.rebalance(conn, ctx)
+            due = merge.due(conn, ctx, now)
+        state.wake.notify(keys)
+        for stage, epoch in due:
+            close_round(state, ctx, stage, epoch, now)
+        with state.tx() as conn:
+            finished = finish_check(conn, ctx, now)
+        if finished:
+            state.wake.notify(scheduler.stage_key(run_id, s) for s in range(ctx.n_stages))
+    collect_garbage(state)
+
+
+def close_round(state: State, ctx: RunCtx, stage: int, epoch: int, now: float) -> None:
+    """Average a round's contributions outside the write lock, then publish epoch+1 inside it."""
+    with state.tx() as conn:
+        contribs = merge.contributions(conn, ctx.run_id, stage, epoch)
+    blobs = state.blobs
+    shapes = weights.expected(ctx.cfg, stage)
+    data = weights.average(((blobs.read(k), w) for k, w in contribs if blobs.exists(k)), shapes)
+    stored = None
+    if data is not None:
+        key = runs.weights_key(ctx.run_id, stage, epoch + 1)
+        b = blobs.write(key, data)
+        stored = (key, b.sha256, b.size)
+    with state.tx() as conn:
+        dead = merge.publish(conn, ctx, stage, epoch, stored, now)
+    for k in dead:
+        blobs.delete(k)
+    if stored:
+        log.info(
+            "run %s stage %d merged %d replicas into epoch %d", ctx.run_id, stage, len(contribs), epoch + 1
+        )
+
+
+def finish_check(conn: Connection, ctx: RunCtx, now: float) -> bool:
+    """Finish a run once no sample will be issued and none is in flight (after a closing merge)."""
+    run = runs.get_run(conn, ctx.run_id)
+    t = ctx.manifest.train
+    exhausted = run.stop_requested or (t.max_samples and run.samples_issued >= t.max_samples)
+    if not exhausted or scheduler.active_chains(conn, ctx.run_id):
+        return False
+    if run.final_merge is None:
+        conn.execute(update(db.runs).where(db.runs.c.run_id == ctx.run_id).values(final_merge=now))
+        if merge.open_final(conn, ctx, now):
+            return False
+    elif merge.unsettled(conn, ctx.run_id) and now < run.final_merge + 2 * t.merge_timeout_s + 5:
+        return False
+    conn.execute(update(db.runs).where(db.runs.c.run_id == ctx.run_id).values(state="finished", finished=now))
+    log.info("run %s finished", ctx.run_id)
+    return True
+
+
+def collect_garbage(state: State) -> int:
+    """Delete the token, activation and gradient blobs of finished chains."""
+    C, W = db.chains, db.work
+    with state.tx() as conn:
+        done = conn.execute(
+            select(C.c.run_id, C.c.sample_id, C.c.tokens_key)
+            .where(C.c.state.in_(("done", "dropped")), C.c.gc.is_(False))
+            .limit(GC_BATCH)
+        ).all()
+        keys: list[str] = []
+        for run_id, sample_id, tokens_key in done:
+            keys.append(tokens_key)
+            outs = conn.execute(
+                select(W.c.output_key).where(
+                    W.c.run_id == run_id, W.c.sample_id == sample_id, W.c.output_key.is_not(None)
+                )
+            ).all()
+            keys.extend(r[0] for r in outs)
+            conn.execute(update(C).where(C.c.run_id == run_id, C.c.sample_id == sample_id).values(gc=True))
+        if keys:
+            conn.execute(delete(db.blobs).where(db.blobs.c.key.in_(keys)))
+    for k in keys:
+        state.blobs.delete(k)
+    return len(done)
+
+
+class Reaper(threading.Thread):
+    def __init__(self, state: State) -> None:
+        super().__init__(name="iota-reaper", daemon=True)
+        self.state = state
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                tick(self.state)
+            except Exception:  # keep the clock going; the next tick retries from stored state
+                log.exception("reaper tick failed")
+            self.state.poke.wait(self.state.config.tick_s)
+            self.state.poke.clear()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stopping.set()
+        self.state.poke.set()
+        self.join(timeout)

@@ -1,0 +1,236 @@
+"""Runs: create one from a manifest (index the data, make epoch-0 weights) and the facts derived from it.
+
+A RunCtx holds what never changes during a run (manifest, file index, sizes, per-stage costs); it is
+cached per run id, so hot endpoints never re-parse the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, insert, select
+
+from iota_cli.manifest import RunManifest
+from iota_cli.modelspec import EOS_ID, ModelConfig, forward_flops_per_token, param_count, stage_spec
+from iota_cli.tensors import DTYPE_CODES, DTYPE_SIZES
+from iota_orchestrator import data, db, weights
+from iota_orchestrator.blobs import BlobStore
+from iota_orchestrator.errors import Invalid, NotFound
+
+HEADER_SLACK = 4096
+
+
+@dataclass(frozen=True)
+class RunCtx:
+    run_id: str
+    manifest: RunManifest
+    files: tuple[data.FileEntry, ...]
+    layout: data.Layout
+    gflops: tuple[float, ...]  # forward GFLOP per token, per stage
+    memory_need: tuple[int, ...]  # estimated bytes a worker needs per stage
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.manifest.model
+
+    @property
+    def n_stages(self) -> int:
+        return self.cfg.n_stages
+
+    @property
+    def tokens_per_sample(self) -> int:
+        return self.manifest.train.batch_size * self.manifest.train.seq_len
+
+    @property
+    def wire_dtype(self) -> str:
+        return DTYPE_CODES[self.cfg.wire_dtype]
+
+    @property
+    def act_shape(self) -> tuple[int, int, int]:
+        t = self.manifest.train
+        return (t.batch_size, t.seq_len, self.cfg.bottleneck_dim)
+
+    @property
+    def act_max_size(self) -> int:
+        b, t, d = self.act_shape
+        return b * t * d * DTYPE_SIZES[self.wire_dtype] + HEADER_SLACK
+
+    def expect(self, name: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return {name: (self.wire_dtype, self.act_shape)}
+
+
+def manifest_problems(m: RunManifest, max_params: int) -> list[str]:
+    """What the orchestrator cannot serve in an otherwise valid manifest."""
+    t, cfg, p = m.train, m.model, []
+    if cfg.tokenizer != "bytes":
+        p.append(
+            "only the byte tokenizer (model.tokenizer = 'bytes') is served by the reference orchestrator"
+        )
+    if cfg.vocab_size <= EOS_ID:
+        p.append(f"model.vocab_size must exceed {EOS_ID} for the byte tokenizer")
+    if t.seq_len < 1 or t.merge_interval < 1 or t.max_inflight_per_head < 1 or t.max_samples < 0:
+        p.append("train.seq_len, merge_interval and max_inflight_per_head must be >= 1, max_samples >= 0")
+    for name in ("lease_s", "work_timeout_s", "merge_timeout_s"):
+        if not 0.1 <= getattr(t, name) <= 86400:
+            p.append(f"train.{name} must be between 0.1 and 86400 seconds")
+    if t.batch_size * (t.seq_len + 1) > 1 << 24:
+        p.append("train.batch_size * (seq_len + 1) is too large (over 16M tokens a sample)")
+    if m.data.shard_bytes < t.batch_size * (t.seq_len + 1):
+        p.append("data.shard_bytes must hold at least one sample: batch_size * (seq_len + 1)")
+    if not p and param_count(cfg) > max_params:
+        p.append(f"model has {param_count(cfg):,} parameters, over this orchestrator's limit {max_params:,}")
+    if not m.data.source:
+        p.append("data.source is required: a directory or glob of text files on the orchestrator's machine")
+    return p
+
+
+def parse_manifest(raw: dict[str, Any], max_params: int) -> RunManifest:
+    try:
+        m = RunManifest.from_dict(raw)
+    except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as e:
+        raise Invalid(f"invalid manifest: {e}") from None
+    problems = manifest_problems(m, max_params)
+    if problems:
+        raise Invalid("invalid manifest: " + "; ".join(problems))
+    return m
+
+
+def memory_need(m: RunManifest, stage: int) -> int:
+    """A generous estimate: weights, gradients and AdamW state in f32, plus saved activations in flight."""
+    cfg, t = m.model, m.train
+    spec = stage_spec(cfg, stage)
+    b, s, d = t.batch_size, t.seq_len, cfg.d_model
+    per_layer = b * s * (12 * d + 3 * cfg.ffn_dim) * 4 + b * cfg.n_heads * s * s * 4
+    acts = t.max_inflight_per_head * (len(spec.layers) * per_layer + 2 * b * s * d * 4)
+    return param_count(cfg, spec) * 16 + acts
+
+
+def make_ctx(run_id: str, m: RunManifest, files: list[data.FileEntry]) -> RunCtx:
+    total = (files[-1].start + files[-1].size + 1) if files else 0
+    layout = data.Layout(total, m.data.shard_bytes, m.train.batch_size * (m.train.seq_len + 1))
+    cfg = m.model
+    gflops = tuple(forward_flops_per_token(cfg, stage_spec(cfg, s)) / 1e9 for s in range(cfg.n_stages))
+    mem = tuple(memory_need(m, s) for s in range(cfg.n_stages))
+    return RunCtx(run_id, m, tuple(files), layout, gflops, mem)
+
+
+def weights_key(run_id: str, stage: int, epoch: int) -> str:
+    return f"runs/{run_id}/weights/s{stage}/e{epoch}.safetensors"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    ctx: RunCtx
+    weights: tuple[tuple[str, str, int], ...]  # (key, sha256, size) per stage
+
+
+def prepare(blobs: BlobStore, m: RunManifest) -> Prepared:
+    """Index the data and write epoch-0 weights for every stage (slow; runs outside the write lock)."""
+    files = data.index_files(data.list_files(m.data.source))
+    run_id = "run-" + secrets.token_hex(4)
+    ctx = make_ctx(run_id, m, files)
+    if ctx.layout.n_samples < 1:
+        raise Invalid(f"data.source {m.data.source!r} yields no sample (no text files, or too little text)")
+    stored = []
+    for s in range(m.model.n_stages):
+        key = weights_key(run_id, s, 0)
+        b = blobs.write(key, weights.init_stage(m.model, s, m.seed))
+        stored.append((key, b.sha256, b.size))
+    return Prepared(ctx, tuple(stored))
+
+
+def record(conn: Connection, p: Prepared, now: float) -> str:
+    """Store a prepared run; from here on workers can be assigned to it."""
+    ctx, m, run_id = p.ctx, p.ctx.manifest, p.ctx.run_id
+    conn.execute(
+        insert(db.runs).values(
+            run_id=run_id,
+            name=m.name[:128],
+            manifest=json.dumps(m.to_dict()),
+            state="running",
+            created=now,
+            stop_requested=False,
+            n_samples_epoch=ctx.layout.n_samples,
+            samples_issued=0,
+            samples_completed=0,
+            samples_dropped=0,
+            tokens=0,
+        )
+    )
+    if ctx.files:
+        conn.execute(
+            insert(db.run_files),
+            [
+                {"run_id": run_id, "idx": i, "path": f.path, "size": f.size, "start": f.start}
+                for i, f in enumerate(ctx.files)
+            ],
+        )
+    for s, (key, sha, size) in enumerate(p.weights):
+        conn.execute(insert(db.blobs).values(key=key, sha256=sha, size=size, created=now))
+        conn.execute(insert(db.stages).values(run_id=run_id, stage=s, epoch=0, weights_key=key, updated=now))
+    with _cache_lock:
+        _cache[run_id] = ctx
+    return run_id
+
+
+_cache: dict[str, RunCtx] = {}
+_cache_lock = threading.Lock()
+
+
+def context(conn: Connection, run_id: str) -> RunCtx:
+    """The run's fixed facts, loaded once."""
+    ctx = _cache.get(run_id)
+    if ctx is not None:
+        return ctx
+    row = conn.execute(select(db.runs.c.manifest).where(db.runs.c.run_id == run_id)).first()
+    if row is None:
+        raise NotFound(f"no run {run_id!r}")
+    m = RunManifest.from_dict(json.loads(row[0]))
+    rows = conn.execute(
+        select(db.run_files).where(db.run_files.c.run_id == run_id).order_by(db.run_files.c.idx)
+    ).all()
+    files = [data.FileEntry(r.path, r.size, r.start) for r in rows]
+    ctx = make_ctx(run_id, m, files)
+    with _cache_lock:
+        _cache[run_id] = ctx
+    return ctx
+
+
+def get_run(conn: Connection, run_id: str) -> Any:
+    row = conn.execute(select(db.runs).where(db.runs.c.run_id == run_id)).first()
+    if row is None:
+        raise NotFound(f"no run {run_id!r}")
+    return row
+
+
+def newest_running(conn: Connection) -> str:
+    row = conn.execute(
+        select(db.runs.c.run_id)
+        .where(db.runs.c.state == "running")
+        .order_by(db.runs.c.created.desc())
+        .limit(1)
+    ).first()
+    if row is None:
+        raise NotFound(
+            "no running run on this orchestrator; an operator creates one with `iota orchestrator run create`"
+        )
+    return row[0]
+
+
+def info(row: Any) -> dict[str, Any]:
+    return {
+        "run_id": row.run_id,
+        "name": row.name,
+        "manifest": json.loads(row.manifest),
+        "state": row.state,
+        "created": row.created,
+    }
+
+
+def list_runs(conn: Connection) -> list[dict[str, Any]]:
+    rows = conn.execute(select(db.runs).order_by(db.runs.c.created)).all()
+    return [info(r) for r in rows]

@@ -1,0 +1,117 @@
+"""Run the orchestrator: `iota orchestrator serve` or `python -m iota_orchestrator --port 0`.
+
+Prints `iota orchestrator listening on http://HOST:PORT` once it accepts requests and writes
+`<data-dir>/server.json` ({url, pid}) for scripts; SIGTERM or Ctrl-C shut it down cleanly (exit 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from iota_cli.files import atomic_write
+from iota_orchestrator.state import ServerConfig, open_state
+
+LISTENING = "iota orchestrator listening on"
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    # Restarting on the same port right after a crash must not wait for TIME_WAIT to pass.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(4096)
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_for(host: str, port: int) -> str:
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def serve(
+    config: ServerConfig,
+    host: str = "127.0.0.1",
+    port: int = 8700,
+    rotate_admin: bool = False,
+    log_level: str = "warning",
+) -> int:
+    """Serve until a signal arrives; return the exit code."""
+    import uvicorn
+
+    from iota_orchestrator.app import create_app
+
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.WARNING), format="%(levelname)s %(message)s"
+    )
+    opened = open_state(config, os.environ.get("IOTA_ADMIN_TOKEN") or None, rotate_admin)
+    if opened.admin_token:
+        print(f"admin token (shown once, keep it safe): {opened.admin_token}", flush=True)
+    sock = bind(host, port)
+    bound_port = sock.getsockname()[1]
+    url = url_for(host, bound_port)
+    app = create_app(opened.state)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            log_level=log_level,
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+            timeout_keep_alive=30,
+            backlog=4096,
+        )
+    )
+    # uvicorn re-raises the signal that stopped it once it is done; make that a no-op so we exit 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    info = config.data_dir / "server.json"
+    try:
+        asyncio.run(_run(server, sock, url, info))
+    finally:
+        with contextlib.suppress(OSError):
+            sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            info.unlink()
+    return 0 if server.started else 1
+
+
+async def _run(server: object, sock: socket.socket, url: str, info: Path) -> None:
+    task = asyncio.create_task(server.serve(sockets=[sock]))  # type: ignore[attr-defined]
+    while not server.started and not task.done():  # type: ignore[attr-defined]
+        await asyncio.sleep(0.02)
+    if server.started:  # type: ignore[attr-defined]
+        atomic_write(info, json.dumps({"url": url, "pid": os.getpid()}).encode(), mode=0o644)
+        print(f"{LISTENING} {url}", flush=True)
+    await task
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m iota_orchestrator", description=__doc__)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8700)
+    p.add_argument("--data-dir", type=Path, required=True)
+    p.add_argument("--sync", choices=["normal", "full"], default="normal")
+    p.add_argument("--tick", type=float, default=1.0, help="seconds between lease/deadline checks")
+    p.add_argument("--new-admin-token", action="store_true")
+    a = p.parse_args(argv)
+    cfg = ServerConfig(data_dir=a.data_dir, sync=a.sync, tick_s=a.tick)
+    return serve(cfg, a.host, a.port, a.new_admin_token)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""What a run looks like right now: workers per stage, queues, epochs, tokens, losses, credits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, func, select
+
+from iota_orchestrator import db, runs, scheduler
+from iota_orchestrator.runs import RunCtx
+
+LOSS_WINDOW = 5  # first_loss / last_loss average this many tail losses
+RECENT = 50
+
+
+def losses(conn: Connection, run_id: str) -> dict[str, Any]:
+    L = db.losses
+    n = conn.execute(select(func.count()).select_from(L).where(L.c.run_id == run_id)).scalar_one()
+    first = [
+        r[0]
+        for r in conn.execute(
+            select(L.c.loss).where(L.c.run_id == run_id).order_by(L.c.id).limit(LOSS_WINDOW)
+        )
+    ]
+    recent = [
+        r[0]
+        for r in conn.execute(
+            select(L.c.loss).where(L.c.run_id == run_id).order_by(L.c.id.desc()).limit(RECENT)
+        )
+    ][::-1]
+    last = recent[-LOSS_WINDOW:]
+    return {
+        "losses_reported": int(n),
+        "first_loss": sum(first) / len(first) if first else None,
+        "last_loss": sum(last) / len(last) if last else None,
+        "recent_losses": recent,
+    }
+
+
+def run_status(conn: Connection, ctx: RunCtx) -> dict[str, Any]:
+    run = runs.get_run(conn, ctx.run_id)
+    A, CT, W = db.assignments, db.contributors, db.work
+    workers = conn.execute(
+        select(A, CT.c.name, CT.c.backend, CT.c.throughput)
+        .select_from(A.join(CT, A.c.contributor_id == CT.c.contributor_id))
+        .where(A.c.run_id == ctx.run_id)
+        .order_by(A.c.assigned)
+    ).all()
+    depths = scheduler.queue_depths(conn, ctx.run_id)
+    done = dict(
+        ((s, k), n)
+        for s, k, n in conn.execute(
+            select(W.c.stage, W.c.kind, func.count())
+            .where(W.c.run_id == ctx.run_id, W.c.state == "done")
+            .group_by(W.c.stage, W.c.kind)
+        )
+    )
+    epochs = dict(
+        conn.execute(
+            select(db.stages.c.stage, db.stages.c.epoch).where(db.stages.c.run_id == ctx.run_id)
+        ).all()
+    )
+    stages = []
+    for s in range(ctx.n_stages):
+        mine = [w for w in workers if w.stage == s]
+        stages.append(
+            {
+                "stage": s,
+                "kind": "head" if s == 0 else "tail" if s == ctx.n_stages - 1 else "body",
+                "workers": [
+                    {
+                        "contributor_id": w.contributor_id,
+                        "name": w.name,
+                        "backend": w.backend,
+                        "alive": w.state == "active",
+                        "steps": int(w.steps),
+                        "epoch": int(w.epoch),
+                        "tokens_per_s": float(w.tokens_per_s),
+                        "throughput": float(w.throughput),
+                        "credits": round(float(w.credits), 6),
+                    }
+                    for w in mine
+                ],
+                "queue_forward": depths.get((s, "forward"), 0),
+                "queue_backward": depths.get((s, "backward"), 0),
+                "epoch": int(epochs.get(s, 0)),
+                "optimizer_steps": sum(int(w.steps) for w in mine),
+                "forward_done": done.get((s, "forward"), 0),
+                "backward_done": done.get((s, "backward"), 0),
+            }
+        )
+    credits = sorted(
+        (
+            {"contributor_id": w.contributor_id, "name": w.name, "total": round(float(w.credits), 6)}
+            for w in workers
+        ),
+        key=lambda c: -c["total"],
+    )
+    return {
+        "run_id": ctx.run_id,
+        "name": run.name,
+        "state": run.state,
+        "created": run.created,
+        "n_stages": ctx.n_stages,
+        "max_samples": ctx.manifest.train.max_samples,
+        "samples_issued": int(run.samples_issued),
+        "samples_completed": int(run.samples_completed),
+        "samples_dropped": int(run.samples_dropped),
+        "tokens_processed": int(run.tokens),
+        **losses(conn, ctx.run_id),
+        "stages": stages,
+        "credits": credits,
+    }
