@@ -59,7 +59,7 @@ def check(report: HardwareReport, minimums: Minimums = Minimums()) -> list[Check
     """Every check for this report's platform, in the order doctor shows them."""
     checks = [check_platform(report), check_cpu(report)]
     if report.os != "Darwin":
-        checks.append(check_gpu(report, minimums))
+        checks.append(cpu_backend_waiver(report, check_gpu(report, minimums)))
     checks += [
         check_memory(report, minimums),
         check_disk(report, minimums),
@@ -136,6 +136,14 @@ def check_gpu(r: HardwareReport, m: Minimums) -> Check:
             f"A stage needs {m.vram_gib:g} GB on one GPU. " + CPU_ONLY_HINT,
         )
     return Check("gpu", found, req, "pass")
+
+
+def cpu_backend_waiver(r: HardwareReport, gpu: Check) -> Check:
+    """A CPU backend chosen on purpose (development, tests, `iota swarm`) needs no GPU: warn, don't fail."""
+    name = r.backend.name if r.backend else None
+    if gpu.status != "fail" or not name or not name.endswith("-cpu"):
+        return gpu
+    return Check("gpu", gpu.found, gpu.required, "warn", f"{name} trains on the CPU: for development only.")
 
 
 def check_memory(r: HardwareReport, m: Minimums) -> Check:

@@ -87,3 +87,13 @@ def decode(buf: bytes | memoryview) -> tuple[TensorDict, dict[str, str]]:
             raise TensorFormatError(f"data of {name!r} lies outside the buffer")
         out[name] = RawTensor(dtype, shape, bytes(body[start:end]))
     return out, dict(metadata)
+
+
+def column_slice(t: RawTensor, start: int, stop: int) -> RawTensor:
+    """t[:, start:stop] for a 2-D tensor (the head's inputs and the tail's targets from one token block)."""
+    rows, cols = t.shape
+    start, stop, _ = slice(start, stop).indices(cols)
+    size = DTYPE_SIZES[t.dtype]
+    width = max(stop - start, 0)
+    chunks = (t.data[(r * cols + start) * size : (r * cols + start + width) * size] for r in range(rows))
+    return RawTensor(t.dtype, (rows, width), b"".join(chunks))

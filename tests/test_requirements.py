@@ -197,3 +197,13 @@ def test_more_resource_never_makes_a_check_worse(a, b, field):
         return by_name(check(linux(disk_free_bytes=int(x * GIB))))["disk"].status
 
     assert RANK[status(lo)] <= RANK[status(hi)]
+
+
+def test_cpu_backend_chosen_on_purpose_turns_missing_gpu_into_a_warning():
+    cpu = BackendStatus("torch-cpu", "torch-cpu", True, "torch", "2.13.0", True, "2.13.0+cpu")
+    c = by_name(check(linux(vram_gib=None, backend=cpu)))["gpu"]
+    assert c.status == "warn" and "development" in c.hint
+    # auto on a GPU-less machine still fails with the hint that names the CPU backend
+    auto = BackendStatus(None, "auto", None, None, None, None, "no backend suits this hardware")
+    c = by_name(check(linux(vram_gib=None, backend=auto)))["gpu"]
+    assert c.status == "fail" and "--backend torch-cpu" in c.hint

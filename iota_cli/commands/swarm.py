@@ -1,7 +1,74 @@
-"""`iota swarm` (not built yet)."""
+"""`iota swarm`: a local orchestrator and N workers training a tiny model on this machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command(epilog="Exit status: 0 when every worker stopped cleanly, 1 otherwise.")(swarm)
+
+
+def swarm(
+    workers: Annotated[int, typer.Option(min=3, max=64, help="Worker processes (spread over the 3 stages).")] = 6,
+    max_steps: Annotated[int, typer.Option(min=1, help="Optimizer steps per stage replica.")] = 40,
+    data: Annotated[
+        Path | None, typer.Option(help="Directory of text files to train on (default: Python's stdlib source).")
+    ] = None,
+    backends: Annotated[
+        str, typer.Option(help="Comma-separated backends, alternated across workers.")
+    ] = "torch-cpu,mlx-cpu",
+    home: Annotated[Path | None, typer.Option(help="Keep the swarm's files here (default: a temp dir).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+) -> None:
+    """Train a tiny model with a whole swarm on this machine: the first thing to run.
+
+    Starts an orchestrator and WORKERS `iota join` processes on loopback, shows one line per stage,
+    and prints a summary. Ctrl-C stops everything cleanly.
+
+    \b
+    Examples:
+      iota swarm
+      iota swarm --workers 6 --max-steps 100 --data ~/books
+      iota swarm --json | jq .last_loss
+    """
+    import signal
+    import threading
+
+    from iota_cli import output
+    from iota_cli.logs import setup_logging
+    from iota_cli.swarm import SwarmOptions, run_swarm
+
+    setup_logging()
+    if data is not None and not data.exists():
+        output.fail(f"{data} does not exist", code=output.EXIT_USAGE)
+    names = tuple(b.strip() for b in backends.split(",") if b.strip())
+    opts = SwarmOptions(workers=workers, max_steps=max_steps, data=str(data.resolve()) if data else "",
+                        backends=names, home=home)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    summary = run_swarm(opts, stop, interactive=None if not as_json else False)
+    ok = all(w["exit_code"] == 0 for w in summary["workers"]) and len(summary["workers"]) == workers
+    if as_json:
+        output.print_json(summary)
+    else:
+        output.echo(render_summary(summary))
+    raise typer.Exit(output.EXIT_OK if ok else output.EXIT_FAIL)
+
+
+def render_summary(s: dict) -> str:
+    from iota_cli import output
+
+    loss = "n/a"
+    if s["first_loss"] is not None and s["last_loss"] is not None:
+        loss = f"{s['first_loss']:.3f} -> {s['last_loss']:.3f}"
+    head = (f"Trained {s['tokens']:,} tokens in {s['wall_s']:.1f} s ({s['tokens_per_s']:,.0f} tokens/s); "
+            f"tail loss {loss}.")
+    rows = [(w["worker"], w["stage"], w["backend"], w["steps"], f"{w['credits']:.2f}", w["exit_code"])
+            for w in s["workers"]]
+    table = output.table(["worker", "stage", "backend", "steps", "credits", "exit"], rows)
+    return f"{head}\n\n{table}\n\nFiles: {s['home']}"

@@ -1,0 +1,228 @@
+"""Joining a swarm: preflight checks, identity, assignment, weights (or a checkpoint), then the loop.
+
+`iota join` calls join(); `iota swarm` starts that same command in worker processes. Nothing here is
+special-cased for a local swarm.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from iota_cli import output
+from iota_cli.backend import BackendFactory, StageBackend
+from iota_cli.checkpoint import CheckpointStore, LoopState, manifest_fingerprint
+from iota_cli.client import Client
+from iota_cli.manifest import RunManifest
+from iota_cli.modelspec import forward_flops_per_token, stage_spec
+from iota_cli.protocol import Assignment
+from iota_cli.requirements import Check
+from iota_cli.settings import Paths
+from iota_cli.tensors import RawTensor, decode
+
+log = logging.getLogger("iota.join")
+
+
+@dataclass(frozen=True)
+class JoinOptions:
+    orchestrator: str
+    backend: str = "auto"
+    run_id: str | None = None
+    max_steps: int | None = None
+    fresh: bool = False
+    force: bool = False
+    allow_battery: bool = False
+    name: str = ""
+    token: str | None = None
+    stage: int | None = None  # a preferred stage; the orchestrator may place us elsewhere
+
+
+class JoinError(Exception):
+    """Joining cannot go on; code is the exit status (output.EXIT_*)."""
+
+    def __init__(self, message: str, code: int = output.EXIT_FAIL, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.hint = code, hint
+
+
+def preflight(paths: Paths, backend: str) -> list[Check]:
+    """The doctor's checks that fail on this machine for this backend (network is checked by joining)."""
+    from iota_cli import hardware, requirements
+
+    report = hardware.probe(data_dir=paths.data_dir, backend=backend)
+    return [c for c in requirements.check(report) if c.status == "fail"]
+
+
+def memory_budget(factory_name: str, cap_gb: float) -> int:
+    """Bytes a stage may use on this device: the GPU's VRAM for CUDA, RAM otherwise (0: unknown)."""
+    from iota_cli import hardware
+
+    report = hardware.probe()
+    if factory_name == "torch-cuda" and report.gpus:
+        found = max(g.vram_bytes or 0 for g in report.gpus)
+    elif factory_name in ("mlx", "torch-mps"):
+        found = int((report.ram_bytes or 0) * 0.75)  # unified memory: leave the OS its share
+    else:
+        found = report.ram_bytes or 0
+    cap = int(cap_gb * 1024**3)
+    return min(found, cap) if cap and found else (cap or found)
+
+
+def measure_throughput(factory: BackendFactory, manifest: RunManifest, repeats: int = 2) -> float:
+    """GFLOP/s of a head-stage forward+backward at the run's batch shape (what assignment balances)."""
+    import random
+
+    cfg, train = manifest.model, manifest.train
+    stage = factory.create(cfg, 0, manifest.optim, seed=manifest.seed)
+    b, t = train.batch_size, train.seq_len
+    rng = random.Random(0)
+    ids = [rng.randrange(cfg.vocab_size) for _ in range(b * t)]
+    tokens = RawTensor("I32", (b, t), b"".join(i.to_bytes(4, "little") for i in ids))
+    flops = 3 * forward_flops_per_token(cfg, stage_spec(cfg, 0)) * b * t
+    stage.forward("warmup", {"tokens": tokens})
+    stage.free("warmup")
+    start = time.perf_counter()
+    for i in range(repeats):
+        stage.forward(f"m{i}", {"tokens": tokens})
+        grad = RawTensor("F32", (b, t, cfg.bottleneck_dim), bytes(4 * b * t * cfg.bottleneck_dim))
+        stage.backward(f"m{i}", {"grad": grad})
+    return flops * repeats / max(time.perf_counter() - start, 1e-6) / 1e9
+
+
+def ensure_token(client: Client, opts: JoinOptions, backend: str) -> str:
+    """Use the configured token, or register a new contributor and keep its token in the keyring."""
+    from iota_cli import credentials
+
+    try:
+        source = credentials.resolve_token(opts.token, orchestrator=opts.orchestrator)
+        log.info("using the token from %s", source.source)
+        return source.token
+    except credentials.CredentialsError:
+        pass
+    name = opts.name or platform.node() or "contributor"
+    reply = client.post("/v1/contributors", {"name": name[:64], "backend": backend})
+    token = str(reply["token"])
+    try:
+        credentials.store_token(token, orchestrator=opts.orchestrator)
+        log.info("registered as %s; token stored in the OS keyring", reply["contributor_id"])
+    except credentials.CredentialsError as e:
+        log.warning("registered as %s, but the token is kept for this session only: %s", reply["contributor_id"], e)
+    return token
+
+
+def pick_run(client: Client, run_id: str | None) -> RunManifest:
+    if run_id:
+        return RunManifest.from_dict(client.get(f"/v1/runs/{run_id}")["manifest"])
+    running = [r for r in client.get("/v1/runs") if r["state"] == "running"]
+    if not running:
+        raise JoinError("the orchestrator has no running run", code=output.EXIT_UNAVAILABLE)
+    newest = max(running, key=lambda r: r["created"])
+    return RunManifest.from_dict(newest["manifest"])
+
+
+def restore(
+    backend: StageBackend, assignment: Assignment, store: CheckpointStore, client: Client,
+    cache_dir: Path, contributor_id: str, backend_name: str,
+) -> LoopState:
+    """Resume from the local checkpoint unless the swarm merged past it; then take the swarm's weights."""
+    manifest = RunManifest.from_dict(assignment.manifest)
+    fingerprint = manifest_fingerprint(manifest)
+    ck = store.load_latest(fingerprint=fingerprint)
+    if ck is not None and ck.state.stage == assignment.stage and ck.state.epoch >= assignment.epoch:
+        backend.load(ck.weights, ck.optimizer)
+        log.info("resuming from checkpoint %s (step %d, epoch %d)", ck.path.name, ck.state.step, ck.state.epoch)
+        return LoopState(**{**ck.state.to_dict(), "contributor_id": contributor_id, "backend": backend_name})
+    ref = assignment.weights
+    dest = cache_dir / "weights" / assignment.run_id / f"stage-{assignment.stage}-{ref.sha256[:16]}.safetensors"
+    weights, _ = decode(client.download(ref.url, dest, ref.sha256, ref.size).read_bytes())
+    same_stage = ck is not None and ck.state.stage == assignment.stage
+    backend.load(weights, ck.optimizer if ck is not None and same_stage else None)
+    if ck is not None:
+        log.info("the swarm merged past checkpoint epoch %d: taking its weights (epoch %d)",
+                 ck.state.epoch, assignment.epoch)
+    prior = ck.state if ck is not None and same_stage else None
+    return LoopState(
+        run_id=assignment.run_id,
+        contributor_id=contributor_id,
+        stage=assignment.stage,
+        step=prior.step if prior else 0,
+        backward_passes=prior.backward_passes if prior else 0,
+        epoch=assignment.epoch,
+        credits_seen=prior.credits_seen if prior else 0.0,
+        tokens=prior.tokens if prior else 0,
+        fingerprint=fingerprint,
+        backend=backend_name,
+    )
+
+
+def join(opts: JoinOptions, paths: Paths, stop: threading.Event) -> int:
+    """Join and train until stopped, max_steps, or the run's end; returns the exit status."""
+    from iota_cli.backend import BackendError, select_backend
+    from iota_cli.notify import Notifier
+    from iota_cli.power import KeepAwake, PowerGuard
+    from iota_cli.progress import Progress
+    from iota_cli.worker import LoopOptions, Worker
+
+    failures = preflight(paths, opts.backend)
+    if failures:
+        names = ", ".join(f"{c.name} ({c.found})" for c in failures)
+        if not opts.force:
+            raise JoinError(f"this machine fails the doctor's checks: {names}",
+                            hint="run `iota doctor` for the fixes, or pass --force to join anyway")
+        log.warning("joining despite failed checks (--force): %s", names)
+    try:
+        backend_name, factory = select_backend(opts.backend)
+    except BackendError as e:
+        raise JoinError(str(e), code=output.EXIT_CONFIG) from None
+
+    notifier = Notifier.from_env()
+    awake = KeepAwake.for_pid()
+    awake.start()
+    client = Client(opts.orchestrator, stop=stop, on_wait=lambda m, s: log.warning("%s", m))
+    try:
+        client.token = ensure_token(client, opts, backend_name)
+        while not stop.is_set():
+            manifest = pick_run(client, opts.run_id)
+            notifier.extend_timeout(120)
+            throughput = measure_throughput(factory, manifest)
+            request = {
+                "run_id": opts.run_id, "backend": backend_name, "throughput": throughput,
+                "memory_bytes": memory_budget(backend_name, _settings_cap()),
+            }
+            if opts.stage is not None:
+                request["stage"] = opts.stage
+            assignment = Assignment.model_validate(client.post("/v1/assignment", request))
+            me = client.get("/v1/contributors/me")
+            run_manifest = RunManifest.from_dict(assignment.manifest)
+            backend = factory.create(run_manifest.model, assignment.stage, run_manifest.optim, seed=run_manifest.seed)
+            store = CheckpointStore(paths.data_dir / "checkpoints" / assignment.run_id / f"stage-{assignment.stage}")
+            if opts.fresh:
+                store.discard()
+            state = restore(backend, assignment, store, client, paths.cache_dir, me["contributor_id"], backend_name)
+            kind = stage_spec(run_manifest.model, assignment.stage).kind
+            progress = Progress(f"stage {assignment.stage} {kind}", total=opts.max_steps, notifier=notifier)
+            guard = PowerGuard(allow_battery=opts.allow_battery)
+            worker = Worker(client, backend, assignment, state, store, paths.cache_dir, progress, notifier,
+                            guard, LoopOptions(max_steps=opts.max_steps))
+            client.on_wait = worker.show_wait
+            try:
+                worker.run()
+            finally:
+                progress.close()
+                store.close()
+            if not worker.reassign:
+                break
+    finally:
+        awake.stop()
+        client.close()
+    return output.EXIT_OK
+
+
+def _settings_cap() -> float:
+    from iota_cli import settings
+
+    return settings.load().max_memory_gb

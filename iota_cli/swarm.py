@@ -1,0 +1,266 @@
+"""A whole swarm on one machine: a local orchestrator, a tiny run, and N `iota join` worker processes.
+
+`iota swarm` runs this; the end-to-end tests and benchmarks use it as their harness. The workers are the
+same `iota join` a remote contributor runs, started as subprocesses on loopback with their own IOTA_HOME.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from iota_cli.client import Client
+from iota_cli.manifest import RunManifest, tiny_manifest
+
+
+def default_data() -> str:
+    """The Python standard library's own source: real text present on every machine."""
+    return str(Path(sysconfig.get_paths()["stdlib"]) / "*.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class SwarmOptions:
+    workers: int = 6
+    max_steps: int = 40  # local optimizer steps per replica the run is sized for
+    data: str = ""  # a directory or glob of text files; empty: the standard library's source
+    backends: tuple[str, ...] = ("torch-cpu", "mlx-cpu")  # alternated across workers
+    home: Path | None = None  # orchestrator data and worker homes; None: a fresh temp dir
+    port: int = 0
+    timeout_s: float = 1800.0
+
+
+@dataclass
+class WorkerProcess:
+    index: int
+    stage: int
+    backend: str
+    contributor_id: str
+    token: str
+    home: Path
+    proc: subprocess.Popen[bytes] | None = None
+    log: Any = None
+
+    def start(self, url: str, run_id: str, extra: tuple[str, ...] = ()) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            "IOTA_HOME": str(self.home),
+            "IOTA_TOKEN": self.token,
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1",  # many workers share few cores; one thread each avoids thrashing
+            "TQDM_DISABLE": "1",
+        }
+        cmd = [
+            sys.executable, "-m", "iota_cli", "join", "--orchestrator", url, "--run", run_id,
+            "--backend", self.backend, "--stage", str(self.stage), "--force", *extra,
+        ]
+        self.log = open(self.home / "worker.log", "ab")  # noqa: SIM115 - closed in wait()
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.running():
+            assert self.proc is not None
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int | None:
+        if self.proc is None:
+            return None
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        if self.log:
+            self.log.close()
+        return code
+
+
+@dataclass
+class Swarm:
+    """The processes of a local swarm; start(), then watch() or stop()."""
+
+    options: SwarmOptions
+    home: Path
+    manifest: RunManifest
+    admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    url: str = ""
+    run_id: str = ""
+    server: subprocess.Popen[bytes] | None = None
+    workers: list[WorkerProcess] = field(default_factory=list)
+    started: float = 0.0
+
+    @classmethod
+    def create(cls, options: SwarmOptions, home: Path) -> Swarm:
+        stages = 3
+        replicas = max(1, options.workers // stages)
+        train_k = tiny_manifest("").train.backward_per_step
+        manifest = tiny_manifest(options.data or default_data(),
+                                 max_samples=options.max_steps * train_k * replicas)
+        return cls(options=options, home=home, manifest=manifest)
+
+    def start_server(self) -> None:
+        port = self.options.port or free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        data_dir = self.home / "orchestrator"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "IOTA_ADMIN_TOKEN": self.admin_token, "PYTHONUNBUFFERED": "1"}
+        cmd = [sys.executable, "-m", "iota_cli", "orchestrator", "serve", "--host", "127.0.0.1",
+               "--port", str(port), "--data-dir", str(data_dir)]
+        log = open(self.home / "orchestrator.log", "ab")  # noqa: SIM115 - lives as long as the server
+        self.server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 60
+        with Client(self.url, retries=0) as probe:
+            while True:
+                try:
+                    probe.health(timeout=(1.0, 2.0))
+                    return
+                except Exception:  # noqa: BLE001 - not up yet
+                    if self.server.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"the orchestrator did not start; see {self.home / 'orchestrator.log'}")
+                    time.sleep(0.2)
+
+    def start(self) -> None:
+        """Orchestrator, run, contributors, then the worker processes (stages covered round-robin)."""
+        self.started = time.monotonic()
+        self.start_server()
+        with Client(self.url, self.admin_token) as admin:
+            self.run_id = admin.post("/v1/runs", {"manifest": self.manifest.to_dict()})["run_id"]
+            n_stages = self.manifest.model.n_stages
+            for i in range(self.options.workers):
+                backend = self.options.backends[i % len(self.options.backends)]
+                reply = admin.post("/v1/contributors", {"name": f"worker-{i}", "backend": backend})
+                self.workers.append(WorkerProcess(
+                    index=i, stage=i % n_stages, backend=backend, contributor_id=reply["contributor_id"],
+                    token=reply["token"], home=self.home / f"worker-{i}",
+                ))
+        for w in self.workers:
+            w.start(self.url, self.run_id)
+
+    def status(self) -> dict[str, Any] | None:
+        try:
+            with Client(self.url, retries=0, max_wait_s=2.0) as c:
+                return c.get(f"/v1/runs/{self.run_id}/status", timeout=(1.0, 5.0))
+        except Exception:  # noqa: BLE001 - the display just skips a beat
+            return None
+
+    def any_running(self) -> bool:
+        return any(w.running() for w in self.workers)
+
+    def stop_workers(self, grace_s: float = 30.0) -> dict[int, int | None]:
+        """SIGTERM every worker (they checkpoint and leave), SIGKILL what is left after grace_s."""
+        for w in self.workers:
+            w.signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        codes = {}
+        for w in self.workers:
+            codes[w.index] = w.wait(max(0.1, deadline - time.monotonic()))
+            if codes[w.index] is None:
+                w.signal(signal.SIGKILL)
+                w.wait(5)
+        return codes
+
+    def stop_server(self) -> None:
+        if self.server and self.server.poll() is None:
+            self.server.send_signal(signal.SIGTERM)
+            try:
+                self.server.wait(15)
+            except subprocess.TimeoutExpired:
+                self.server.kill()
+                self.server.wait(5)
+
+    def summary(self, status: dict[str, Any] | None, codes: dict[int, int | None]) -> dict[str, Any]:
+        wall = time.monotonic() - self.started
+        st = status or {}
+        tokens = int(st.get("tokens_processed", 0))
+        by_id = {w.contributor_id: w for w in self.workers}
+        rows = []
+        for stage in st.get("stages", []):
+            for ws in stage["workers"]:
+                w = by_id.get(ws["contributor_id"])
+                rows.append({
+                    "worker": w.index if w else None, "contributor_id": ws["contributor_id"],
+                    "stage": stage["stage"], "backend": ws["backend"], "steps": ws["steps"],
+                    "credits": round(float(ws["credits"]), 3),
+                    "exit_code": codes.get(w.index) if w else None,
+                })
+        return {
+            "run_id": self.run_id, "state": st.get("state"), "tokens": tokens, "wall_s": round(wall, 2),
+            "tokens_per_s": round(tokens / wall, 1) if wall > 0 else 0.0,
+            "first_loss": st.get("first_loss"), "last_loss": st.get("last_loss"),
+            "samples_completed": st.get("samples_completed"), "workers": sorted(rows, key=lambda r: r["worker"] or 0),
+            "home": str(self.home),
+        }
+
+
+def stage_line(stage: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+    """Progress facts of one stage for the display: steps, tokens, loss (tail), credits, state text."""
+    alive = sum(1 for w in stage["workers"] if w["alive"])
+    tail = stage["stage"] == status["n_stages"] - 1
+    return {
+        "step": int(stage["optimizer_steps"]),
+        "tokens": int(status["tokens_processed"]) if tail else 0,
+        "loss": status.get("last_loss") if tail else None,
+        "credits": sum(float(w["credits"]) for w in stage["workers"]),
+        "state": f"{alive}/{len(stage['workers'])} workers, epoch {stage['epoch']}, "
+                 f"queue fwd {stage['queue_forward']} bwd {stage['queue_backward']}",
+    }
+
+
+def watch(swarm: Swarm, stop: threading.Event, interactive: bool | None = None) -> dict[str, Any]:
+    """Show one progress line per stage until the run ends, every worker exits, or stop is set."""
+    from iota_cli.progress import Progress
+
+    kinds = ["head"] + ["body"] * (swarm.manifest.model.n_stages - 2) + ["tail"]
+    bars = [Progress(f"stage {i} {k}", interactive=interactive, interval_s=5.0, position=i)
+            for i, k in enumerate(kinds)]
+    status = None
+    deadline = time.monotonic() + swarm.options.timeout_s
+    try:
+        while not stop.is_set() and swarm.any_running() and time.monotonic() < deadline:
+            status = swarm.status() or status
+            if status:
+                for bar, stage in zip(bars, status["stages"], strict=False):
+                    bar.update(**stage_line(stage, status))
+            stop.wait(1.0)
+    finally:
+        for bar in reversed(bars):
+            bar.close()
+    return status or {}
+
+
+def run_swarm(options: SwarmOptions, stop: threading.Event, interactive: bool | None = None) -> dict[str, Any]:
+    """Start, watch, stop; return the summary (tokens, tokens_per_s, wall_s, first/last loss, workers)."""
+    import tempfile
+
+    home = options.home or Path(tempfile.mkdtemp(prefix="iota-swarm-"))
+    swarm = Swarm.create(options, home)
+    codes: dict[int, int | None] = {}
+    status = None
+    try:
+        swarm.start()
+        status = watch(swarm, stop, interactive)
+    finally:
+        codes = swarm.stop_workers()
+        status = swarm.status() or status
+        swarm.stop_server()
+    return swarm.summary(status, codes)

@@ -1,0 +1,335 @@
+"""The contributor's training loop: pull work, run it on the backend, upload the result, checkpoint.
+
+`iota join` builds a Worker (see join.py) and calls run(). One thread runs the loop and owns the backend;
+a heartbeat thread keeps the lease and brings news (merged weights, merge rounds, dropped samples, the
+run's end). Shutdown (stop event) finishes or abandons the item in flight, checkpoints and leaves.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from iota_cli.backend import StageBackend
+from iota_cli.checkpoint import CheckpointStore, LoopState
+from iota_cli.client import ApiError, Client, ClientError, IntegrityError, Stopped
+from iota_cli.manifest import RunManifest
+from iota_cli.modelspec import stage_spec
+from iota_cli.notify import Notifier
+from iota_cli.power import PowerGuard
+from iota_cli.progress import Progress
+from iota_cli.protocol import Assignment, HeartbeatReply, WorkItem
+from iota_cli.tensors import TensorDict, column_slice, decode, encode
+
+log = logging.getLogger("iota.worker")
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    max_steps: int | None = None  # stop after this many local optimizer steps (None: until the run ends)
+    checkpoint_interval_s: float = 2.0  # at most this much work is lost to a kill -9
+    claim_wait_s: float = 2.0  # long-poll for work this long before asking again
+    pause_poll_s: float = 5.0
+
+
+class Worker:
+    """One stage replica's loop; construct with everything it needs, then call run()."""
+
+    def __init__(
+        self,
+        client: Client,
+        backend: StageBackend,
+        assignment: Assignment,
+        state: LoopState,
+        store: CheckpointStore,
+        cache_dir: Path,
+        progress: Progress,
+        notifier: Notifier,
+        guard: PowerGuard | None = None,
+        options: LoopOptions = LoopOptions(),  # noqa: B008 - frozen
+    ) -> None:
+        self.client, self.backend, self.assignment = client, backend, assignment
+        self.manifest = RunManifest.from_dict(assignment.manifest)
+        self.spec = stage_spec(self.manifest.model, assignment.stage)
+        self.state, self.store, self.cache_dir = state, store, cache_dir
+        self.progress, self.notifier, self.guard, self.options = progress, notifier, guard, options
+        self.stop = client.stop
+        self._news: HeartbeatReply | None = None
+        self._news_lock = threading.Lock()
+        self._display_lock = threading.Lock()
+        self._since_step = 0
+        self._saved: dict[str, tuple[float, int]] = {}  # backend work id -> (when its forward ran, sample)
+        self._merged_epoch = -1  # the last epoch whose merge round we contributed to
+        self._last_checkpoint = time.monotonic()
+        self._loss: float | None = None
+        self._tokens_window: list[tuple[float, int]] = []
+        self.finished = False  # the run ended (as opposed to a stop or max_steps)
+        self.reassign = False
+        self._loop_thread: int | None = None
+        self._done = threading.Event()  # ends the heartbeat thread (stop is the user's)
+
+    # --- the loop ------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Train until stopped, max_steps, or the run ends; always checkpoint and leave on the way out."""
+        self._loop_thread = threading.get_ident()
+        beat = threading.Thread(target=self._heartbeats, name="iota-heartbeat", daemon=True)
+        beat.start()
+        self.notifier.ready(f"stage {self.spec.index} ({self.spec.kind}): training")
+        self._show(state="waiting for work")
+        try:
+            while not self.stop.is_set():
+                self.notifier.watchdog()
+                if self.guard and (reason := self.guard.should_pause()):
+                    self._show(state=reason)
+                    self.stop.wait(self.options.pause_poll_s)
+                    continue
+                self._apply_news()
+                if self.finished or self.reassign or self._reached_max_steps():
+                    break
+                item = self._claim()
+                if item is not None:
+                    self._process(item)
+        except Stopped:
+            pass
+        finally:
+            self._done.set()
+            beat.join(timeout=2.0)
+            self._shutdown()
+
+    def _reached_max_steps(self) -> bool:
+        return self.options.max_steps is not None and self.state.step >= self.options.max_steps
+
+    def _claim(self) -> WorkItem | None:
+        body = {"run_id": self.state.run_id, "wait_s": self.options.claim_wait_s}
+        reply = self.client.request("POST", "/v1/work/claim", json=body)
+        if reply.status == 204:
+            if reply.headers.get("X-Iota-Run-State") == "finished":
+                self.finished = True
+            else:
+                self._show(state="waiting for work")
+                if reply.retry_after:
+                    self.stop.wait(min(reply.retry_after, 5.0))
+            return None
+        return WorkItem.model_validate(reply.data)
+
+    def _process(self, item: WorkItem) -> None:
+        """Run one item; a result the orchestrator no longer wants (409/404) is dropped, not fatal."""
+        key = item.forward_id or item.work_id
+        try:
+            if item.kind == "forward":
+                payload, loss = self._forward(item, key)
+            else:
+                payload, loss = self._backward(item, key)
+            sha, size = None, 0
+            if payload is not None and item.upload is not None:
+                data = encode(payload)
+                sha, size = self.client.upload(item.upload.url, data), len(data)
+            done = self.client.post(
+                f"/v1/work/{item.work_id}/complete", {"sha256": sha, "size": size, "loss": loss}
+            )
+        except Stopped:
+            self._abandon(item, key)
+            raise
+        except IntegrityError as e:
+            log.warning("input of %s failed verification (%s); giving it back", item.work_id, e)
+            self._abandon(item, key)
+            return
+        except ApiError as e:
+            if e.status in (404, 409, 410):
+                log.info("orchestrator dropped %s (%s): %s", item.work_id, e.status, e.detail)
+                self._forget(key)
+                return
+            raise
+        self.state = replace(self.state, credits_seen=float(done["total_credits"]))
+        if item.kind == "backward" or self.spec.kind == "tail":
+            self._count_backward()
+        self._show(state="training")
+
+    def _forward(self, item: WorkItem, key: str) -> tuple[TensorDict | None, float | None]:
+        kind = self.spec.kind
+        if kind == "head":
+            tokens = self._fetch(item.tokens)["tokens"]
+            inputs = {"tokens": column_slice(tokens, 0, -1)}
+        else:
+            inputs = {"activations": self._fetch(item.input)["activations"]}
+        self._expire_saved_state()
+        out = self.backend.forward(key, inputs)
+        self._saved[key] = (time.monotonic(), item.sample_id)
+        b, t = inputs["tokens" if kind == "head" else "activations"].shape[:2]
+        self._add_tokens(b * t)
+        if kind != "tail":
+            return out, None
+        targets = column_slice(self._fetch(item.tokens)["tokens"], 1, None)
+        result = self.backend.backward(key, {"targets": targets})
+        self._saved.pop(key, None)
+        self._loss = result.loss
+        return result.grads, result.loss
+
+    def _backward(self, item: WorkItem, key: str) -> tuple[TensorDict | None, None]:
+        grad = self._fetch(item.input)["grad"]
+        result = self.backend.backward(key, {"grad": grad})
+        self._saved.pop(key, None)
+        return result.grads, None
+
+    def _count_backward(self) -> None:
+        self.state = replace(self.state, backward_passes=self.state.backward_passes + 1)
+        self._since_step += 1
+        if self._since_step < self.manifest.train.backward_per_step:
+            return
+        self.backend.step()
+        self._since_step = 0
+        self.state = replace(self.state, step=self.state.step + 1, since_merge=self.state.since_merge + 1)
+        if time.monotonic() - self._last_checkpoint >= self.options.checkpoint_interval_s:
+            self.checkpoint()
+
+    def _forget(self, key: str) -> None:
+        self.backend.free(key)
+        self._saved.pop(key, None)
+
+    def _abandon(self, item: WorkItem, key: str) -> None:
+        self._forget(key)
+        try:
+            self.client.request("POST", f"/v1/work/{item.work_id}/abandon", wait=False)
+        except ClientError as e:
+            log.info("could not give back %s: %s", item.work_id, e)
+
+    def _expire_saved_state(self) -> None:
+        """Free forwards whose backward will never come (the chain broke downstream)."""
+        horizon = time.monotonic() - 2 * self.manifest.train.work_timeout_s
+        for key in [k for k, (t, _) in self._saved.items() if t < horizon]:
+            self._forget(key)
+
+    def _fetch(self, ref: Any) -> TensorDict:
+        """Download a verified blob into a temp file, decode it, delete the file."""
+        if ref is None:
+            raise ApiError(422, "work item lacks an input it needs")
+        work_dir = self.cache_dir / "work"
+        work_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+            path = self.client.download(ref.url, Path(tmp) / "blob", ref.sha256, ref.size)
+            tensors, _ = decode(path.read_bytes())
+        return tensors
+
+    # --- heartbeats, merged weights and merge rounds ---------------------------------------------------
+
+    def _heartbeats(self) -> None:
+        interval = max(0.2, float(self.assignment.heartbeat_s))
+        while not (self.stop.is_set() or self._done.is_set()):
+            body = {
+                "run_id": self.state.run_id,
+                "stage": self.spec.index,
+                "step": self.state.step,
+                "epoch": self.state.epoch,
+                "tokens_per_s": self._tokens_per_s(),
+            }
+            try:
+                reply = self.client.request("POST", "/v1/heartbeat", json=body, wait=False)
+                with self._news_lock:
+                    self._news = HeartbeatReply.model_validate(reply.data)
+            except Stopped:
+                return
+            except ClientError as e:
+                log.debug("heartbeat missed: %s", e)
+            self._done.wait(interval)
+
+    def _apply_news(self) -> None:
+        with self._news_lock:
+            news, self._news = self._news, None
+        if news is None:
+            return
+        dropped = set(news.drop)
+        for key in [k for k, (_, sample) in self._saved.items() if sample in dropped]:
+            self._forget(key)
+        if news.epoch > self.state.epoch:
+            self._show(state=f"loading merged weights (epoch {news.epoch})")
+            weights = self._fetch(news.weights)
+            # Keep the optimizer state: the merged weights continue this replica's trajectory.
+            self.backend.load(weights, self.backend.optimizer_state())
+            self.state = replace(self.state, epoch=news.epoch, since_merge=0)
+            self.checkpoint()
+        elif news.merge is not None and news.merge.epoch == self.state.epoch:
+            self._contribute(news)
+        if news.run_state == "finished":
+            self.finished = True
+        if news.reassign:
+            self.reassign = True
+
+    def _contribute(self, news: HeartbeatReply) -> None:
+        merge = news.merge
+        assert merge is not None
+        if self._merged_epoch == merge.epoch:
+            return
+        self._show(state=f"merging (epoch {merge.epoch})")
+        data = encode(self.backend.weights())
+        sha = self.client.upload(merge.upload.url, data)
+        body = {
+            "run_id": self.state.run_id,
+            "stage": self.spec.index,
+            "epoch": merge.epoch,
+            "sha256": sha,
+            "size": len(data),
+            "weight": float(max(self.state.since_merge, 1)),
+        }
+        try:
+            self.client.post("/v1/merge/complete", body)
+        except ApiError as e:
+            if e.status != 409:
+                raise
+            log.info("merge round %s closed before our contribution: %s", merge.epoch, e.detail)
+        self._merged_epoch = merge.epoch
+
+    # --- state, display and shutdown -----------------------------------------------------------------
+
+    def checkpoint(self) -> Path:
+        path = self.store.save(self.state, self.backend.weights(), self.backend.optimizer_state())
+        self._last_checkpoint = time.monotonic()
+        return path
+
+    def _shutdown(self) -> None:
+        self.notifier.stopping("checkpointing")
+        self._show(state="checkpointing")
+        for key in list(self._saved):
+            self._forget(key)
+        try:
+            self.checkpoint()
+        except Exception:  # the previous checkpoint is intact; say so and carry on leaving
+            log.exception("final checkpoint failed; the previous one stays valid")
+        try:
+            self.client.request("POST", "/v1/contributors/me/leave", json={}, wait=False)
+        except ClientError as e:
+            log.info("could not tell the orchestrator we are leaving: %s", e)
+        self._show(state="stopped")
+
+    def _add_tokens(self, n: int) -> None:
+        self.state = replace(self.state, tokens=self.state.tokens + n)
+        now = time.monotonic()
+        self._tokens_window = [(t, c) for t, c in self._tokens_window if now - t < 30.0] + [(now, n)]
+
+    def _tokens_per_s(self) -> float:
+        window = list(self._tokens_window)
+        if len(window) < 2:
+            return 0.0
+        span = max(window[-1][0] - window[0][0], 1e-3)
+        return sum(c for _, c in window[1:]) / span
+
+    def _show(self, state: str) -> None:
+        with self._display_lock:
+            self.progress.update(
+                step=self.state.step,
+                tokens=self.state.tokens,
+                loss=self._loss,
+                credits=self.state.credits_seen,
+                state=state,
+            )
+
+    def show_wait(self, message: str, seconds: float) -> None:
+        """The client's on_wait hook: say what we wait for, and keep the watchdog fed while waiting."""
+        if threading.get_ident() == self._loop_thread:  # a hung loop must stop the pings
+            self.notifier.watchdog()
+        self._show(state=message)
