@@ -311,7 +311,11 @@ def _main() -> None:
     cfg = ModelConfig()
     print(f"default config: {cfg.n_layers} layers, d_model {cfg.d_model}, compression {cfg.compression:.0f}x")
     for s in stage_specs(cfg):
-        print(f"  stage {s.index} {s.kind:4s} layers {list(s.layers)} params {param_count(cfg, s):,}")
+        mib = estimate_memory(cfg, s, 8, cfg.context) / 2**20
+        print(
+            f"  stage {s.index} {s.kind:4s} layers {list(s.layers)} params {param_count(cfg, s):,}"
+            f"  memory at batch 8 x {cfg.context}: {mib:,.0f} MiB"
+        )
     print(f"  total params {param_count(cfg):,}")
 
 
