@@ -213,6 +213,9 @@ blobs = Table(
     Column("sha256", String(64), nullable=False),
     Column("size", BigInteger, nullable=False),
     Column("created", Float, nullable=False),
+    # Sealed once accepted (a completed result, a recorded merge contribution, or made here): a sealed
+    # blob never changes; an unsealed upload may be replaced by a corrected one.
+    Column("sealed", Boolean, nullable=False, default=False),
 )
 
 Migration = Callable[[Connection], None]

@@ -113,6 +113,7 @@ def contribute(
     problem = weights.check_tensors(blobs.path(key), want)
     if problem:
         raise Invalid(f"weights rejected: {problem}")
+    conn.execute(update(db.blobs).where(db.blobs.c.key == key).values(sealed=True))
     conn.execute(
         insert(MC).values(
             run_id=ctx.run_id,
@@ -182,7 +183,7 @@ def publish(
         conn.execute(delete(R).where(*where))
     else:
         key, sha, size = stored
-        conn.execute(insert(db.blobs).values(key=key, sha256=sha, size=size, created=now))
+        conn.execute(insert(db.blobs).values(key=key, sha256=sha, size=size, created=now, sealed=True))
         conn.execute(
             update(ST)
             .where(ST.c.run_id == ctx.run_id, ST.c.stage == stage)

@@ -170,7 +170,7 @@ def record(conn: Connection, p: Prepared, now: float) -> str:
             ],
         )
     for s, (key, sha, size) in enumerate(p.weights):
-        conn.execute(insert(db.blobs).values(key=key, sha256=sha, size=size, created=now))
+        conn.execute(insert(db.blobs).values(key=key, sha256=sha, size=size, created=now, sealed=True))
         conn.execute(insert(db.stages).values(run_id=run_id, stage=s, epoch=0, weights_key=key, updated=now))
     with _cache_lock:
         _cache[run_id] = ctx

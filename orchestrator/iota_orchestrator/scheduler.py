@@ -203,7 +203,7 @@ def _new_sample(conn: Connection, ctx: RunCtx, run: Any, head: str, now: float) 
 def _put_blob_row(conn: Connection, key: str, sha: str, size: int, now: float) -> None:
     B = db.blobs
     if conn.execute(select(B.c.key).where(B.c.key == key)).first() is None:
-        conn.execute(insert(B).values(key=key, sha256=sha, size=size, created=now))
+        conn.execute(insert(B).values(key=key, sha256=sha, size=size, created=now, sealed=True))
     else:
         conn.execute(update(B).where(B.c.key == key).values(sha256=sha, size=size, created=now))
 
@@ -310,6 +310,7 @@ def _check_output(
     problem = check_tensors(blobs.path(row.output_key), ctx.expect(name))
     if problem:
         raise Invalid(f"result rejected: {problem}")
+    conn.execute(update(db.blobs).where(db.blobs.c.key == row.output_key).values(sealed=True))
 
 
 def _route_backward(

@@ -14,13 +14,12 @@ RECENT = 50
 
 
 def losses(conn: Connection, run_id: str) -> dict[str, Any]:
+    """Loss history: first/last are means over up to LOSS_WINDOW losses (a third of them when few)."""
     L = db.losses
     n = conn.execute(select(func.count()).select_from(L).where(L.c.run_id == run_id)).scalar_one()
+    k = max(1, min(LOSS_WINDOW, n // 3))
     first = [
-        r[0]
-        for r in conn.execute(
-            select(L.c.loss).where(L.c.run_id == run_id).order_by(L.c.id).limit(LOSS_WINDOW)
-        )
+        r[0] for r in conn.execute(select(L.c.loss).where(L.c.run_id == run_id).order_by(L.c.id).limit(k))
     ]
     recent = [
         r[0]
@@ -28,7 +27,7 @@ def losses(conn: Connection, run_id: str) -> dict[str, Any]:
             select(L.c.loss).where(L.c.run_id == run_id).order_by(L.c.id.desc()).limit(RECENT)
         )
     ][::-1]
-    last = recent[-LOSS_WINDOW:]
+    last = recent[-k:]
     return {
         "losses_reported": int(n),
         "first_loss": sum(first) / len(first) if first else None,

@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 
 from iota_cli.protocol import SHA256_HEADER, Problem
 from iota_orchestrator import db
@@ -64,20 +64,33 @@ async def put_blob(
         async for chunk in request.stream():
             if chunk:
                 sink.write(chunk)
-        existing = await run_in_threadpool(_lookup, state, key)
-        if existing is not None:
-            sink.discard()
-            if existing == (sink.hash.hexdigest(), sink.size) and sha256 == existing[0]:
-                return _stored(200, key, *existing)
-            if sink.hash.hexdigest() != sha256:
-                raise BadRequest("sha256 mismatch: the body does not hash to the header; nothing stored")
-            raise Conflict(f"blob {key} already exists with different content")
-        stored = await run_in_threadpool(sink.finish, key, sha256)
-    except BaseException:
+        status = await run_in_threadpool(_store, state, sink, key, sha256)
+    finally:
         sink.discard()
-        raise
-    await run_in_threadpool(_record, state, key, stored.sha256, stored.size)
-    return _stored(201, key, stored.sha256, stored.size)
+    return _stored(status, key, sha256, sink.size)
+
+
+def _store(state: State, sink: UploadSink, key: str, sha256: str) -> int:
+    """Move the upload into place unless the key holds this very blob (200) or a sealed other one (409)."""
+    got = sink.hash.hexdigest()
+    if got != sha256:
+        raise BadRequest(
+            f"sha256 mismatch: the body hashes to {got}, the header says {sha256}; nothing stored"
+        )
+    B = db.blobs
+    with state.tx() as conn:
+        row = conn.execute(select(B.c.sha256, B.c.size, B.c.sealed).where(B.c.key == key)).first()
+        if row is not None and (row.sha256, row.size) == (sha256, sink.size):
+            return 200
+        if row is not None and row.sealed:
+            raise Conflict(f"blob {key} is sealed (already accepted) with different content")
+        sink.finish(key, sha256)
+        values = {"sha256": sha256, "size": sink.size, "created": time.time()}
+        if row is None:
+            conn.execute(insert(B).values(key=key, sealed=False, **values))
+        else:
+            conn.execute(update(B).where(B.c.key == key).values(**values))
+    return 201
 
 
 def _stored(status: int, key: str, sha: str, size: int) -> Response:
@@ -85,16 +98,11 @@ def _stored(status: int, key: str, sha: str, size: int) -> Response:
     return Response(body, status_code=status, media_type="application/json", headers={SHA256_HEADER: sha})
 
 
-def _lookup(state: State, key: str) -> tuple[str, int] | None:
+def _lookup(state: State, key: str) -> tuple[str, int, bool] | None:
+    B = db.blobs
     with state.tx() as conn:
-        row = conn.execute(select(db.blobs.c.sha256, db.blobs.c.size).where(db.blobs.c.key == key)).first()
-    return (row.sha256, row.size) if row else None
-
-
-def _record(state: State, key: str, sha: str, size: int) -> None:
-    with state.tx() as conn:
-        if conn.execute(select(db.blobs.c.key).where(db.blobs.c.key == key)).first() is None:
-            conn.execute(insert(db.blobs).values(key=key, sha256=sha, size=size, created=time.time()))
+        row = conn.execute(select(B.c.sha256, B.c.size, B.c.sealed).where(B.c.key == key)).first()
+    return (row.sha256, row.size, bool(row.sealed)) if row else None
 
 
 @router.get(
@@ -117,7 +125,7 @@ async def get_blob(key: str, state: StateDep, exp: Exp = None, sig: Sig = None) 
         st = None
     if found is None or st is None:
         raise NotFound(f"no blob {key}")
-    sha, _ = found
+    sha = found[0]
     headers = {"ETag": f'"{sha}"', SHA256_HEADER: sha, "Cache-Control": "private, max-age=3600"}
     return FileResponse(path, stat_result=st, headers=headers, media_type="application/octet-stream")
 

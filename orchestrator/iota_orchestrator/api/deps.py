@@ -58,15 +58,22 @@ async def contributor(state: StateDep, creds: Creds) -> str:
 
 
 async def admin(state: StateDep, creds: Creds) -> None:
+    """Admin routes: 401 without a valid token, 403 for a contributor's token."""
     token = _token(creds)
+    digest = auth.hash_token(token)
 
-    def check() -> bool:
+    def check() -> str | None:
         with state.tx() as conn:
-            return auth.is_admin(conn, token)
+            if auth.is_admin(conn, token):
+                return "admin"
+            C = db.contributors
+            known = conn.execute(select(C.c.contributor_id).where(C.c.token_hash == digest)).first()
+            return "contributor" if known else None
 
-    if not await run_in_threadpool(check):
-        if auth.hash_token(token) in state.token_cache:
-            raise Forbidden("this route needs the admin token")
+    who = await run_in_threadpool(check)
+    if who == "contributor":
+        raise Forbidden("this route needs the admin token")
+    if who is None:
         raise Unauthorized("invalid admin token", CHALLENGE)
 
 
