@@ -80,6 +80,7 @@ class StageContract:
     def test_tensors_in_and_out_have_the_documented_names_shapes_and_dtypes(self):
         cfg = ModelConfig(**{**CFG.to_dict(), "stages": (1, 1, 1), "wire_dtype": "bfloat16"})
         head, body, tail = (self.make(i, cfg) for i in range(3))
+        assert all(isinstance(s, bk.StageBackend) for s in (head, body, tail))
         z = head.forward("w", {"tokens": tokens(1)})
         assert set(z) == {"activations"} and z["activations"].dtype == "BF16"
         assert z["activations"].shape == (B, T, cfg.bottleneck_dim)
