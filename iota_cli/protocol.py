@@ -224,6 +224,7 @@ class MergeCompleteReply(Model):
 class ClaimRequest(Model):
     run_id: Id
     wait_s: float = Field(0.0, ge=0, le=30)  # long-poll: wait up to this long for work before 204
+    claim_id: Id | None = None  # idempotency key: a retry with the same id gets the same item back
 
 
 class WorkItem(Model):

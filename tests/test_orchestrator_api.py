@@ -13,23 +13,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import requests
+from iota_orchestrator.process import OrchestratorProcess, wait_until
+from iota_orchestrator.simworker import SimWorker, write_corpus
 
 from iota_cli.manifest import tiny_manifest
 from iota_cli.tensors import RawTensor, decode, encode
-from iota_orchestrator.process import OrchestratorProcess, wait_until
-from iota_orchestrator.simworker import SimWorker
 
 ADMIN = "admin-token-for-tests"
-
-
-def write_corpus(root):
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "delta", "stage", "merge", "swarm", "token", "loss", "head", "tail"]
-    for i in range(4):
-        text = " ".join(rng.choice(words, 6000)) + "\n"
-        (root / f"doc{i}.txt").write_text(text)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -139,6 +139,7 @@ work = Table(
     Column("state", String(8), nullable=False),  # queued | claimed | done | expired | dropped
     _id("route"),  # backward: the only contributor that may claim it
     _id("worker"),  # who claimed it
+    _id("claim_id"),  # the client's idempotency key: a retried claim gets the same item back
     Column("forward_id", Integer),  # backward: the forward work row on this stage
     Column("input_key", Text),
     Column("output_key", Text),
@@ -153,6 +154,7 @@ work = Table(
     Index("ix_work_deadline", "state", "deadline"),
     Index("ix_work_sample", "run_id", "sample_id"),
     Index("ix_work_notify", "worker", "notify_drop"),
+    Index("ix_work_claim_id", "worker", "claim_id"),
 )
 
 ledger = Table(

@@ -105,9 +105,24 @@ def grant_restart_grace(conn: Connection, now: float) -> None:
 
 
 def claim(
-    conn: Connection, ctx: RunCtx, run: Any, contributor_id: str, stage: int, now: float
+    conn: Connection,
+    ctx: RunCtx,
+    run: Any,
+    contributor_id: str,
+    stage: int,
+    now: float,
+    claim_id: str | None = None,
 ) -> Claimed | None:
-    """The next item for this worker: its routed backward work, then its stage's forward queue."""
+    """The next item for this worker: its routed backward work, then its stage's forward queue.
+
+    A claim repeated with the same claim_id (a retry after a lost answer) gets the same item again.
+    """
+    if claim_id:
+        again = conn.execute(
+            select(W).where(W.c.worker == contributor_id, W.c.claim_id == claim_id, W.c.state == "claimed")
+        ).first()
+        if again is not None:
+            return _claimed(conn, ctx, again, None)
     if run.state != "running":
         return None
     row = conn.execute(
@@ -134,7 +149,12 @@ def claim(
         update(W)
         .where(W.c.id == row.id)
         .values(
-            state="claimed", worker=contributor_id, claimed=now, deadline=now + timeout, output_key=out_key
+            state="claimed",
+            worker=contributor_id,
+            claimed=now,
+            deadline=now + timeout,
+            output_key=out_key,
+            claim_id=claim_id,
         )
     )
     if row.kind == "forward" and row.stage == 0:
@@ -143,7 +163,10 @@ def claim(
             .where(C.c.run_id == ctx.run_id, C.c.sample_id == row.sample_id)
             .values(head_worker=contributor_id)
         )
-    row = conn.execute(select(W).where(W.c.id == row.id)).first()
+    return _claimed(conn, ctx, conn.execute(select(W).where(W.c.id == row.id)).first(), new_tokens)
+
+
+def _claimed(conn: Connection, ctx: RunCtx, row: Any, new_tokens: bytes | None) -> Claimed:
     chain = conn.execute(select(C).where(C.c.run_id == ctx.run_id, C.c.sample_id == row.sample_id)).first()
     input_sha = None
     if row.input_key:

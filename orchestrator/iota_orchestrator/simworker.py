@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
 
@@ -17,6 +18,33 @@ from iota_cli.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION, SHA256_HEADER
 from iota_cli.tensors import DTYPE_CODES, DTYPE_SIZES, RawTensor, decode, encode
 
 TIMEOUT = (5, 60)
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "stage",
+    "merge",
+    "swarm",
+    "token",
+    "loss",
+    "head",
+    "tail",
+    "body",
+    "epoch",
+    "credit",
+]
+
+
+def write_corpus(root: Path, files: int = 4, words: int = 6000, seed: int = 0) -> Path:
+    """Deterministic text files to train on (the orchestrator shards any directory of text)."""
+    import random
+
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        (root / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(words)) + "\n")
+    return root
 
 
 class ProtocolError(RuntimeError):
@@ -99,8 +127,9 @@ class SimWorker:
         }
         return self.call("POST", "/v1/heartbeat", "heartbeat", json=body)
 
-    def claim(self, wait_s: float = 0.0) -> dict[str, Any] | None:
-        r = self.request("POST", "/v1/work/claim", "claim", json={"run_id": self.run_id, "wait_s": wait_s})
+    def claim(self, wait_s: float = 0.0, claim_id: str | None = None) -> dict[str, Any] | None:
+        body = {"run_id": self.run_id, "wait_s": wait_s, "claim_id": claim_id}
+        r = self.request("POST", "/v1/work/claim", "claim", json=body)
         if r.status_code == 204:
             return None
         if r.status_code >= 400:

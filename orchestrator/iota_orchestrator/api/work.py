@@ -93,7 +93,9 @@ def heartbeat(body: Heartbeat, cid: Contributor, state: StateDep) -> HeartbeatRe
     )
 
 
-def _try_claim(state: State, cid: str, run_id: str) -> tuple[WorkItem | None, list[str], str]:
+def _try_claim(
+    state: State, cid: str, run_id: str, claim_id: str | None
+) -> tuple[WorkItem | None, list[str], str]:
     t = now()
     with state.tx() as conn:
         run = runs.get_run(conn, run_id)
@@ -102,7 +104,7 @@ def _try_claim(state: State, cid: str, run_id: str) -> tuple[WorkItem | None, li
         if a is None:
             raise Conflict(f"you have no assignment in run {run_id}; POST /v1/assignment first")
         scheduler.touch(conn, run_id, cid, t)
-        c = scheduler.claim(conn, ctx, run, cid, a.stage, t)
+        c = scheduler.claim(conn, ctx, run, cid, a.stage, t, claim_id)
         keys = [scheduler.worker_key(cid), scheduler.stage_key(run_id, a.stage)]
     if c is None:
         return None, keys, run.state
@@ -127,11 +129,13 @@ def _ensure_tokens(state: State, ctx: runs.RunCtx, c: scheduler.Claimed) -> None
 async def claim(body: ClaimRequest, cid: Contributor, state: StateDep) -> WorkItem | Response:
     """The next work item: routed backward work first, then forward work; 204 when there is none."""
     deadline = time.monotonic() + body.wait_s
-    item, keys, run_state = await run_in_threadpool(_try_claim, state, cid, body.run_id)
+    item, keys, run_state = await run_in_threadpool(_try_claim, state, cid, body.run_id, body.claim_id)
     while item is None and run_state == "running" and (left := deadline - time.monotonic()) > 0:
         ev = state.wake.register(keys)
         try:
-            item, keys, run_state = await run_in_threadpool(_try_claim, state, cid, body.run_id)
+            item, keys, run_state = await run_in_threadpool(
+                _try_claim, state, cid, body.run_id, body.claim_id
+            )
             if item is None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ev.wait(), timeout=left)
