@@ -27,7 +27,7 @@ class MlxFactory:
             import mlx.core as mx
         except ImportError as e:  # bare `pip install mlx` on Linux fails here: libmlx.so has no backend
             return False, f"mlx is not usable ({e}); install 'iota-cli[mlx]'"
-        v = f"mlx {mx.__version__}"
+        v = f"mlx {getattr(mx, '__version__', '?')}"
         if self.device == "gpu" and not mx.metal.is_available():
             return False, f"{v} has no Metal device (needs a Mac with Apple Silicon)"
         return True, v
@@ -41,7 +41,7 @@ class MlxFactory:
         from iota_mlx.stage import MlxStage
 
         if self.device == "gpu":  # keep the working set resident, as mlx-lm does before training
-            mx.set_wired_limit(mx.device_info()["max_recommended_working_set_size"])
+            mx.set_wired_limit(int(mx.device_info()["max_recommended_working_set_size"]))
         return MlxStage(self.name, cfg, stage, optim, self.device, seed)
 
 

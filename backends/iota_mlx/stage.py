@@ -8,6 +8,7 @@ step() or load() in between cannot disturb it. Try it: `pytest tests/test_backen
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import mlx.core as mx
 import numpy as np
@@ -118,7 +119,7 @@ class MlxStage:
             dx = None if head else got[-1].astype(self._wire())
             mx.eval(self._grads, out, *([dx] if dx is not None else []))
         self._n_backward += 1
-        loss = out.item() if tail else None
+        loss = cast(float, out.item()) if tail else None
         return BackwardResult(None if dx is None else {"grad": from_mx(dx)}, loss)
 
     def free(self, work_id: str) -> None:
@@ -136,7 +137,7 @@ class MlxStage:
         b1, b2 = o.betas
         with mx.stream(self.device):
             grads = {n: g / self._n_backward for n, g in self._grads.items()}
-            norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for g in grads.values()))
+            norm = mx.sqrt(mx.stack([(g * g).sum() for g in grads.values()]).sum())
             scale = mx.minimum(o.grad_clip / (norm + 1e-6), 1.0)
             self._step += 1
             bc1, bc2_sqrt = 1 - b1**self._step, (1 - b2**self._step) ** 0.5
@@ -151,7 +152,7 @@ class MlxStage:
             self.params = new  # in-flight work keeps the dict it used
             mx.eval(self.params, self._m, self._v, norm)
         self._zero_grads()
-        return norm.item()
+        return cast(float, norm.item())
 
     def _zero_grads(self) -> None:
         self._grads = {p.name: mx.zeros(p.shape, dtype=mx.float32) for p in self._specs}

@@ -116,6 +116,7 @@ class TorchStage:
                 out = model.loss_fn(self._run(work.weights, x), targets)
             loss, cotangent = float(out.detach()), None
         else:
+            assert work.outputs is not None
             out, cotangent = work.outputs, to_torch(grads["grad"], self.device).float()
         got = torch.autograd.grad(out, wrt, cotangent)
         for n, g in zip(names, got, strict=False):
@@ -172,11 +173,12 @@ class TorchStage:
             {"params": [self.params[n] for n in decay], "names": decay, "weight_decay": o.weight_decay},
             {"params": [self.params[n] for n in rest], "names": rest, "weight_decay": 0.0},
         ]
-        kw = {"lr": o.lr, "betas": o.betas, "eps": o.eps}
         try:
-            return torch.optim.AdamW(groups, fused=True, **kw)
+            return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=True)
         except (RuntimeError, ValueError):  # no fused kernel for this device
-            return torch.optim.AdamW(groups, foreach=self.device.type != "cpu", **kw)
+            return torch.optim.AdamW(
+                groups, lr=o.lr, betas=o.betas, eps=o.eps, foreach=self.device.type != "cpu"
+            )
 
     def _zero_grads(self) -> None:
         self._grads = {

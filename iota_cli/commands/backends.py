@@ -33,8 +33,8 @@ def backends(
         return
     if not infos:
         output.fail("no backends are installed", hint="pip install 'iota-cli[torch]' (or [mlx] on a Mac)")
-    rows = [[i.name, "yes" if i.available else "no", i.detail] for i in infos]
-    output.echo(output.table(["BACKEND", "AVAILABLE", "VERSION OR WHY NOT"], rows))
+    table = [[i.name, "yes" if i.available else "no", i.detail] for i in infos]
+    output.echo(output.table(["BACKEND", "AVAILABLE", "VERSION OR WHY NOT"], table))
     output.echo()
     if auto is None:
         output.echo("auto: none (no Apple Silicon or NVIDIA GPU here); --backend torch-cpu uses the CPU")
