@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import Connection, insert, select, update
 
-from iota_orchestrator import db, scheduler
+from iota_orchestrator import chains, db, lease
 from iota_orchestrator.errors import Conflict, Invalid
 from iota_orchestrator.runs import RunCtx
 
@@ -60,12 +60,12 @@ def assign(
             f"stage {want} needs about {ctx.memory_need[want]:,} bytes, more than {memory_bytes:,}"
         )
     keys: set[str] = set()
-    a = scheduler.assignment(conn, ctx.run_id, contributor_id)
+    a = chains.assignment(conn, ctx.run_id, contributor_id)
     where = (A.c.run_id == ctx.run_id, A.c.contributor_id == contributor_id)
     if a is not None and a.reassign_to is None and want in (None, a.stage):
         conn.execute(update(A).where(*where).values(state="active", last_seen=now))
     elif a is not None:
-        keys = scheduler.release(conn, ctx, contributor_id, now, "left")
+        keys = lease.release(conn, ctx, contributor_id, now, "left")
         conn.execute(
             update(A)
             .where(*where)
@@ -99,7 +99,7 @@ def assign(
                 credits=0.0,
             )
         )
-    return scheduler.assignment(conn, ctx.run_id, contributor_id), keys
+    return chains.assignment(conn, ctx.run_id, contributor_id), keys
 
 
 def rebalance(conn: Connection, ctx: RunCtx) -> None:

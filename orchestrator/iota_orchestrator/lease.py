@@ -1,4 +1,4 @@
-"""Heartbeats: renew a worker's lease, record its progress, and tell it what changed.
+"""Leases: heartbeats renew them, silence past lease_s drops a worker, and a restart grants grace.
 
 The reply carries the stage's current weights epoch (newer than the worker's: load them), a merge round
 to contribute to, whether the orchestrator wants it to move stage, and samples whose chains were dropped.
@@ -6,15 +6,15 @@ to contribute to, whether the orchestrator wants it to move stage, and samples w
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from sqlalchemy import Connection, update
+from sqlalchemy import Connection, select, update
 
-from iota_orchestrator import db, merge, scheduler
+from iota_orchestrator import db, merge
+from iota_orchestrator.chains import A, W, assignment, drop_chain, requeue
 from iota_orchestrator.errors import Conflict
 from iota_orchestrator.runs import RunCtx
-
-A = db.assignments
 
 
 def heartbeat_s(lease_s: float) -> float:
@@ -31,7 +31,7 @@ def beat(
     tokens_per_s: float,
     now: float,
 ) -> dict[str, Any]:
-    a = scheduler.assignment(conn, ctx.run_id, contributor_id)
+    a = assignment(conn, ctx.run_id, contributor_id)
     if a is None:
         raise Conflict(f"you have no assignment in run {ctx.run_id}; POST /v1/assignment first")
     if a.stage != stage:
@@ -50,7 +50,7 @@ def beat(
     conn.execute(
         update(A).where(A.c.run_id == ctx.run_id, A.c.contributor_id == contributor_id).values(**values)
     )
-    a = scheduler.assignment(conn, ctx.run_id, contributor_id)
+    a = assignment(conn, ctx.run_id, contributor_id)
     run = conn.execute(db.runs.select().where(db.runs.c.run_id == ctx.run_id)).first()
     offer = merge.offer(conn, ctx, a, now) if run.state == "running" else None
     return {
@@ -60,5 +60,85 @@ def beat(
         "run_state": run.state,
         "merge": offer,
         "reassign": a.reassign_to is not None,
-        "drop": scheduler.take_drops(conn, ctx.run_id, contributor_id),
+        "drop": take_drops(conn, ctx.run_id, contributor_id),
     }
+
+
+def grant_restart_grace(conn: Connection, now: float) -> None:
+    """After a restart, give live workers a full lease and claimed items a full timeout from now."""
+    conn.execute(update(A).where(A.c.state == "active", A.c.last_seen < now).values(last_seen=now))
+    for run in conn.execute(select(db.runs.c.run_id, db.runs.c.manifest).where(db.runs.c.state == "running")):
+        t = json.loads(run.manifest).get("train", {})
+        timeout, merge_s = float(t.get("work_timeout_s", 60.0)), float(t.get("merge_timeout_s", 60.0))
+        conn.execute(
+            update(W)
+            .where(W.c.run_id == run.run_id, W.c.state == "claimed", W.c.deadline < now + timeout)
+            .values(deadline=now + timeout)
+        )
+        R = db.merge_rounds
+        conn.execute(
+            update(R)
+            .where(R.c.run_id == run.run_id, R.c.state == "open", R.c.deadline < now + merge_s)
+            .values(deadline=now + merge_s)
+        )
+
+
+def release(conn: Connection, ctx: RunCtx, contributor_id: str, now: float, new_state: str) -> set[str]:
+    """A worker leaves or is dropped: re-issue its forward work, discard backward work routed to it."""
+    keys: set[str] = set()
+    for row in conn.execute(
+        select(W).where(
+            W.c.run_id == ctx.run_id,
+            W.c.worker == contributor_id,
+            W.c.state == "claimed",
+            W.c.kind == "forward",
+        )
+    ).all():
+        keys |= requeue(conn, ctx, row, now)
+    for row in conn.execute(
+        select(W.c.sample_id).where(
+            W.c.run_id == ctx.run_id, W.c.route == contributor_id, W.c.state.in_(("queued", "claimed"))
+        )
+    ).all():
+        keys |= drop_chain(conn, ctx, row.sample_id, now)
+    conn.execute(
+        update(A)
+        .where(A.c.run_id == ctx.run_id, A.c.contributor_id == contributor_id)
+        .values(state=new_state)
+    )
+    return keys
+
+
+def expire(conn: Connection, ctx: RunCtx, now: float) -> set[str]:
+    """Drop workers silent past their lease; re-issue (forward) or drop (backward) items past deadline."""
+    keys: set[str] = set()
+    lease = ctx.manifest.train.lease_s
+    silent = conn.execute(
+        select(A.c.contributor_id).where(
+            A.c.run_id == ctx.run_id, A.c.state == "active", A.c.last_seen < now - lease
+        )
+    ).all()
+    for (cid,) in silent:
+        keys |= release(conn, ctx, cid, now, "dropped")
+    late = conn.execute(
+        select(W).where(W.c.state == "claimed", W.c.deadline < now, W.c.run_id == ctx.run_id)
+    ).all()
+    for row in late:
+        keys |= (
+            requeue(conn, ctx, row, now)
+            if row.kind == "forward"
+            else drop_chain(conn, ctx, row.sample_id, now)
+        )
+    return keys
+
+
+def take_drops(conn: Connection, run_id: str, contributor_id: str) -> list[int]:
+    """Sample ids whose chains were dropped since this worker last asked (it frees their saved state)."""
+    rows = conn.execute(
+        select(W.c.id, W.c.sample_id).where(
+            W.c.worker == contributor_id, W.c.notify_drop.is_(True), W.c.run_id == run_id
+        )
+    ).all()
+    if rows:
+        conn.execute(update(W).where(W.c.id.in_([r.id for r in rows])).values(notify_drop=False))
+    return sorted({r.sample_id for r in rows})

@@ -12,7 +12,7 @@ import time
 
 from sqlalchemy import Connection, delete, select, update
 
-from iota_orchestrator import assignment, db, merge, runs, scheduler, weights
+from iota_orchestrator import assignment, chains, db, lease, merge, runs, weights
 from iota_orchestrator.runs import RunCtx
 from iota_orchestrator.state import State
 
@@ -27,7 +27,7 @@ def tick(state: State, now: float | None = None) -> None:
     for run_id in run_ids:
         with state.tx() as conn:
             ctx = runs.context(conn, run_id)
-            keys = scheduler.expire(conn, ctx, now)
+            keys = lease.expire(conn, ctx, now)
             assignment.rebalance(conn, ctx)
             due = merge.due(conn, ctx, now)
         state.wake.notify(keys)
@@ -36,7 +36,7 @@ def tick(state: State, now: float | None = None) -> None:
         with state.tx() as conn:
             finished = finish_check(conn, ctx, now)
         if finished:
-            state.wake.notify(scheduler.stage_key(run_id, s) for s in range(ctx.n_stages))
+            state.wake.notify(chains.stage_key(run_id, s) for s in range(ctx.n_stages))
     collect_garbage(state)
 
 
@@ -67,7 +67,7 @@ def finish_check(conn: Connection, ctx: RunCtx, now: float) -> bool:
     run = runs.get_run(conn, ctx.run_id)
     t = ctx.manifest.train
     exhausted = run.stop_requested or (t.max_samples and run.samples_issued >= t.max_samples)
-    if not exhausted or scheduler.active_chains(conn, ctx.run_id):
+    if not exhausted or chains.active_chains(conn, ctx.run_id):
         return False
     if run.final_merge is None:
         conn.execute(update(db.runs).where(db.runs.c.run_id == ctx.run_id).values(final_merge=now))

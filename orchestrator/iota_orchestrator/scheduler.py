@@ -1,58 +1,38 @@
-"""Work: per-stage queues, claims with deadlines, leases, re-issue, and the chain of one sample.
+"""Work: per-stage queues, claims with deadlines, and moving a sample's chain along as results arrive.
 
-A sample is a chain of items: forward on stage 0..S-1 (the tail also runs its backward), then backward on
-S-2..0, each routed to the worker that ran that stage's forward. Backward work is handed out first.
+Backward work is handed out before forward work, and only to the worker that ran the matching forward.
 Functions here run inside a State.tx() transaction and return wakeup keys for long-polling claims.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, insert, select, update
+from sqlalchemy import Connection, func, insert, select, update
 
 from iota_cli.tensors import RawTensor, encode
 from iota_orchestrator import data, db, ledger
 from iota_orchestrator.blobs import BlobStore
+from iota_orchestrator.chains import (
+    A,
+    C,
+    W,
+    assignment,
+    drop_chain,
+    output_key,
+    parse_work_id,
+    requeue,
+    stage_key,
+    tokens_key,
+    work_id,
+    worker_key,
+)
 from iota_orchestrator.errors import BadRequest, Conflict, Forbidden, Invalid, NotFound
 from iota_orchestrator.runs import RunCtx
 from iota_orchestrator.weights import check_tensors
-
-W, C, A = db.work, db.chains, db.assignments
-WORK_ID = re.compile(r"^w([0-9]{1,18})$")
-
-
-def work_id(row_id: int) -> str:
-    return f"w{row_id}"
-
-
-def parse_work_id(text: str) -> int:
-    m = WORK_ID.match(text)
-    if not m:
-        raise NotFound(f"no work item {text[:40]!r}")
-    return int(m.group(1))
-
-
-def stage_key(run_id: str, stage: int) -> str:
-    return f"s:{run_id}:{stage}"
-
-
-def worker_key(contributor_id: str) -> str:
-    return f"c:{contributor_id}"
-
-
-def tokens_key(run_id: str, sample_id: int) -> str:
-    return f"runs/{run_id}/tokens/{sample_id}.safetensors"
-
-
-def output_key(run_id: str, row: Any, row_id: int) -> str:
-    kind = "act" if row.kind == "forward" else "grad"
-    return f"runs/{run_id}/{kind}/{row.sample_id}/s{row.stage}-{work_id(row_id)}.safetensors"
 
 
 def tokens_blob(ctx: RunCtx, index: int) -> bytes:
@@ -69,10 +49,6 @@ class Claimed:
     new_tokens: bytes | None  # a fresh sample's token blob, to store before answering
 
 
-def assignment(conn: Connection, run_id: str, contributor_id: str) -> Any:
-    return conn.execute(select(A).where(A.c.run_id == run_id, A.c.contributor_id == contributor_id)).first()
-
-
 def touch(conn: Connection, run_id: str, contributor_id: str, now: float) -> None:
     """A worker that talks to us is alive: renew its lease (and revive it if it had been dropped)."""
     conn.execute(
@@ -80,25 +56,6 @@ def touch(conn: Connection, run_id: str, contributor_id: str, now: float) -> Non
         .where(A.c.run_id == run_id, A.c.contributor_id == contributor_id)
         .values(last_seen=now, state="active")
     )
-
-
-def grant_restart_grace(conn: Connection, now: float) -> None:
-    """After a restart, give live workers a full lease and claimed items a full timeout from now."""
-    conn.execute(update(A).where(A.c.state == "active", A.c.last_seen < now).values(last_seen=now))
-    for run in conn.execute(select(db.runs.c.run_id, db.runs.c.manifest).where(db.runs.c.state == "running")):
-        t = json.loads(run.manifest).get("train", {})
-        timeout, merge_s = float(t.get("work_timeout_s", 60.0)), float(t.get("merge_timeout_s", 60.0))
-        conn.execute(
-            update(W)
-            .where(W.c.run_id == run.run_id, W.c.state == "claimed", W.c.deadline < now + timeout)
-            .values(deadline=now + timeout)
-        )
-        R = db.merge_rounds
-        conn.execute(
-            update(R)
-            .where(R.c.run_id == run.run_id, R.c.state == "open", R.c.deadline < now + merge_s)
-            .values(deadline=now + merge_s)
-        )
 
 
 # --- claiming ------------------------------------------------------------------------------------------
@@ -372,130 +329,9 @@ def _route_backward(
     return {worker_key(fwd.worker)}
 
 
-# --- giving work back ----------------------------------------------------------------------------------
-
-
-def drop_chain(conn: Connection, ctx: RunCtx, sample_id: int, now: float) -> set[str]:
-    """Give up on a sample: discard its pending items and tell its workers to free what they saved."""
-    chain = conn.execute(select(C).where(C.c.run_id == ctx.run_id, C.c.sample_id == sample_id)).first()
-    if chain is None or chain.state != "active":
-        return set()
-    conn.execute(
-        update(C)
-        .where(C.c.run_id == ctx.run_id, C.c.sample_id == sample_id)
-        .values(state="dropped", finished=now)
-    )
-    here = and_(W.c.run_id == ctx.run_id, W.c.sample_id == sample_id)
-    conn.execute(update(W).where(here, W.c.state.in_(("queued", "claimed"))).values(state="dropped"))
-    conn.execute(
-        update(W).where(here, W.c.worker.is_not(None), W.c.kind == "forward").values(notify_drop=True)
-    )
-    R = db.runs
-    conn.execute(update(R).where(R.c.run_id == ctx.run_id).values(samples_dropped=R.c.samples_dropped + 1))
-    return {worker_key(chain.head_worker)} if chain.head_worker else set()
-
-
-def requeue(conn: Connection, ctx: RunCtx, row: Any, now: float) -> set[str]:
-    """Re-issue a forward item: the old one is expired (a late result gets 409), a fresh copy is queued."""
-    conn.execute(update(W).where(W.c.id == row.id).values(state="expired"))
-    conn.execute(
-        insert(W).values(
-            run_id=ctx.run_id,
-            sample_id=row.sample_id,
-            stage=row.stage,
-            kind="forward",
-            state="queued",
-            input_key=row.input_key,
-            created=now,
-            notify_drop=False,
-        )
-    )
-    if row.stage == 0:
-        conn.execute(
-            update(C).where(C.c.run_id == ctx.run_id, C.c.sample_id == row.sample_id).values(head_worker=None)
-        )
-    return {stage_key(ctx.run_id, row.stage)}
-
-
 def abandon(conn: Connection, ctx: RunCtx, row: Any, now: float) -> set[str]:
     if row.state != "claimed":
         return set()
     if row.kind == "forward":
         return requeue(conn, ctx, row, now)
     return drop_chain(conn, ctx, row.sample_id, now)
-
-
-def release(conn: Connection, ctx: RunCtx, contributor_id: str, now: float, new_state: str) -> set[str]:
-    """A worker leaves or is dropped: re-issue its forward work, discard backward work routed to it."""
-    keys: set[str] = set()
-    for row in conn.execute(
-        select(W).where(
-            W.c.run_id == ctx.run_id,
-            W.c.worker == contributor_id,
-            W.c.state == "claimed",
-            W.c.kind == "forward",
-        )
-    ).all():
-        keys |= requeue(conn, ctx, row, now)
-    for row in conn.execute(
-        select(W.c.sample_id).where(
-            W.c.run_id == ctx.run_id, W.c.route == contributor_id, W.c.state.in_(("queued", "claimed"))
-        )
-    ).all():
-        keys |= drop_chain(conn, ctx, row.sample_id, now)
-    conn.execute(
-        update(A)
-        .where(A.c.run_id == ctx.run_id, A.c.contributor_id == contributor_id)
-        .values(state=new_state)
-    )
-    return keys
-
-
-def expire(conn: Connection, ctx: RunCtx, now: float) -> set[str]:
-    """Drop workers silent past their lease; re-issue (forward) or drop (backward) items past deadline."""
-    keys: set[str] = set()
-    lease = ctx.manifest.train.lease_s
-    silent = conn.execute(
-        select(A.c.contributor_id).where(
-            A.c.run_id == ctx.run_id, A.c.state == "active", A.c.last_seen < now - lease
-        )
-    ).all()
-    for (cid,) in silent:
-        keys |= release(conn, ctx, cid, now, "dropped")
-    late = conn.execute(
-        select(W).where(W.c.state == "claimed", W.c.deadline < now, W.c.run_id == ctx.run_id)
-    ).all()
-    for row in late:
-        keys |= (
-            requeue(conn, ctx, row, now)
-            if row.kind == "forward"
-            else drop_chain(conn, ctx, row.sample_id, now)
-        )
-    return keys
-
-
-def take_drops(conn: Connection, run_id: str, contributor_id: str) -> list[int]:
-    """Sample ids whose chains were dropped since this worker last asked (it frees their saved state)."""
-    rows = conn.execute(
-        select(W.c.id, W.c.sample_id).where(
-            W.c.worker == contributor_id, W.c.notify_drop.is_(True), W.c.run_id == run_id
-        )
-    ).all()
-    if rows:
-        conn.execute(update(W).where(W.c.id.in_([r.id for r in rows])).values(notify_drop=False))
-    return sorted({r.sample_id for r in rows})
-
-
-def queue_depths(conn: Connection, run_id: str) -> dict[tuple[int, str], int]:
-    rows = conn.execute(
-        select(W.c.stage, W.c.kind, func.count())
-        .where(W.c.run_id == run_id, W.c.state == "queued")
-        .group_by(W.c.stage, W.c.kind)
-    ).all()
-    return {(s, k): n for s, k, n in rows}
-
-
-def active_chains(conn: Connection, run_id: str) -> int:
-    return conn.execute(
-        select(func.count()).select_from(C).where(C.c.run_id == run_id, C.c.state == "active")
-    ).scalar_one()

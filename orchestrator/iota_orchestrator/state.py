@@ -114,8 +114,8 @@ def open_state(config: ServerConfig, admin_from_env: str | None = None, rotate_a
         secret = auth.ensure_secret(conn)
     blobs = BlobStore(config.data_dir / "blobs", secret, fsync=config.sync == "full", ttl_s=config.url_ttl_s)
     state = State(config, engine, blobs)
-    from iota_orchestrator import scheduler
+    from iota_orchestrator import lease
 
     with state.tx() as conn:
-        scheduler.grant_restart_grace(conn, time.time())
+        lease.grant_restart_grace(conn, time.time())
     return Opened(state, token)

@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select
 
-from iota_orchestrator import db, runs, scheduler
+from iota_orchestrator import chains, db, runs
 from iota_orchestrator.runs import RunCtx
 
 LOSS_WINDOW = 5  # first_loss / last_loss average this many tail losses
@@ -45,7 +45,7 @@ def run_status(conn: Connection, ctx: RunCtx) -> dict[str, Any]:
         .where(A.c.run_id == ctx.run_id)
         .order_by(A.c.assigned)
     ).all()
-    depths = scheduler.queue_depths(conn, ctx.run_id)
+    depths = chains.queue_depths(conn, ctx.run_id)
     done = dict(
         ((s, k), n)
         for s, k, n in conn.execute(

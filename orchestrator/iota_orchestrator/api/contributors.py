@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from sqlalchemy import insert, select
 
 from iota_cli.protocol import ContributorInfo, Credits, Ok, Problem, RegisterReply, RegisterRequest
-from iota_orchestrator import auth, db, ledger, runs, scheduler
+from iota_orchestrator import auth, db, lease, ledger, runs
 from iota_orchestrator.api.deps import Contributor, StateDep, now
 from iota_orchestrator.api.urls import assignment_reply
 from iota_orchestrator.errors import NotFound
@@ -64,7 +64,7 @@ def leave(cid: Contributor, state: StateDep) -> Ok:
         for (run_id,) in conn.execute(
             select(A.c.run_id).where(A.c.contributor_id == cid, A.c.state == "active")
         ).all():
-            keys |= scheduler.release(conn, runs.context(conn, run_id), cid, now(), "left")
+            keys |= lease.release(conn, runs.context(conn, run_id), cid, now(), "left")
     state.wake.notify(keys)
     return Ok()
 

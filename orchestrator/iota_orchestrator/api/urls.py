@@ -8,8 +8,9 @@ from sqlalchemy import Connection, select
 
 from iota_cli.protocol import Assignment, BlobRef, UploadRef, WorkItem
 from iota_orchestrator import db, lease, merge
+from iota_orchestrator.chains import work_id
 from iota_orchestrator.runs import RunCtx
-from iota_orchestrator.scheduler import Claimed, work_id
+from iota_orchestrator.scheduler import Claimed
 from iota_orchestrator.state import State
 
 

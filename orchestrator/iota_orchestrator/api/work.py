@@ -25,7 +25,7 @@ from iota_cli.protocol import (
     WorkCompleteReply,
     WorkItem,
 )
-from iota_orchestrator import assignment, db, lease, ledger, merge, runs, scheduler
+from iota_orchestrator import assignment, chains, db, lease, ledger, merge, runs, scheduler
 from iota_orchestrator.api.deps import Contributor, StateDep, now
 from iota_orchestrator.api.urls import assignment_reply, upload_ref, weights_ref, work_item
 from iota_orchestrator.errors import Conflict
@@ -100,12 +100,12 @@ def _try_claim(
     with state.tx() as conn:
         run = runs.get_run(conn, run_id)
         ctx = runs.context(conn, run_id)
-        a = scheduler.assignment(conn, run_id, cid)
+        a = chains.assignment(conn, run_id, cid)
         if a is None:
             raise Conflict(f"you have no assignment in run {run_id}; POST /v1/assignment first")
         scheduler.touch(conn, run_id, cid, t)
         c = scheduler.claim(conn, ctx, run, cid, a.stage, t, claim_id)
-        keys = [scheduler.worker_key(cid), scheduler.stage_key(run_id, a.stage)]
+        keys = [chains.worker_key(cid), chains.stage_key(run_id, a.stage)]
     if c is None:
         return None, keys, run.state
     _ensure_tokens(state, ctx, c)
