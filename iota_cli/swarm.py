@@ -212,13 +212,13 @@ class Swarm:
         }
 
 
-def stage_line(stage: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+def stage_line(stage: dict[str, Any], status: dict[str, Any], tokens_per_item: int) -> dict[str, Any]:
     """Progress facts of one stage for the display: steps, tokens, loss (tail), credits, state text."""
     alive = sum(1 for w in stage["workers"] if w["alive"])
     tail = stage["stage"] == status["n_stages"] - 1
     return {
         "step": int(stage["optimizer_steps"]),
-        "tokens": int(status["tokens_processed"]) if tail else 0,
+        "tokens": int(stage["forward_done"]) * tokens_per_item,
         "loss": status.get("last_loss") if tail else None,
         "credits": sum(float(w["credits"]) for w in stage["workers"]),
         "state": f"{alive}/{len(stage['workers'])} workers, epoch {stage['epoch']}, "
@@ -233,6 +233,7 @@ def watch(swarm: Swarm, stop: threading.Event, interactive: bool | None = None) 
     kinds = ["head"] + ["body"] * (swarm.manifest.model.n_stages - 2) + ["tail"]
     bars = [Progress(f"stage {i} {k}", interactive=interactive, interval_s=5.0, position=i)
             for i, k in enumerate(kinds)]
+    train = swarm.manifest.train
     status = None
     deadline = time.monotonic() + swarm.options.timeout_s
     try:
@@ -240,7 +241,7 @@ def watch(swarm: Swarm, stop: threading.Event, interactive: bool | None = None) 
             status = swarm.status() or status
             if status:
                 for bar, stage in zip(bars, status["stages"], strict=False):
-                    bar.update(**stage_line(stage, status))
+                    bar.update(**stage_line(stage, status, train.batch_size * train.seq_len))
             stop.wait(1.0)
     finally:
         for bar in reversed(bars):

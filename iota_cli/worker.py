@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from iota_cli.backend import StageBackend
+from iota_cli.backend import StageBackend, UnknownWorkId
 from iota_cli.checkpoint import CheckpointStore, LoopState
 from iota_cli.client import ApiError, Client, ClientError, IntegrityError, Stopped
 from iota_cli.manifest import RunManifest
@@ -138,6 +138,11 @@ class Worker:
             raise
         except IntegrityError as e:
             log.warning("input of %s failed verification (%s); giving it back", item.work_id, e)
+            self._abandon(item, key)
+            return
+        except UnknownWorkId:
+            # Backward for a forward this process no longer holds (it restarted): the chain is lost.
+            log.info("no saved forward for %s (lost in a restart); dropping its chain", item.work_id)
             self._abandon(item, key)
             return
         except ApiError as e:
