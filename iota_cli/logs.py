@@ -106,4 +106,6 @@ def setup_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+    # urllib3 logs every quick retry; the client reports outages itself, once per wait.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
     return handler

@@ -118,13 +118,14 @@ class Swarm:
         return cls(options=options, home=home, manifest=manifest)
 
     def start_server(self) -> None:
-        port = self.options.port or free_port()
-        self.url = f"http://127.0.0.1:{port}"
+        if not self.url:  # a restart keeps the port: workers know only this URL
+            self.url = f"http://127.0.0.1:{self.options.port or free_port()}"
+        port = self.url.rsplit(":", 1)[1]
         data_dir = self.home / "orchestrator"
         data_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "IOTA_ADMIN_TOKEN": self.admin_token, "PYTHONUNBUFFERED": "1"}
         cmd = [sys.executable, "-m", "iota_cli", "orchestrator", "serve", "--host", "127.0.0.1",
-               "--port", str(port), "--data-dir", str(data_dir)]
+               "--port", port, "--data-dir", str(data_dir)]
         log = open(self.home / "orchestrator.log", "ab")  # noqa: SIM115 - lives as long as the server
         self.server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True)

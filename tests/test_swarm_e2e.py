@@ -87,7 +87,13 @@ def test_killed_worker_resumes_from_its_checkpoint_while_the_swarm_goes_on(swarm
     wait_for(lambda: checkpoint_step(victim.home) >= 3, 240, 1.0, "the victim's first checkpoints")
     victim.signal(signal.SIGKILL)
     victim.wait(10)
-    step_at_kill = checkpoint_step(victim.home)
+    # Damage the newest checkpoint as a crash during a disk flush might: the older one must be used.
+    files = sorted((victim.home / "data" / "checkpoints").rglob("ckpt-*.safetensors"),
+                   key=lambda p: int(p.stem.split("-")[1]))
+    assert len(files) == 2, files
+    newest = files[-1]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    step_at_kill = int(files[0].stem.split("-")[1])
     before = s.status()["samples_completed"]
     # The other body replica carries the stage: samples keep completing without the victim.
     wait_for(lambda: s.status()["samples_completed"] >= before + 4, 120, 1.0, "progress without the victim")
@@ -96,6 +102,7 @@ def test_killed_worker_resumes_from_its_checkpoint_while_the_swarm_goes_on(swarm
     wait_for(lambda: "resuming from checkpoint" in log.read_text(), 120, 0.5, "the resume message")
     resumed = log.read_text().split("resuming from checkpoint")[1].split("\n")[0]
     assert f"(step {step_at_kill}," in resumed, resumed
+    assert newest.name in log.read_text()  # the corrupt file was named in a warning
     wait_for(lambda: checkpoint_step(victim.home) > step_at_kill, 240, 1.0, "steps after the resume")
     wait_for(lambda: not s.any_running(), 400, 2.0, "the run to finish")
     assert all(w.proc.returncode == 0 for w in s.workers), [w.proc.returncode for w in s.workers]

@@ -65,8 +65,17 @@ def join(
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    from iota_cli.client import ApiError, Stopped, Unreachable
+
     try:
         code = run_join(opts, settings.paths(), stop)
     except JoinError as e:
         output.fail(str(e), hint=e.hint, code=e.code)
+    except Stopped:
+        code = output.EXIT_OK  # stopped while still waiting to join: nothing to save
+    except Unreachable as e:
+        output.fail(str(e), code=output.EXIT_UNAVAILABLE)
+    except ApiError as e:
+        code = output.EXIT_CONFIG if e.status in (401, 403) else output.EXIT_FAIL
+        output.fail(f"the orchestrator refused: {e}", code=code)
     raise typer.Exit(code)
