@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, func, insert, select, update
 
 from iota_orchestrator import db
 from iota_orchestrator.errors import NotFound
@@ -48,8 +48,12 @@ def output_key(run_id: str, row: Any, row_id: int) -> str:
     return f"runs/{run_id}/{kind}/{row.sample_id}/s{row.stage}-{work_id(row_id)}.safetensors"
 
 
+# Hot statements are built once with bind parameters: building a select costs more than running it.
+_ASSIGNMENT = select(A).where(A.c.run_id == bindparam("run"), A.c.contributor_id == bindparam("cid"))
+
+
 def assignment(conn: Connection, run_id: str, contributor_id: str) -> Any:
-    return conn.execute(select(A).where(A.c.run_id == run_id, A.c.contributor_id == contributor_id)).first()
+    return conn.execute(_ASSIGNMENT, {"run": run_id, "cid": contributor_id}).first()
 
 
 def drop_chain(conn: Connection, ctx: RunCtx, sample_id: int, now: float) -> set[str]:

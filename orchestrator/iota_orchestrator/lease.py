@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, bindparam, select, update
 
 from iota_orchestrator import db, merge
 from iota_orchestrator.chains import A, W, assignment, drop_chain, requeue
@@ -19,6 +19,26 @@ from iota_orchestrator.runs import RunCtx
 
 def heartbeat_s(lease_s: float) -> float:
     return round(min(max(lease_s / 3.0, 0.05), 10.0), 3)
+
+
+_TOUCH = (
+    update(A)
+    .where(A.c.run_id == bindparam("run"), A.c.contributor_id == bindparam("cid"))
+    .values(last_seen=bindparam("now"), state="active")
+)
+_RUN_STATE = select(db.runs.c.state).where(db.runs.c.run_id == bindparam("run"))
+_DROPS = select(W.c.id, W.c.sample_id).where(
+    W.c.worker == bindparam("cid"), W.c.notify_drop.is_(True), W.c.run_id == bindparam("run")
+)
+
+
+def touch(conn: Connection, run_id: str, contributor_id: str, now: float) -> None:
+    """A worker that talks to us is alive: renew its lease (and revive it if it had been dropped)."""
+    conn.execute(_TOUCH, {"run": run_id, "cid": contributor_id, "now": now})
+
+
+def run_state(conn: Connection, run_id: str) -> str:
+    return conn.execute(_RUN_STATE, {"run": run_id}).scalar_one()
 
 
 def beat(
@@ -37,27 +57,27 @@ def beat(
     if a.stage != stage:
         raise Conflict(f"you are assigned to stage {a.stage}, not {stage}; POST /v1/assignment again")
     st = merge.stage_row(conn, ctx.run_id, stage)
-    values: dict[str, Any] = {
-        "last_seen": now,
-        "state": "active",
-        "steps": step,
-        "epoch": epoch,
-        "tokens_per_s": tokens_per_s,
-    }
-    if epoch == st.epoch and a.sync_epoch != st.epoch:
+    values: dict[str, Any] = {"steps": step, "epoch": epoch, "tokens_per_s": tokens_per_s}
+    sync_epoch, sync_step = a.sync_epoch, a.sync_step
+    if epoch == st.epoch and sync_epoch != st.epoch:
         # The worker now holds this epoch's weights: count its steps toward the next merge from here.
-        values.update(sync_epoch=st.epoch, sync_step=step)
-    conn.execute(
-        update(A).where(A.c.run_id == ctx.run_id, A.c.contributor_id == contributor_id).values(**values)
+        sync_epoch, sync_step = st.epoch, step
+        values.update(sync_epoch=sync_epoch, sync_step=sync_step)
+    if (a.steps, a.epoch, a.tokens_per_s, a.sync_epoch) != (step, epoch, tokens_per_s, sync_epoch):
+        conn.execute(
+            update(A).where(A.c.run_id == ctx.run_id, A.c.contributor_id == contributor_id).values(**values)
+        )
+    touch(conn, ctx.run_id, contributor_id, now)
+    state = run_state(conn, ctx.run_id)
+    steps_since = step - sync_step if sync_epoch == st.epoch else None
+    offer = (
+        merge.offer(conn, ctx, st, contributor_id, epoch, steps_since, now) if state == "running" else None
     )
-    a = assignment(conn, ctx.run_id, contributor_id)
-    run = conn.execute(db.runs.select().where(db.runs.c.run_id == ctx.run_id)).first()
-    offer = merge.offer(conn, ctx, a, now) if run.state == "running" else None
     return {
         "lease_s": ctx.manifest.train.lease_s,
         "epoch": st.epoch,
         "weights_key": st.weights_key,
-        "run_state": run.state,
+        "run_state": state,
         "merge": offer,
         "reassign": a.reassign_to is not None,
         "drop": take_drops(conn, ctx.run_id, contributor_id),
@@ -134,11 +154,7 @@ def expire(conn: Connection, ctx: RunCtx, now: float) -> set[str]:
 
 def take_drops(conn: Connection, run_id: str, contributor_id: str) -> list[int]:
     """Sample ids whose chains were dropped since this worker last asked (it frees their saved state)."""
-    rows = conn.execute(
-        select(W.c.id, W.c.sample_id).where(
-            W.c.worker == contributor_id, W.c.notify_drop.is_(True), W.c.run_id == run_id
-        )
-    ).all()
+    rows = conn.execute(_DROPS, {"cid": contributor_id, "run": run_id}).all()
     if rows:
         conn.execute(update(W).where(W.c.id.in_([r.id for r in rows])).values(notify_drop=False))
     return sorted({r.sample_id for r in rows})

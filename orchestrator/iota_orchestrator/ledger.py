@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 
 from iota_orchestrator import db
 
@@ -53,10 +53,11 @@ def record(
     )
 
 
+_TOTAL = select(db.contributors.c.credits).where(db.contributors.c.contributor_id == bindparam("cid"))
+
+
 def total(conn: Connection, contributor_id: str) -> float:
-    row = conn.execute(
-        select(db.contributors.c.credits).where(db.contributors.c.contributor_id == contributor_id)
-    ).first()
+    row = conn.execute(_TOTAL, {"cid": contributor_id}).first()
     return float(row[0]) if row else 0.0
 
 

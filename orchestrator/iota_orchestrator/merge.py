@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 
 from iota_orchestrator import db, runs, weights
 from iota_orchestrator.errors import BadRequest, Conflict, Forbidden, Invalid
@@ -21,8 +21,20 @@ from iota_orchestrator.runs import RunCtx
 R, MC, A, ST = db.merge_rounds, db.merge_contribs, db.assignments, db.stages
 
 
+_STAGE = select(ST).where(ST.c.run_id == bindparam("run"), ST.c.stage == bindparam("stage"))
+_ROUND = select(R).where(
+    R.c.run_id == bindparam("run"), R.c.stage == bindparam("stage"), R.c.epoch == bindparam("epoch")
+)
+_CONTRIBUTED = select(MC.c.contributor_id).where(
+    MC.c.run_id == bindparam("run"),
+    MC.c.stage == bindparam("stage"),
+    MC.c.epoch == bindparam("epoch"),
+    MC.c.contributor_id == bindparam("cid"),
+)
+
+
 def stage_row(conn: Connection, run_id: str, stage: int) -> Any:
-    return conn.execute(select(ST).where(ST.c.run_id == run_id, ST.c.stage == stage)).first()
+    return conn.execute(_STAGE, {"run": run_id, "stage": stage}).first()
 
 
 def contrib_key(run_id: str, stage: int, epoch: int, contributor_id: str) -> str:
@@ -30,7 +42,12 @@ def contrib_key(run_id: str, stage: int, epoch: int, contributor_id: str) -> str
 
 
 def get_round(conn: Connection, run_id: str, stage: int, epoch: int) -> Any:
-    return conn.execute(select(R).where(R.c.run_id == run_id, R.c.stage == stage, R.c.epoch == epoch)).first()
+    return conn.execute(_ROUND, {"run": run_id, "stage": stage, "epoch": epoch}).first()
+
+
+def has_contributed(conn: Connection, run_id: str, stage: int, epoch: int, contributor_id: str) -> bool:
+    args = {"run": run_id, "stage": stage, "epoch": epoch, "cid": contributor_id}
+    return conn.execute(_CONTRIBUTED, args).first() is not None
 
 
 def open_round(conn: Connection, ctx: RunCtx, stage: int, epoch: int, now: float) -> Any:
@@ -55,24 +72,34 @@ def _contributed(conn: Connection, run_id: str, stage: int, epoch: int) -> set[s
     return {r[0] for r in rows}
 
 
-def offer(conn: Connection, ctx: RunCtx, a: Any, now: float) -> dict[str, Any] | None:
-    """The merge round this heartbeating replica should contribute to, opening one when it is due."""
-    st = stage_row(conn, ctx.run_id, a.stage)
-    if a.epoch != st.epoch:
+def offer(
+    conn: Connection,
+    ctx: RunCtx,
+    st: Any,
+    contributor_id: str,
+    epoch: int,
+    steps_since: int | None,
+    now: float,
+) -> dict[str, Any] | None:
+    """The merge round a heartbeating replica should contribute to, opening one when it is due.
+
+    st is the stage's row; steps_since counts the replica's optimizer steps since it synced to st.epoch
+    (None when it has not yet).
+    """
+    if epoch != st.epoch:
         return None
-    rnd = get_round(conn, ctx.run_id, a.stage, st.epoch)
+    rnd = get_round(conn, ctx.run_id, st.stage, st.epoch)
     if rnd is None:
-        if a.sync_epoch != st.epoch or a.steps - a.sync_step < ctx.manifest.train.merge_interval:
+        if steps_since is None or steps_since < ctx.manifest.train.merge_interval:
             return None
-        rnd = open_round(conn, ctx, a.stage, st.epoch, now)
-    if rnd.state != "open" or a.contributor_id in _contributed(conn, ctx.run_id, a.stage, st.epoch):
+        rnd = open_round(conn, ctx, st.stage, st.epoch, now)
+    if rnd.state != "open" or has_contributed(conn, ctx.run_id, st.stage, st.epoch, contributor_id):
         return None
-    key = contrib_key(ctx.run_id, a.stage, st.epoch, a.contributor_id)
     return {
-        "stage": a.stage,
+        "stage": st.stage,
         "epoch": st.epoch,
-        "key": key,
-        "max_size": weights.max_weights_size(ctx.cfg, a.stage),
+        "key": contrib_key(ctx.run_id, st.stage, st.epoch, contributor_id),
+        "max_size": weights.max_weights_size(ctx.cfg, st.stage),
         "deadline_s": max(rnd.deadline - now, 0.0),
     }
 
@@ -101,7 +128,7 @@ def contribute(
     rnd = get_round(conn, ctx.run_id, stage, epoch)
     if rnd is None or rnd.state != "open":
         raise Conflict(f"no merge round is open for stage {stage} at epoch {epoch}")
-    if contributor_id in _contributed(conn, ctx.run_id, stage, epoch):
+    if has_contributed(conn, ctx.run_id, stage, epoch, contributor_id):
         return True, st.epoch
     key = contrib_key(ctx.run_id, stage, epoch, contributor_id)
     b = conn.execute(select(db.blobs).where(db.blobs.c.key == key)).first()

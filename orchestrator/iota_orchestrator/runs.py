@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import Connection, bindparam, insert, select
 
 from iota_cli.manifest import RunManifest
 from iota_cli.modelspec import EOS_ID, ModelConfig, forward_flops_per_token, param_count, stage_spec
@@ -200,8 +200,11 @@ def context(conn: Connection, run_id: str) -> RunCtx:
     return ctx
 
 
+_RUN = select(db.runs).where(db.runs.c.run_id == bindparam("run"))
+
+
 def get_run(conn: Connection, run_id: str) -> Any:
-    row = conn.execute(select(db.runs).where(db.runs.c.run_id == run_id)).first()
+    row = conn.execute(_RUN, {"run": run_id}).first()
     if row is None:
         raise NotFound(f"no run {run_id!r}")
     return row

@@ -11,13 +11,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 
 from iota_cli.tensors import RawTensor, encode
 from iota_orchestrator import data, db, ledger
 from iota_orchestrator.blobs import BlobStore
 from iota_orchestrator.chains import (
-    A,
     C,
     W,
     assignment,
@@ -49,16 +48,44 @@ class Claimed:
     new_tokens: bytes | None  # a fresh sample's token blob, to store before answering
 
 
-def touch(conn: Connection, run_id: str, contributor_id: str, now: float) -> None:
-    """A worker that talks to us is alive: renew its lease (and revive it if it had been dropped)."""
-    conn.execute(
-        update(A)
-        .where(A.c.run_id == run_id, A.c.contributor_id == contributor_id)
-        .values(last_seen=now, state="active")
-    )
-
-
 # --- claiming ------------------------------------------------------------------------------------------
+
+
+_AGAIN = select(W).where(
+    W.c.worker == bindparam("cid"), W.c.claim_id == bindparam("claim"), W.c.state == "claimed"
+)
+_ROUTED = (
+    select(W)
+    .where(W.c.route == bindparam("cid"), W.c.state == "queued", W.c.run_id == bindparam("run"))
+    .order_by(W.c.id)
+    .limit(1)
+)
+_QUEUED = (
+    select(W)
+    .where(
+        W.c.run_id == bindparam("run"),
+        W.c.stage == bindparam("stage"),
+        W.c.state == "queued",
+        W.c.kind == "forward",
+    )
+    .order_by(W.c.id)
+    .limit(1)
+)
+_TAKE = (
+    update(W)
+    .where(W.c.id == bindparam("wid"))
+    .values(
+        state="claimed",
+        worker=bindparam("cid"),
+        claimed=bindparam("now"),
+        deadline=bindparam("deadline"),
+        output_key=bindparam("out"),
+        claim_id=bindparam("claim"),
+    )
+)
+_WORK = select(W).where(W.c.id == bindparam("wid"))
+_CHAIN = select(C).where(C.c.run_id == bindparam("run"), C.c.sample_id == bindparam("sample"))
+_BLOB = select(db.blobs).where(db.blobs.c.key == bindparam("key"))
 
 
 def claim(
@@ -75,61 +102,44 @@ def claim(
     A claim repeated with the same claim_id (a retry after a lost answer) gets the same item again.
     """
     if claim_id:
-        again = conn.execute(
-            select(W).where(W.c.worker == contributor_id, W.c.claim_id == claim_id, W.c.state == "claimed")
-        ).first()
+        again = conn.execute(_AGAIN, {"cid": contributor_id, "claim": claim_id}).first()
         if again is not None:
             return _claimed(conn, ctx, again, None)
     if run.state != "running":
         return None
-    row = conn.execute(
-        select(W)
-        .where(W.c.route == contributor_id, W.c.state == "queued", W.c.run_id == ctx.run_id)
-        .order_by(W.c.id)
-        .limit(1)
-    ).first()
+    row = conn.execute(_ROUTED, {"cid": contributor_id, "run": ctx.run_id}).first()
     if row is None:
-        row = conn.execute(
-            select(W)
-            .where(W.c.run_id == ctx.run_id, W.c.stage == stage, W.c.state == "queued", W.c.kind == "forward")
-            .order_by(W.c.id)
-            .limit(1)
-        ).first()
+        row = conn.execute(_QUEUED, {"run": ctx.run_id, "stage": stage}).first()
     new_tokens = None
     if row is None and stage == 0:
         row, new_tokens = _new_sample(conn, ctx, run, contributor_id, now)
     if row is None:
         return None
-    timeout = ctx.manifest.train.work_timeout_s
     out_key = None if (row.kind == "backward" and row.stage == 0) else output_key(ctx.run_id, row, row.id)
-    conn.execute(
-        update(W)
-        .where(W.c.id == row.id)
-        .values(
-            state="claimed",
-            worker=contributor_id,
-            claimed=now,
-            deadline=now + timeout,
-            output_key=out_key,
-            claim_id=claim_id,
-        )
-    )
+    deadline = now + ctx.manifest.train.work_timeout_s
+    args = {
+        "wid": row.id,
+        "cid": contributor_id,
+        "now": now,
+        "deadline": deadline,
+        "out": out_key,
+        "claim": claim_id,
+    }
+    conn.execute(_TAKE, args)
     if row.kind == "forward" and row.stage == 0:
         conn.execute(
             update(C)
             .where(C.c.run_id == ctx.run_id, C.c.sample_id == row.sample_id)
             .values(head_worker=contributor_id)
         )
-    return _claimed(conn, ctx, conn.execute(select(W).where(W.c.id == row.id)).first(), new_tokens)
+    return _claimed(conn, ctx, conn.execute(_WORK, {"wid": row.id}).first(), new_tokens)
 
 
 def _claimed(conn: Connection, ctx: RunCtx, row: Any, new_tokens: bytes | None) -> Claimed:
-    chain = conn.execute(select(C).where(C.c.run_id == ctx.run_id, C.c.sample_id == row.sample_id)).first()
+    chain = conn.execute(_CHAIN, {"run": ctx.run_id, "sample": row.sample_id}).first()
     input_sha = None
     if row.input_key:
-        b = conn.execute(
-            select(db.blobs.c.sha256, db.blobs.c.size).where(db.blobs.c.key == row.input_key)
-        ).first()
+        b = conn.execute(_BLOB, {"key": row.input_key}).first()
         input_sha = (b.sha256, b.size) if b else None
     return Claimed(row, chain, input_sha, new_tokens)
 
@@ -192,7 +202,7 @@ def _put_blob_row(conn: Connection, key: str, sha: str, size: int, now: float) -
 
 
 def load_item(conn: Connection, wid: str, contributor_id: str) -> Any:
-    row = conn.execute(select(W).where(W.c.id == parse_work_id(wid))).first()
+    row = conn.execute(_WORK, {"wid": parse_work_id(wid)}).first()
     if row is None:
         raise NotFound(f"no work item {wid!r}")
     if row.worker != contributor_id:
@@ -282,7 +292,7 @@ def _check_output(
 ) -> None:
     if sha is None:
         raise BadRequest("sha256 of the uploaded result is required")
-    b = conn.execute(select(db.blobs).where(db.blobs.c.key == row.output_key)).first()
+    b = conn.execute(_BLOB, {"key": row.output_key}).first()
     if b is None:
         raise BadRequest("no result uploaded yet: PUT it to the item's upload URL first")
     if b.sha256 != sha or b.size != size:

@@ -19,7 +19,7 @@ router = APIRouter(
 
 
 @router.post("/contributors", response_model=RegisterReply, status_code=201)
-def register(body: RegisterRequest, state: StateDep) -> RegisterReply:
+async def register(body: RegisterRequest, state: StateDep) -> RegisterReply:
     """Register a device; the token is returned only here and stored hashed."""
     cid = "c-" + secrets.token_hex(6)
     token = auth.new_token("iota")
@@ -40,7 +40,7 @@ def register(body: RegisterRequest, state: StateDep) -> RegisterReply:
 
 
 @router.get("/contributors/me", response_model=ContributorInfo)
-def me(cid: Contributor, state: StateDep) -> ContributorInfo:
+async def me(cid: Contributor, state: StateDep) -> ContributorInfo:
     A = db.assignments
     with state.tx() as conn:
         c = conn.execute(select(db.contributors).where(db.contributors.c.contributor_id == cid)).first()
@@ -56,7 +56,7 @@ def me(cid: Contributor, state: StateDep) -> ContributorInfo:
 
 
 @router.post("/contributors/me/leave", response_model=Ok)
-def leave(cid: Contributor, state: StateDep) -> Ok:
+async def leave(cid: Contributor, state: StateDep) -> Ok:
     """The worker is shutting down: re-issue its forward work now, keep its (sticky) assignment."""
     A = db.assignments
     keys: set[str] = set()
@@ -70,7 +70,7 @@ def leave(cid: Contributor, state: StateDep) -> Ok:
 
 
 @router.get("/contributors/{contributor_id}/credits", response_model=Credits)
-def credits(contributor_id: str, state: StateDep) -> dict:
+async def credits(contributor_id: str, state: StateDep) -> dict:
     with state.tx() as conn:
         row = conn.execute(
             select(db.contributors.c.contributor_id).where(db.contributors.c.contributor_id == contributor_id)

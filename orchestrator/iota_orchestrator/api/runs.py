@@ -14,7 +14,7 @@ router = APIRouter(prefix="/v1", responses={400: {"model": Problem}, 404: {"mode
 
 
 @router.get("/health", response_model=Health, tags=["meta"])
-def health() -> Health:
+async def health() -> Health:
     return Health(version=__version__)
 
 
@@ -39,19 +39,19 @@ async def create_run(body: RunCreate, state: StateDep) -> RunCreated:
 
 
 @router.get("/runs", response_model=list[RunInfo], tags=["runs"])
-def list_runs(state: StateDep) -> list[dict]:
+async def list_runs(state: StateDep) -> list[dict]:
     with state.tx() as conn:
         return runs.list_runs(conn)
 
 
 @router.get("/runs/{run_id}", response_model=RunInfo, tags=["runs"])
-def get_run(run_id: str, state: StateDep) -> dict:
+async def get_run(run_id: str, state: StateDep) -> dict:
     with state.tx() as conn:
         return runs.info(runs.get_run(conn, run_id))
 
 
 @router.get("/runs/{run_id}/status", response_model=RunStatus, tags=["runs"])
-def run_status(run_id: str, state: StateDep) -> dict:
+async def run_status(run_id: str, state: StateDep) -> dict:
     with state.tx() as conn:
         return status.run_status(conn, runs.context(conn, run_id))
 
@@ -63,7 +63,7 @@ def run_status(run_id: str, state: StateDep) -> dict:
     tags=["runs"],
     responses={401: {"model": Problem}, 403: {"model": Problem}},
 )
-def stop_run(run_id: str, state: StateDep) -> dict:
+async def stop_run(run_id: str, state: StateDep) -> dict:
     """Issue no new samples; the run finishes once the pipeline drains."""
     with state.tx() as conn:
         runs.get_run(conn, run_id)

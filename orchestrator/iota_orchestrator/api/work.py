@@ -7,7 +7,6 @@ import contextlib
 import time
 
 from fastapi import APIRouter, Response
-from fastapi.concurrency import run_in_threadpool
 
 from iota_cli.protocol import (
     RUN_STATE_HEADER,
@@ -46,7 +45,7 @@ RETRY_S = "1"
 
 
 @router.post("/assignment", response_model=Assignment)
-def assign(body: AssignmentRequest, cid: Contributor, state: StateDep) -> Assignment:
+async def assign(body: AssignmentRequest, cid: Contributor, state: StateDep) -> Assignment:
     """The stage this worker trains: sticky across reconnects, balanced by throughput, fitting memory."""
     with state.tx() as conn:
         run_id = body.run_id or runs.newest_running(conn)
@@ -67,7 +66,7 @@ def assign(body: AssignmentRequest, cid: Contributor, state: StateDep) -> Assign
 
 
 @router.post("/heartbeat", response_model=HeartbeatReply)
-def heartbeat(body: Heartbeat, cid: Contributor, state: StateDep) -> HeartbeatReply:
+async def heartbeat(body: Heartbeat, cid: Contributor, state: StateDep) -> HeartbeatReply:
     """Renew the lease; learn the stage's weights epoch, merge rounds, moves and dropped samples."""
     with state.tx() as conn:
         ctx = runs.context(conn, body.run_id)
@@ -103,7 +102,7 @@ def _try_claim(
         a = chains.assignment(conn, run_id, cid)
         if a is None:
             raise Conflict(f"you have no assignment in run {run_id}; POST /v1/assignment first")
-        scheduler.touch(conn, run_id, cid, t)
+        lease.touch(conn, run_id, cid, t)
         c = scheduler.claim(conn, ctx, run, cid, a.stage, t, claim_id)
         keys = [chains.worker_key(cid), chains.stage_key(run_id, a.stage)]
     if c is None:
@@ -129,13 +128,11 @@ def _ensure_tokens(state: State, ctx: runs.RunCtx, c: scheduler.Claimed) -> None
 async def claim(body: ClaimRequest, cid: Contributor, state: StateDep) -> WorkItem | Response:
     """The next work item: routed backward work first, then forward work; 204 when there is none."""
     deadline = time.monotonic() + body.wait_s
-    item, keys, run_state = await run_in_threadpool(_try_claim, state, cid, body.run_id, body.claim_id)
+    item, keys, run_state = _try_claim(state, cid, body.run_id, body.claim_id)
     while item is None and run_state == "running" and (left := deadline - time.monotonic()) > 0:
         ev = state.wake.register(keys)
         try:
-            item, keys, run_state = await run_in_threadpool(
-                _try_claim, state, cid, body.run_id, body.claim_id
-            )
+            item, keys, run_state = _try_claim(state, cid, body.run_id, body.claim_id)
             if item is None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ev.wait(), timeout=left)
@@ -147,7 +144,7 @@ async def claim(body: ClaimRequest, cid: Contributor, state: StateDep) -> WorkIt
 
 
 @router.post("/work/{work_id}/complete", response_model=WorkCompleteReply)
-def complete(work_id: str, body: WorkComplete, cid: Contributor, state: StateDep) -> WorkCompleteReply:
+async def complete(work_id: str, body: WorkComplete, cid: Contributor, state: StateDep) -> WorkCompleteReply:
     """Report a finished item whose result is uploaded; credits it once, however often it is repeated."""
     with state.tx() as conn:
         row = scheduler.load_item(conn, work_id, cid)
@@ -161,7 +158,7 @@ def complete(work_id: str, body: WorkComplete, cid: Contributor, state: StateDep
 
 
 @router.post("/work/{work_id}/abandon", response_model=Ok)
-def abandon(work_id: str, cid: Contributor, state: StateDep) -> Ok:
+async def abandon(work_id: str, cid: Contributor, state: StateDep) -> Ok:
     """Give an item back: forward work is re-queued for another worker, backward work is dropped."""
     with state.tx() as conn:
         row = scheduler.load_item(conn, work_id, cid)
@@ -171,7 +168,7 @@ def abandon(work_id: str, cid: Contributor, state: StateDep) -> Ok:
 
 
 @router.post("/merge/complete", response_model=MergeCompleteReply)
-def merge_complete(body: MergeComplete, cid: Contributor, state: StateDep) -> MergeCompleteReply:
+async def merge_complete(body: MergeComplete, cid: Contributor, state: StateDep) -> MergeCompleteReply:
     """Report weights uploaded for the stage's open merge round (409 if the epoch moved on)."""
     with state.tx() as conn:
         ctx = runs.context(conn, body.run_id)

@@ -1,0 +1,238 @@
+"""Load on one orchestrator process: N simulated workers on loopback, requests/s and latency per endpoint.
+
+Run: .venv/bin/python bench/orchestrator_load.py [--workers 100] [--duration 20] [--sync normal|full]
+     [--url URL --admin-token T]   (against a running orchestrator instead of a fresh one)
+
+Each simulated worker does what `iota join` does, with stand-in tensors of the right shapes: register,
+assignment, then a loop of claim -> download inputs -> upload result -> complete, a heartbeat every
+heartbeat_s, and a 1 s pause after a 204 (Retry-After). The workers are asyncio tasks over keep-alive
+connections with a minimal HTTP/1.1 client, so a thousand of them cost little CPU next to the server.
+Prints, per endpoint: requests, requests/s, p50 and p99 latency in ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import random
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from iota_orchestrator.process import OrchestratorProcess
+from iota_orchestrator.simworker import write_corpus
+
+from iota_cli.manifest import tiny_manifest
+from iota_cli.tensors import RawTensor, encode
+
+LAT: dict[str, list[float]] = defaultdict(list)
+ERRORS: dict[str, int] = defaultdict(int)
+
+
+class Conn:
+    """One keep-alive HTTP/1.1 connection; enough for an API that always sends Content-Length."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(
+        self, method: str, path: str, body: bytes = b"", headers: dict | None = None, name: str = ""
+    ):
+        for attempt in range(2):
+            try:
+                if self.writer is None:
+                    self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+                t0 = time.perf_counter()
+                head = [
+                    f"{method} {path} HTTP/1.1",
+                    f"Host: {self.host}",
+                    f"Content-Length: {len(body)}",
+                    "X-Iota-Protocol: 1",
+                ]
+                head += [f"{k}: {v}" for k, v in (headers or {}).items()]
+                self.writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+                await self.writer.drain()
+                status = int((await self.reader.readline()).split()[1])
+                length, close = 0, False
+                while (line := await self.reader.readline()) not in (b"\r\n", b""):
+                    k, _, v = line.decode("latin-1").partition(":")
+                    k = k.strip().lower()
+                    if k == "content-length":
+                        length = int(v)
+                    elif k == "connection" and "close" in v.lower():
+                        close = True
+                data = await self.reader.readexactly(length) if length else b""
+                if name:
+                    LAT[name].append(time.perf_counter() - t0)
+                if close:
+                    self.close()
+                return status, data
+            except (OSError, asyncio.IncompleteReadError, IndexError, ValueError):
+                self.close()
+                if attempt:
+                    ERRORS[name or path] += 1
+                    return 599, b""
+        return 599, b""
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+class Worker:
+    def __init__(self, host: str, port: int, run_id: str, index: int) -> None:
+        # Two connections, as the real worker has: its main loop and its heartbeat thread.
+        self.conn, self.beat = Conn(host, port), Conn(host, port)
+        self.run_id, self.index = run_id, index
+        self.auth: dict[str, str] = {}
+        self.items = 0
+
+    async def call(
+        self, method: str, path: str, body: object = None, name: str = "", conn: Conn | None = None
+    ):
+        raw = json.dumps(body).encode() if body is not None else b""
+        headers = {"Content-Type": "application/json", **self.auth}
+        status, data = await (conn or self.conn).request(method, path, raw, headers, name)
+        return status, (json.loads(data) if data else None)
+
+    async def start(self) -> None:
+        caps = {"backend": "sim", "memory_bytes": 0, "throughput": random.uniform(50, 150)}
+        _, reg = await self.call("POST", "/v1/contributors", {"name": f"sim{self.index}", **caps}, "register")
+        self.auth = {"Authorization": f"Bearer {reg['token']}"}
+        _, a = await self.call("POST", "/v1/assignment", {"run_id": self.run_id, **caps}, "assignment")
+        self.a = a
+        m = a["manifest"]
+        shape = (m["train"]["batch_size"], m["train"]["seq_len"], m["model"]["bottleneck_dim"])
+        n = shape[0] * shape[1] * shape[2] * 4
+        self.blobs = {k: encode({k: RawTensor("F32", shape, bytes(n))}) for k in ("activations", "grad")}
+
+    async def heartbeats(self, until: float) -> None:
+        await asyncio.sleep(random.uniform(0, self.a["heartbeat_s"]))
+        while time.monotonic() < until:
+            body = {"run_id": self.run_id, "stage": self.a["stage"], "step": self.items // 4, "epoch": 0}
+            await self.call("POST", "/v1/heartbeat", body, "heartbeat", self.beat)
+            await asyncio.sleep(min(self.a["heartbeat_s"], max(until - time.monotonic(), 0)))
+
+    async def work(self, until: float) -> None:
+        last = self.a["n_stages"] - 1
+        while time.monotonic() < until:
+            status, item = await self.call("POST", "/v1/work/claim", {"run_id": self.run_id}, "claim")
+            if status != 200:
+                await asyncio.sleep(random.uniform(0.5, 1.0))
+                continue
+            for ref in (item.get("tokens"), item.get("input")):
+                if ref:
+                    await self.conn.request("GET", ref["url"], name="blob_get")
+            tail = item["kind"] == "forward" and item["stage"] == last
+            body: dict = {"sha256": None, "size": 0, "loss": 3.0 if tail else None}
+            if item["upload"]:
+                data = self.blobs["activations" if item["kind"] == "forward" and not tail else "grad"]
+                sha = hashlib.sha256(data).hexdigest()
+                await self.conn.request(
+                    "PUT", item["upload"]["url"], data, {"X-Iota-Sha256": sha}, "blob_put"
+                )
+                body.update(sha256=sha, size=len(data))
+            status, _ = await self.call("POST", f"/v1/work/{item['work_id']}/complete", body, "complete")
+            self.items += status == 200
+
+
+async def drive(url: str, run_id: str, n: int, duration: float) -> dict:
+    parts = urlsplit(url)
+    workers = [Worker(parts.hostname, parts.port, run_id, i) for i in range(n)]
+    gate = asyncio.Semaphore(50)
+
+    async def start(w: Worker) -> None:
+        async with gate:
+            await w.start()
+
+    await asyncio.gather(*(start(w) for w in workers))
+    for name in ("register", "assignment"):
+        LAT.pop(name, None)
+    t0 = time.monotonic()
+    until = t0 + duration
+    tasks = [asyncio.create_task(w.heartbeats(until)) for w in workers]
+    tasks += [asyncio.create_task(w.work(until)) for w in workers]
+    await asyncio.gather(*tasks)
+    return {"elapsed": time.monotonic() - t0, "items": sum(w.items for w in workers)}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def report(n: int, res: dict, status: dict) -> None:
+    elapsed = res["elapsed"]
+    total = sum(len(v) for v in LAT.values())
+    rps, ips = total / elapsed, res["items"] / elapsed
+    print(
+        f"{n} workers, {elapsed:.1f} s: {rps:.0f} requests/s, {ips:.0f} items/s, "
+        f"{status['tokens_processed'] / elapsed:.0f} tokens/s, samples done {status['samples_completed']}, "
+        f"errors {dict(ERRORS) or 0}"
+    )
+    print(f"{'endpoint':12s} {'requests':>9s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s}")
+    for name in ("claim", "complete", "heartbeat", "blob_put", "blob_get"):
+        xs = sorted(LAT.get(name, []))
+        if not xs:
+            continue
+        p50, p99 = statistics.median(xs) * 1e3, xs[min(len(xs) - 1, int(0.99 * len(xs)))] * 1e3
+        print(f"{name:12s} {len(xs):9d} {len(xs) / elapsed:8.0f} {p50:8.1f} {p99:8.1f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workers", type=int, default=100)
+    p.add_argument("--duration", type=float, default=20.0)
+    p.add_argument("--sync", choices=["normal", "full"], default="normal")
+    p.add_argument("--url", help="use this running orchestrator (needs --admin-token)")
+    p.add_argument("--admin-token", default="bench-admin")
+    a = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = write_corpus(Path(tmp) / "text", files=8, words=20000)
+        m = tiny_manifest(str(corpus))
+        m = replace(m, train=replace(m.train, lease_s=15.0, work_timeout_s=60.0, merge_interval=1_000_000))
+        orch = None
+        if a.url is None:
+            orch = OrchestratorProcess(Path(tmp) / "data", admin_token=a.admin_token, sync=a.sync).start()
+        url = a.url or orch.url
+        try:
+            import requests
+
+            r = requests.post(
+                f"{url}/v1/runs",
+                json={"manifest": m.to_dict()},
+                headers={"Authorization": f"Bearer {a.admin_token}"},
+                timeout=60,
+            )
+            r.raise_for_status()
+            run_id = r.json()["run_id"]
+            cpu0 = cpu_seconds(orch.pid) if orch else None
+            res = asyncio.run(drive(url, run_id, a.workers, a.duration))
+            status = requests.get(f"{url}/v1/runs/{run_id}/status", timeout=60).json()
+            print(f"orchestrator {url} (sync={a.sync}), run {run_id}")
+            report(a.workers, res, status)
+            if cpu0 is not None:
+                used = cpu_seconds(orch.pid) - cpu0
+                share = 100 * used / res["elapsed"]
+                print(
+                    f"server process CPU: {used:.1f} s over {res['elapsed']:.1f} s ({share:.0f}% of a core)"
+                )
+        finally:
+            if orch is not None:
+                orch.stop()
+
+
+if __name__ == "__main__":
+    main()
