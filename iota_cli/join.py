@@ -179,7 +179,7 @@ def join(opts: JoinOptions, paths: Paths, stop: threading.Event) -> int:
     except BackendError as e:
         raise JoinError(str(e), code=output.EXIT_CONFIG) from None
 
-    notifier = Notifier.from_env()
+    notifier = Notifier.from_env(unset=True)  # children (systemd-inhibit) must not notify for us
     awake = KeepAwake.for_pid()
     awake.start()
     client = Client(opts.orchestrator, stop=stop, on_wait=lambda m, s: log.warning("%s", m))
@@ -206,8 +206,11 @@ def join(opts: JoinOptions, paths: Paths, stop: threading.Event) -> int:
             kind = stage_spec(run_manifest.model, assignment.stage).kind
             progress = Progress(f"stage {assignment.stage} {kind}", total=opts.max_steps, notifier=notifier)
             guard = PowerGuard(allow_battery=opts.allow_battery)
+            # The loop pings the watchdog once per iteration, so no wait inside it may outlast a ping interval.
+            wait = min(2.0, notifier.watchdog_s / 2) if notifier.watchdog_s else 2.0
+            loop = LoopOptions(max_steps=opts.max_steps, claim_wait_s=wait, pause_poll_s=wait)
             worker = Worker(client, backend, assignment, state, store, paths.cache_dir, progress, notifier,
-                            guard, LoopOptions(max_steps=opts.max_steps))
+                            guard, loop)
             client.on_wait = worker.show_wait
             try:
                 worker.run()

@@ -55,6 +55,7 @@ class WorkerProcess:
     home: Path
     proc: subprocess.Popen[bytes] | None = None
     log: Any = None
+    env: dict[str, str] = field(default_factory=dict)  # extra environment (tests: NOTIFY_SOCKET)
 
     def start(self, url: str, run_id: str, extra: tuple[str, ...] = ()) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -65,6 +66,7 @@ class WorkerProcess:
             "PYTHONUNBUFFERED": "1",
             "OMP_NUM_THREADS": "1",  # many workers share few cores; one thread each avoids thrashing
             "TQDM_DISABLE": "1",
+            **self.env,
         }
         cmd = [
             sys.executable, "-m", "iota_cli", "join", "--orchestrator", url, "--run", run_id,
@@ -142,6 +144,11 @@ class Swarm:
 
     def start(self) -> None:
         """Orchestrator, run, contributors, then the worker processes (stages covered round-robin)."""
+        self.prepare()
+        self.launch()
+
+    def prepare(self) -> None:
+        """Start the orchestrator, create the run and register one contributor per worker."""
         self.started = time.monotonic()
         self.start_server()
         with Client(self.url, self.admin_token) as admin:
@@ -154,6 +161,8 @@ class Swarm:
                     index=i, stage=i % n_stages, backend=backend, contributor_id=reply["contributor_id"],
                     token=reply["token"], home=self.home / f"worker-{i}",
                 ))
+
+    def launch(self) -> None:
         for w in self.workers:
             w.start(self.url, self.run_id)
 
