@@ -21,6 +21,18 @@ def work_credits(gflops_per_token: float, tokens: int, kind: str, is_tail: bool)
     return round(gflops_per_token * tokens * factor, 6)
 
 
+C, A = db.contributors, db.assignments
+_INSERT = insert(db.ledger)
+_ADD_TO_CONTRIBUTOR = (
+    update(C).where(C.c.contributor_id == bindparam("cid")).values(credits=C.c.credits + bindparam("add"))
+)
+_ADD_TO_ASSIGNMENT = (
+    update(A)
+    .where(A.c.run_id == bindparam("run"), A.c.contributor_id == bindparam("cid"))
+    .values(credits=A.c.credits + bindparam("add"))
+)
+
+
 def record(
     conn: Connection,
     run_id: str,
@@ -32,25 +44,19 @@ def record(
     credits: float,
     now: float,
 ) -> None:
-    conn.execute(
-        insert(db.ledger).values(
-            run_id=run_id,
-            contributor_id=contributor_id,
-            work_id=work_id,
-            kind=kind,
-            stage=stage,
-            tokens=tokens,
-            credits=credits,
-            t=now,
-        )
-    )
-    c, a = db.contributors, db.assignments
-    conn.execute(update(c).where(c.c.contributor_id == contributor_id).values(credits=c.c.credits + credits))
-    conn.execute(
-        update(a)
-        .where(a.c.run_id == run_id, a.c.contributor_id == contributor_id)
-        .values(credits=a.c.credits + credits)
-    )
+    row = {
+        "run_id": run_id,
+        "contributor_id": contributor_id,
+        "work_id": work_id,
+        "kind": kind,
+        "stage": stage,
+        "tokens": tokens,
+        "credits": credits,
+        "t": now,
+    }
+    conn.execute(_INSERT, row)
+    conn.execute(_ADD_TO_CONTRIBUTOR, {"cid": contributor_id, "add": credits})
+    conn.execute(_ADD_TO_ASSIGNMENT, {"run": run_id, "cid": contributor_id, "add": credits})
 
 
 _TOTAL = select(db.contributors.c.credits).where(db.contributors.c.contributor_id == bindparam("cid"))

@@ -42,6 +42,7 @@ router = APIRouter(
     },
 )
 RETRY_S = "1"
+TOUCH_EVERY_S = 1.0
 
 
 @router.post("/assignment", response_model=Assignment)
@@ -102,7 +103,8 @@ def _try_claim(
         a = chains.assignment(conn, run_id, cid)
         if a is None:
             raise Conflict(f"you have no assignment in run {run_id}; POST /v1/assignment first")
-        lease.touch(conn, run_id, cid, t)
+        if a.state != "active" or t - a.last_seen > TOUCH_EVERY_S:  # spare a write on every poll
+            lease.touch(conn, run_id, cid, t)
         c = scheduler.claim(conn, ctx, run, cid, a.stage, t, claim_id)
         keys = [chains.worker_key(cid), chains.stage_key(run_id, a.stage)]
     if c is None:
