@@ -372,3 +372,33 @@ def test_leave_reissues_forward_work_and_keeps_the_assignment(orch):
     assert a.call("POST", "/v1/contributors/me/leave", json={}) == {"ok": True}
     assert b.claim()["sample_id"] == held["sample_id"]
     assert a.assign(run_id)["stage"] == 0
+
+
+def test_an_empty_stage_pulls_a_replica_from_a_crowded_one(orch):
+    run_id = make_run(orch, lease_s=1.0)
+    head, tail = pinned(orch, run_id, 0, "head"), pinned(orch, run_id, 2, "tail")
+    b1, b2 = pinned(orch, run_id, 1, "b1"), pinned(orch, run_id, 1, "b2")
+    moved = []
+    end = time.monotonic() + 6
+    while time.monotonic() < end and not moved:  # the tail goes silent; everyone else keeps beating
+        for w in (head, b1, b2):
+            if w.heartbeat()["reassign"]:
+                moved.append(w)
+        time.sleep(0.2)
+    assert len(moved) == 1 and moved[0] in (b1, b2), "one body replica is asked to move"
+    assert moved[0].assign(run_id)["stage"] == 2
+    assert not moved[0].heartbeat()["reassign"]
+    assert tail.assign(run_id)["stage"] == 2, "the returning tail keeps its sticky stage"
+
+
+def test_stop_drains_and_finishes_the_run(orch):
+    run_id = make_run(orch, merge_timeout_s=0.5)
+    workers = [pinned(orch, run_id, s, f"s{s}") for s in range(3)]
+    workers[0].do(workers[0].claim())
+    r = post(orch, f"/v1/runs/{run_id}/stop", ADMIN)
+    assert r.status_code == 200 and r.json()["state"] == "running"
+    assert workers[0].claim() is None, "no new samples after stop"
+    for s in (1, 2, 1, 0):  # body forward, tail, body backward, head backward
+        workers[s].do(workers[s].claim())
+    assert wait_until(lambda: status(orch, run_id)["state"] == "finished", timeout=10)
+    assert status(orch, run_id)["samples_completed"] == 1
