@@ -5,9 +5,11 @@ Run: .venv/bin/python bench/orchestrator_load.py [--workers 100] [--duration 20]
 
 Each simulated worker does what `iota join` does, with stand-in tensors of the right shapes: register,
 assignment, then a loop of claim -> download inputs -> upload result -> complete, a heartbeat every
-heartbeat_s, and a 1 s pause after a 204 (Retry-After). The workers are asyncio tasks over keep-alive
-connections with a minimal HTTP/1.1 client, so a thousand of them cost little CPU next to the server.
-Prints, per endpoint: requests, requests/s, p50 and p99 latency in ms.
+heartbeat_s (10 s at the default 30 s lease). Claims long-poll (`wait_s`, 2 s like `iota join`), so
+`claim` is the time until an item arrived (waiting included) and `claim_204` a wait that ended empty;
+with --claim-wait 0 workers poll instead and pause 0.5-1 s after a 204. The workers are asyncio tasks over
+keep-alive connections with a minimal HTTP/1.1 client, so a thousand of them cost little CPU next to the
+server. Prints, per endpoint: requests, requests/s, p50 and p99 latency in ms.
 """
 
 from __future__ import annotations
@@ -89,10 +91,10 @@ class Conn:
 
 
 class Worker:
-    def __init__(self, host: str, port: int, run_id: str, index: int) -> None:
+    def __init__(self, host: str, port: int, run_id: str, index: int, claim_wait: float) -> None:
         # Two connections, as the real worker has: its main loop and its heartbeat thread.
         self.conn, self.beat = Conn(host, port), Conn(host, port)
-        self.run_id, self.index = run_id, index
+        self.run_id, self.index, self.claim_wait = run_id, index, claim_wait
         self.auth: dict[str, str] = {}
         self.items = 0
 
@@ -125,9 +127,12 @@ class Worker:
     async def work(self, until: float) -> None:
         last = self.a["n_stages"] - 1
         while time.monotonic() < until:
-            status, item = await self.call("POST", "/v1/work/claim", {"run_id": self.run_id}, "claim")
+            t0 = time.perf_counter()
+            body = {"run_id": self.run_id, "wait_s": self.claim_wait}
+            status, item = await self.call("POST", "/v1/work/claim", body)
+            LAT["claim" if status == 200 else "claim_204"].append(time.perf_counter() - t0)
             if status != 200:
-                await asyncio.sleep(random.uniform(0.5, 1.0))
+                await asyncio.sleep(random.uniform(0.5, 1.0) if not self.claim_wait else 0.0)
                 continue
             for ref in (item.get("tokens"), item.get("input")):
                 if ref:
@@ -145,9 +150,9 @@ class Worker:
             self.items += status == 200
 
 
-async def drive(url: str, run_id: str, n: int, duration: float) -> dict:
+async def drive(url: str, run_id: str, n: int, duration: float, claim_wait: float) -> dict:
     parts = urlsplit(url)
-    workers = [Worker(parts.hostname, parts.port, run_id, i) for i in range(n)]
+    workers = [Worker(parts.hostname, parts.port, run_id, i, claim_wait) for i in range(n)]
     gate = asyncio.Semaphore(50)
 
     async def start(w: Worker) -> None:
@@ -183,7 +188,7 @@ def report(n: int, res: dict, status: dict) -> None:
         f"errors {dict(ERRORS) or 0}"
     )
     print(f"{'endpoint':12s} {'requests':>9s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s}")
-    for name in ("claim", "complete", "heartbeat", "blob_put", "blob_get"):
+    for name in ("claim", "claim_204", "complete", "heartbeat", "blob_put", "blob_get"):
         xs = sorted(LAT.get(name, []))
         if not xs:
             continue
@@ -196,13 +201,16 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=100)
     p.add_argument("--duration", type=float, default=20.0)
     p.add_argument("--sync", choices=["normal", "full"], default="normal")
+    p.add_argument(
+        "--claim-wait", type=float, default=2.0, help="long-poll seconds per claim, as iota join (0: poll)"
+    )
     p.add_argument("--url", help="use this running orchestrator (needs --admin-token)")
     p.add_argument("--admin-token", default="bench-admin")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         corpus = write_corpus(Path(tmp) / "text", files=8, words=20000)
         m = tiny_manifest(str(corpus))
-        m = replace(m, train=replace(m.train, lease_s=15.0, work_timeout_s=60.0, merge_interval=1_000_000))
+        m = replace(m, train=replace(m.train, lease_s=30.0, work_timeout_s=60.0, merge_interval=1_000_000))
         orch = None
         if a.url is None:
             orch = OrchestratorProcess(Path(tmp) / "data", admin_token=a.admin_token, sync=a.sync).start()
@@ -219,7 +227,7 @@ def main() -> None:
             r.raise_for_status()
             run_id = r.json()["run_id"]
             cpu0 = cpu_seconds(orch.pid) if orch else None
-            res = asyncio.run(drive(url, run_id, a.workers, a.duration))
+            res = asyncio.run(drive(url, run_id, a.workers, a.duration, a.claim_wait))
             status = requests.get(f"{url}/v1/runs/{run_id}/status", timeout=60).json()
             print(f"orchestrator {url} (sync={a.sync}), run {run_id}")
             report(a.workers, res, status)
