@@ -186,8 +186,9 @@ def _new_sample(conn: Connection, ctx: RunCtx, run: Any, head: str, now: float) 
             created=now,
             notify_drop=False,
         )
-    ).inserted_primary_key[0]
-    return conn.execute(select(W).where(W.c.id == rid)).first(), blob
+    ).inserted_primary_key
+    assert rid is not None
+    return conn.execute(_WORK, {"wid": rid[0]}).first(), blob
 
 
 def _put_blob_row(conn: Connection, key: str, sha: str, size: int, now: float) -> None:
@@ -265,9 +266,7 @@ def complete(
         )
         keys.add(stage_key(ctx.run_id, row.stage + 1))
     elif is_tail:
-        conn.execute(
-            insert(db.losses).values(run_id=ctx.run_id, sample_id=row.sample_id, loss=float(loss), t=now)
-        )
+        conn.execute(insert(db.losses).values(run_id=ctx.run_id, sample_id=row.sample_id, loss=loss, t=now))
         conn.execute(
             update(R).where(R.c.run_id == ctx.run_id).values(tokens=R.c.tokens + ctx.tokens_per_sample)
         )
@@ -320,7 +319,7 @@ def _route_backward(
         .limit(1)
     ).first()
     owner = assignment(conn, ctx.run_id, fwd.worker) if fwd else None
-    if owner is None or owner.state != "active" or owner.stage != stage:
+    if fwd is None or owner is None or owner.state != "active" or owner.stage != stage:
         return drop_chain(conn, ctx, sample_id, now)
     conn.execute(
         insert(W).values(

@@ -43,7 +43,7 @@ async def register(body: RegisterRequest, state: StateDep) -> RegisterReply:
 async def me(cid: Contributor, state: StateDep) -> ContributorInfo:
     A = db.assignments
     with state.tx() as conn:
-        c = conn.execute(select(db.contributors).where(db.contributors.c.contributor_id == cid)).first()
+        c = conn.execute(select(db.contributors).where(db.contributors.c.contributor_id == cid)).one()
         a = conn.execute(
             select(A)
             .join(db.runs, A.c.run_id == db.runs.c.run_id)

@@ -23,7 +23,7 @@ def upload_ref(state: State, key: str, max_size: int) -> UploadRef:
 
 
 def weights_ref(conn: Connection, state: State, key: str) -> BlobRef:
-    b = conn.execute(select(db.blobs.c.sha256, db.blobs.c.size).where(db.blobs.c.key == key)).first()
+    b = conn.execute(select(db.blobs.c.sha256, db.blobs.c.size).where(db.blobs.c.key == key)).one()
     return blob_ref(state, key, b.sha256, b.size)
 
 
