@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from iota_cli.backend import StageBackend, UnknownWorkId
+from iota_cli.backend import StageBackend, StageInputError, UnknownWorkId
 from iota_cli.checkpoint import CheckpointStore, LoopState
 from iota_cli.client import ApiError, Client, ClientError, IntegrityError, Stopped
 from iota_cli.manifest import RunManifest
@@ -67,7 +67,6 @@ class Worker:
         self._merged_epoch = -1  # the last epoch whose merge round we contributed to
         self._last_checkpoint = time.monotonic()
         self._loss: float | None = None
-        self._tokens_window: list[tuple[float, int]] = []
         self.finished = False  # the run ended (as opposed to a stop or max_steps)
         self.reassign = False
         self._loop_thread: int | None = None
@@ -138,6 +137,10 @@ class Worker:
             raise
         except IntegrityError as e:
             log.warning("input of %s failed verification (%s); giving it back", item.work_id, e)
+            self._abandon(item, key)
+            return
+        except StageInputError as e:
+            log.warning("rejected the input of %s: %s", item.work_id, e)
             self._abandon(item, key)
             return
         except UnknownWorkId:
@@ -231,7 +234,7 @@ class Worker:
                 "stage": self.spec.index,
                 "step": self.state.step,
                 "epoch": self.state.epoch,
-                "tokens_per_s": self._tokens_per_s(),
+                "tokens_per_s": self.progress.facts.tokens_per_s or 0.0,
             }
             try:
                 reply = self.client.request("POST", "/v1/heartbeat", json=body, wait=False)
@@ -254,8 +257,8 @@ class Worker:
         if news.epoch > self.state.epoch:
             self._show(state=f"loading merged weights (epoch {news.epoch})")
             weights = self._fetch(news.weights)
-            # Keep the optimizer state: the merged weights continue this replica's trajectory.
-            self.backend.load(weights, self.backend.optimizer_state())
+            # The optimizer state stays: the merged weights continue this replica's trajectory.
+            self.backend.load(weights)
             self.state = replace(self.state, epoch=news.epoch, since_merge=0)
             self.checkpoint()
         elif news.merge is not None and news.merge.epoch == self.state.epoch:
@@ -313,15 +316,6 @@ class Worker:
 
     def _add_tokens(self, n: int) -> None:
         self.state = replace(self.state, tokens=self.state.tokens + n)
-        now = time.monotonic()
-        self._tokens_window = [(t, c) for t, c in self._tokens_window if now - t < 30.0] + [(now, n)]
-
-    def _tokens_per_s(self) -> float:
-        window = list(self._tokens_window)
-        if len(window) < 2:
-            return 0.0
-        span = max(window[-1][0] - window[0][0], 1e-3)
-        return sum(c for _, c in window[1:]) / span
 
     def _show(self, state: str) -> None:
         with self._display_lock:
