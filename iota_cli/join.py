@@ -110,7 +110,9 @@ def ensure_token(client: Client, opts: JoinOptions, backend: str) -> str:
         credentials.store_token(token, orchestrator=opts.orchestrator)
         log.info("registered as %s; token stored in the OS keyring", reply["contributor_id"])
     except credentials.CredentialsError as e:
-        log.warning("registered as %s, but the token is kept for this session only: %s", reply["contributor_id"], e)
+        log.warning(
+            "registered as %s, but the token is kept for this session only: %s", reply["contributor_id"], e
+        )
     return token
 
 
@@ -125,8 +127,13 @@ def pick_run(client: Client, run_id: str | None) -> RunManifest:
 
 
 def restore(
-    backend: StageBackend, assignment: Assignment, store: CheckpointStore, client: Client,
-    cache_dir: Path, contributor_id: str, backend_name: str,
+    backend: StageBackend,
+    assignment: Assignment,
+    store: CheckpointStore,
+    client: Client,
+    cache_dir: Path,
+    contributor_id: str,
+    backend_name: str,
 ) -> LoopState:
     """Resume from the local checkpoint unless the swarm merged past it; then take the swarm's weights."""
     manifest = RunManifest.from_dict(assignment.manifest)
@@ -134,16 +141,23 @@ def restore(
     ck = store.load_latest(fingerprint=fingerprint)
     if ck is not None and ck.state.stage == assignment.stage and ck.state.epoch >= assignment.epoch:
         backend.load(ck.weights, ck.optimizer)
-        log.info("resuming from checkpoint %s (step %d, epoch %d)", ck.path.name, ck.state.step, ck.state.epoch)
+        log.info(
+            "resuming from checkpoint %s (step %d, epoch %d)", ck.path.name, ck.state.step, ck.state.epoch
+        )
         return LoopState(**{**ck.state.to_dict(), "contributor_id": contributor_id, "backend": backend_name})
     ref = assignment.weights
-    dest = cache_dir / "weights" / assignment.run_id / f"stage-{assignment.stage}-{ref.sha256[:16]}.safetensors"
+    dest = (
+        cache_dir / "weights" / assignment.run_id / f"stage-{assignment.stage}-{ref.sha256[:16]}.safetensors"
+    )
     weights, _ = decode(client.download(ref.url, dest, ref.sha256, ref.size).read_bytes())
     same_stage = ck is not None and ck.state.stage == assignment.stage
     backend.load(weights, ck.optimizer if ck is not None and same_stage else None)
     if ck is not None:
-        log.info("the swarm merged past checkpoint epoch %d: taking its weights (epoch %d)",
-                 ck.state.epoch, assignment.epoch)
+        log.info(
+            "the swarm merged past checkpoint epoch %d: taking its weights (epoch %d)",
+            ck.state.epoch,
+            assignment.epoch,
+        )
     prior = ck.state if ck is not None and same_stage else None
     return LoopState(
         run_id=assignment.run_id,
@@ -171,8 +185,10 @@ def join(opts: JoinOptions, paths: Paths, stop: threading.Event) -> int:
     if failures:
         names = ", ".join(f"{c.name} ({c.found})" for c in failures)
         if not opts.force:
-            raise JoinError(f"this machine fails the doctor's checks: {names}",
-                            hint="run `iota doctor` for the fixes, or pass --force to join anyway")
+            raise JoinError(
+                f"this machine fails the doctor's checks: {names}",
+                hint="run `iota doctor` for the fixes, or pass --force to join anyway",
+            )
         log.warning("joining despite failed checks (--force): %s", names)
     try:
         backend_name, factory = select_backend(opts.backend)
@@ -190,7 +206,9 @@ def join(opts: JoinOptions, paths: Paths, stop: threading.Event) -> int:
             notifier.extend_timeout(120)
             throughput = measure_throughput(factory, manifest)
             request = {
-                "run_id": opts.run_id, "backend": backend_name, "throughput": throughput,
+                "run_id": opts.run_id,
+                "backend": backend_name,
+                "throughput": throughput,
                 "memory_bytes": memory_budget(backend_name, _settings_cap()),
             }
             if opts.stage is not None:
@@ -198,19 +216,26 @@ def join(opts: JoinOptions, paths: Paths, stop: threading.Event) -> int:
             assignment = Assignment.model_validate(client.post("/v1/assignment", request))
             me = client.get("/v1/contributors/me")
             run_manifest = RunManifest.from_dict(assignment.manifest)
-            backend = factory.create(run_manifest.model, assignment.stage, run_manifest.optim, seed=run_manifest.seed)
-            store = CheckpointStore(paths.data_dir / "checkpoints" / assignment.run_id / f"stage-{assignment.stage}")
+            backend = factory.create(
+                run_manifest.model, assignment.stage, run_manifest.optim, seed=run_manifest.seed
+            )
+            store = CheckpointStore(
+                paths.data_dir / "checkpoints" / assignment.run_id / f"stage-{assignment.stage}"
+            )
             if opts.fresh:
                 store.discard()
-            state = restore(backend, assignment, store, client, paths.cache_dir, me["contributor_id"], backend_name)
+            state = restore(
+                backend, assignment, store, client, paths.cache_dir, me["contributor_id"], backend_name
+            )
             kind = stage_spec(run_manifest.model, assignment.stage).kind
             progress = Progress(f"stage {assignment.stage} {kind}", total=opts.max_steps, notifier=notifier)
             guard = PowerGuard(allow_battery=opts.allow_battery)
-            # The loop pings the watchdog once per iteration, so no wait inside it may outlast a ping interval.
+            # The loop pings the watchdog once per iteration: no wait in it may outlast a ping interval.
             wait = min(2.0, notifier.watchdog_s / 2) if notifier.watchdog_s else 2.0
             loop = LoopOptions(max_steps=opts.max_steps, claim_wait_s=wait, pause_poll_s=wait)
-            worker = Worker(client, backend, assignment, state, store, paths.cache_dir, progress, notifier,
-                            guard, loop)
+            worker = Worker(
+                client, backend, assignment, state, store, paths.cache_dir, progress, notifier, guard, loop
+            )
             client.on_wait = worker.show_wait
             try:
                 worker.run()

@@ -86,14 +86,31 @@ def _pick(cls: type, d: dict[str, Any]) -> dict[str, Any]:
 def tiny_manifest(data_source: str, max_samples: int = 0, workers_per_stage: int = 2) -> RunManifest:
     """The small run `iota swarm` trains on one machine: a 4-layer model in 3 stages, 16x bottleneck."""
     model = ModelConfig(
-        d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=176, context=128,
-        bottleneck_dim=4, stages=(1, 2, 1), wire_dtype="float32",
+        d_model=64,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=176,
+        context=128,
+        bottleneck_dim=4,
+        stages=(1, 2, 1),
+        wire_dtype="float32",
     )
     train = TrainConfig(
-        batch_size=8, seq_len=64, backward_per_step=2, merge_interval=10, merge_timeout_s=20.0,
-        max_samples=max_samples, lease_s=20.0, work_timeout_s=30.0, max_inflight_per_head=3,
+        batch_size=8,
+        seq_len=64,
+        backward_per_step=2,
+        merge_interval=10,
+        merge_timeout_s=20.0,
+        max_samples=max_samples,
+        lease_s=20.0,
+        work_timeout_s=30.0,
+        max_inflight_per_head=3,
     )
     return RunManifest(
-        name="tiny", model=model, train=train, optim=OptimConfig(lr=3e-3, weight_decay=0.01),
+        name="tiny",
+        model=model,
+        train=train,
+        optim=OptimConfig(lr=3e-3, weight_decay=0.01),
         data=DataConfig(source=data_source, shard_bytes=256 * 1024),
     )

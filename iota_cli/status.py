@@ -1,4 +1,4 @@
-"""What `iota status` reports: local checkpoints (header only, no tensors loaded) and the orchestrator's view."""
+"""What `iota status` reports: local checkpoints (headers only) and the orchestrator's view of us."""
 
 from __future__ import annotations
 
@@ -20,12 +20,20 @@ def local_checkpoints(data_dir: Path) -> list[dict[str, Any]]:
         if info is None:
             continue
         st = info.state
-        out.append({
-            "run_id": st.run_id, "stage": st.stage, "step": st.step, "epoch": st.epoch,
-            "backward_passes": st.backward_passes, "tokens": st.tokens, "credits_seen": st.credits_seen,
-            "backend": st.backend, "path": str(info.path),
-            "saved": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.saved_at)),
-        })
+        out.append(
+            {
+                "run_id": st.run_id,
+                "stage": st.stage,
+                "step": st.step,
+                "epoch": st.epoch,
+                "backward_passes": st.backward_passes,
+                "tokens": st.tokens,
+                "credits_seen": st.credits_seen,
+                "backend": st.backend,
+                "path": str(info.path),
+                "saved": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.saved_at)),
+            }
+        )
     return out
 
 

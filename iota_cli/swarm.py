@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -26,12 +25,6 @@ from iota_cli.manifest import RunManifest, tiny_manifest
 def default_data() -> str:
     """The Python standard library's own source: real text present on every machine."""
     return str(Path(sysconfig.get_paths()["stdlib"]) / "*.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -69,12 +62,30 @@ class WorkerProcess:
             **self.env,
         }
         cmd = [
-            sys.executable, "-m", "iota_cli", "join", "--orchestrator", url, "--run", run_id,
-            "--backend", self.backend, "--stage", str(self.stage), "--force", *extra,
+            sys.executable,
+            "-m",
+            "iota_cli",
+            "join",
+            "--orchestrator",
+            url,
+            "--run",
+            run_id,
+            "--backend",
+            self.backend,
+            "--stage",
+            str(self.stage),
+            "--force",
+            *extra,
         ]
         self.log = open(self.home / "worker.log", "ab")  # noqa: SIM115 - closed in wait()
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -106,7 +117,7 @@ class Swarm:
     admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     url: str = ""
     run_id: str = ""
-    server: subprocess.Popen[bytes] | None = None
+    orchestrator: Any = None  # iota_orchestrator.process.OrchestratorProcess once started
     workers: list[WorkerProcess] = field(default_factory=list)
     started: float = 0.0
 
@@ -115,32 +126,24 @@ class Swarm:
         stages = 3
         replicas = max(1, options.workers // stages)
         train_k = tiny_manifest("").train.backward_per_step
-        manifest = tiny_manifest(options.data or default_data(),
-                                 max_samples=options.max_steps * train_k * replicas)
+        manifest = tiny_manifest(
+            options.data or default_data(), max_samples=options.max_steps * train_k * replicas
+        )
         return cls(options=options, home=home, manifest=manifest)
 
     def start_server(self) -> None:
-        if not self.url:  # a restart keeps the port: workers know only this URL
-            self.url = f"http://127.0.0.1:{self.options.port or free_port()}"
-        port = self.url.rsplit(":", 1)[1]
-        data_dir = self.home / "orchestrator"
-        data_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "IOTA_ADMIN_TOKEN": self.admin_token, "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, "-m", "iota_cli", "orchestrator", "serve", "--host", "127.0.0.1",
-               "--port", port, "--data-dir", str(data_dir)]
-        log = open(self.home / "orchestrator.log", "ab")  # noqa: SIM115 - lives as long as the server
-        self.server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 60
-        with Client(self.url, retries=0) as probe:
-            while True:
-                try:
-                    probe.health(timeout=(1.0, 2.0))
-                    return
-                except Exception:  # noqa: BLE001 - not up yet
-                    if self.server.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"the orchestrator did not start; see {self.home / 'orchestrator.log'}")
-                    time.sleep(0.2)
+        """Start (or restart, on the same port and data dir) the orchestrator process."""
+        try:
+            from iota_orchestrator.process import OrchestratorProcess
+        except ImportError:
+            raise RuntimeError(
+                "a local swarm needs the orchestrator: pip install 'iota-cli[orchestrator]'"
+            ) from None
+        port = int(self.url.rsplit(":", 1)[1]) if self.url else self.options.port
+        self.orchestrator = OrchestratorProcess(
+            self.home / "orchestrator", port=port, admin_token=self.admin_token
+        ).start()
+        self.url = self.orchestrator.url
 
     def start(self) -> None:
         """Orchestrator, run, contributors, then the worker processes (stages covered round-robin)."""
@@ -157,10 +160,16 @@ class Swarm:
             for i in range(self.options.workers):
                 backend = self.options.backends[i % len(self.options.backends)]
                 reply = admin.post("/v1/contributors", {"name": f"worker-{i}", "backend": backend})
-                self.workers.append(WorkerProcess(
-                    index=i, stage=i % n_stages, backend=backend, contributor_id=reply["contributor_id"],
-                    token=reply["token"], home=self.home / f"worker-{i}",
-                ))
+                self.workers.append(
+                    WorkerProcess(
+                        index=i,
+                        stage=i % n_stages,
+                        backend=backend,
+                        contributor_id=reply["contributor_id"],
+                        token=reply["token"],
+                        home=self.home / f"worker-{i}",
+                    )
+                )
 
     def launch(self) -> None:
         for w in self.workers:
@@ -190,13 +199,9 @@ class Swarm:
         return codes
 
     def stop_server(self) -> None:
-        if self.server and self.server.poll() is None:
-            self.server.send_signal(signal.SIGTERM)
-            try:
-                self.server.wait(15)
-            except subprocess.TimeoutExpired:
-                self.server.kill()
-                self.server.wait(5)
+        if self.orchestrator is not None:
+            self.orchestrator.stop()
+            (self.home / "orchestrator.log").write_text("\n".join(self.orchestrator.lines) + "\n")
 
     def summary(self, status: dict[str, Any] | None, codes: dict[int, int | None]) -> dict[str, Any]:
         wall = time.monotonic() - self.started
@@ -207,17 +212,27 @@ class Swarm:
         for stage in st.get("stages", []):
             for ws in stage["workers"]:
                 w = by_id.get(ws["contributor_id"])
-                rows.append({
-                    "worker": w.index if w else None, "contributor_id": ws["contributor_id"],
-                    "stage": stage["stage"], "backend": ws["backend"], "steps": ws["steps"],
-                    "credits": round(float(ws["credits"]), 3),
-                    "exit_code": codes.get(w.index) if w else None,
-                })
+                rows.append(
+                    {
+                        "worker": w.index if w else None,
+                        "contributor_id": ws["contributor_id"],
+                        "stage": stage["stage"],
+                        "backend": ws["backend"],
+                        "steps": ws["steps"],
+                        "credits": round(float(ws["credits"]), 3),
+                        "exit_code": codes.get(w.index) if w else None,
+                    }
+                )
         return {
-            "run_id": self.run_id, "state": st.get("state"), "tokens": tokens, "wall_s": round(wall, 2),
+            "run_id": self.run_id,
+            "state": st.get("state"),
+            "tokens": tokens,
+            "wall_s": round(wall, 2),
             "tokens_per_s": round(tokens / wall, 1) if wall > 0 else 0.0,
-            "first_loss": st.get("first_loss"), "last_loss": st.get("last_loss"),
-            "samples_completed": st.get("samples_completed"), "workers": sorted(rows, key=lambda r: r["worker"] or 0),
+            "first_loss": st.get("first_loss"),
+            "last_loss": st.get("last_loss"),
+            "samples_completed": st.get("samples_completed"),
+            "workers": sorted(rows, key=lambda r: r["worker"] or 0),
             "home": str(self.home),
         }
 
@@ -232,7 +247,7 @@ def stage_line(stage: dict[str, Any], status: dict[str, Any], tokens_per_item: i
         "loss": status.get("last_loss") if tail else None,
         "credits": sum(float(w["credits"]) for w in stage["workers"]),
         "state": f"{alive}/{len(stage['workers'])} workers, epoch {stage['epoch']}, "
-                 f"queue fwd {stage['queue_forward']} bwd {stage['queue_backward']}",
+        f"queue fwd {stage['queue_forward']} bwd {stage['queue_backward']}",
     }
 
 
@@ -241,8 +256,10 @@ def watch(swarm: Swarm, stop: threading.Event, interactive: bool | None = None) 
     from iota_cli.progress import Progress
 
     kinds = ["head"] + ["body"] * (swarm.manifest.model.n_stages - 2) + ["tail"]
-    bars = [Progress(f"stage {i} {k}", interactive=interactive, interval_s=5.0, position=i)
-            for i, k in enumerate(kinds)]
+    bars = [
+        Progress(f"stage {i} {k}", interactive=interactive, interval_s=5.0, position=i)
+        for i, k in enumerate(kinds)
+    ]
     train = swarm.manifest.train
     status = None
     deadline = time.monotonic() + swarm.options.timeout_s
@@ -259,7 +276,9 @@ def watch(swarm: Swarm, stop: threading.Event, interactive: bool | None = None) 
     return status or {}
 
 
-def run_swarm(options: SwarmOptions, stop: threading.Event, interactive: bool | None = None) -> dict[str, Any]:
+def run_swarm(
+    options: SwarmOptions, stop: threading.Event, interactive: bool | None = None
+) -> dict[str, Any]:
     """Start, watch, stop; return the summary (tokens, tokens_per_s, wall_s, first/last loss, workers)."""
     import tempfile
 

@@ -35,7 +35,9 @@ class RawTensor:
             raise TensorFormatError(f"unsupported dtype {self.dtype!r}")
         want = math.prod(self.shape) * DTYPE_SIZES[self.dtype]
         if len(self.data) != want:
-            raise TensorFormatError(f"{self.dtype}{list(self.shape)} needs {want} bytes, got {len(self.data)}")
+            raise TensorFormatError(
+                f"{self.dtype}{list(self.shape)} needs {want} bytes, got {len(self.data)}"
+            )
 
     @property
     def nbytes(self) -> int:
@@ -89,7 +91,7 @@ def decode(buf: bytes | memoryview) -> tuple[TensorDict, dict[str, str]]:
     return out, dict(metadata)
 
 
-def column_slice(t: RawTensor, start: int, stop: int) -> RawTensor:
+def column_slice(t: RawTensor, start: int, stop: int | None) -> RawTensor:
     """t[:, start:stop] for a 2-D tensor (the head's inputs and the tail's targets from one token block)."""
     rows, cols = t.shape
     start, stop, _ = slice(start, stop).indices(cols)

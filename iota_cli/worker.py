@@ -11,6 +11,7 @@ import logging
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,12 @@ class Worker:
         return self.options.max_steps is not None and self.state.step >= self.options.max_steps
 
     def _claim(self) -> WorkItem | None:
-        body = {"run_id": self.state.run_id, "wait_s": self.options.claim_wait_s}
+        # One claim id per claim: if an answer is lost and the client retries, the same item comes back.
+        body = {
+            "run_id": self.state.run_id,
+            "wait_s": self.options.claim_wait_s,
+            "claim_id": uuid.uuid4().hex,
+        }
         reply = self.client.request("POST", "/v1/work/claim", json=body)
         if reply.status == 204:
             if reply.headers.get("X-Iota-Run-State") == "finished":

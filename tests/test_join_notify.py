@@ -6,9 +6,9 @@ import signal
 import time
 
 import pytest
+from notify_listener import NotifyListener
 
 from iota_cli.swarm import Swarm, SwarmOptions, default_data
-from notify_listener import NotifyListener
 
 pytestmark = pytest.mark.slow
 
@@ -41,14 +41,14 @@ def test_join_notifies_ready_watchdog_status_and_stopping(tmp_path):
             assert not [f for f in ln.fields() if f.startswith("ERRNO=")]  # no child speaks for us
 
             # Stall the loop for real: freeze the orchestrator, so the worker blocks in an HTTP read.
-            s.server.send_signal(signal.SIGSTOP)
+            s.orchestrator.proc.send_signal(signal.SIGSTOP)
             try:
                 time.sleep(3)  # the iteration in progress may still ping once
                 frozen_at = time.monotonic()
                 time.sleep(4)
                 assert not [t for t in ln.times("WATCHDOG=1") if t > frozen_at], "a stalled loop kept pinging"
             finally:
-                s.server.send_signal(signal.SIGCONT)
+                s.orchestrator.proc.send_signal(signal.SIGCONT)
             resumed_at = time.monotonic()
             deadline = resumed_at + 15
             while time.monotonic() < deadline and not [t for t in ln.times("WATCHDOG=1") if t > resumed_at]:

@@ -8,20 +8,32 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    app.command(epilog="Exit status: 0 after a clean stop, 1 on a failed check, 69 orchestrator gone, "
-                "78 bad configuration or token (systemd does not restart on 78).")(join)
+    app.command(
+        epilog="Exit status: 0 after a clean stop, 1 on a failed check, 69 orchestrator gone, "
+        "78 bad configuration or token (systemd does not restart on 78)."
+    )(join)
 
 
 def join(
-    orchestrator: Annotated[str | None, typer.Option(help="Orchestrator URL (default: the configured one).")] = None,
-    backend: Annotated[str | None, typer.Option(help="Compute backend: auto, torch-cuda, mlx, torch-cpu, ...")] = None,
-    max_steps: Annotated[int | None, typer.Option(min=1, help="Stop after this many local optimizer steps.")] = None,
+    orchestrator: Annotated[
+        str | None, typer.Option(help="Orchestrator URL (default: the configured one).")
+    ] = None,
+    backend: Annotated[
+        str | None, typer.Option(help="Compute backend: auto, torch-cuda, mlx, torch-cpu, ...")
+    ] = None,
+    max_steps: Annotated[
+        int | None, typer.Option(min=1, help="Stop after this many local optimizer steps.")
+    ] = None,
     run: Annotated[str | None, typer.Option(help="Run id to join (default: the newest running run).")] = None,
     stage: Annotated[int | None, typer.Option(min=0, help="Prefer this pipeline stage.")] = None,
-    fresh: Annotated[bool, typer.Option(help="Discard local checkpoints and start from the swarm's weights.")] = False,
+    fresh: Annotated[
+        bool, typer.Option(help="Discard local checkpoints and start from the swarm's weights.")
+    ] = False,
     force: Annotated[bool, typer.Option(help="Join even when the doctor's checks fail.")] = False,
     allow_battery: Annotated[bool, typer.Option(help="Keep training on battery power.")] = False,
-    token: Annotated[str | None, typer.Option(help="Contributor token (default: IOTA_TOKEN, credential, keyring).")] = None,
+    token: Annotated[
+        str | None, typer.Option(help="Contributor token (default: IOTA_TOKEN, credential, keyring).")
+    ] = None,
 ) -> None:
     """Join a training swarm: get a stage, train it, upload results, earn credits.
 
@@ -49,11 +61,21 @@ def join(
         output.fail(str(e), code=output.EXIT_CONFIG)
     url = orchestrator or s.orchestrator
     if not url:
-        output.fail("no orchestrator configured", hint="pass --orchestrator URL or `iota config set orchestrator URL`",
-                    code=output.EXIT_CONFIG)
+        output.fail(
+            "no orchestrator configured",
+            hint="pass --orchestrator URL or `iota config set orchestrator URL`",
+            code=output.EXIT_CONFIG,
+        )
     opts = JoinOptions(
-        orchestrator=url, backend=backend or s.backend, run_id=run or s.run or None, max_steps=max_steps,
-        fresh=fresh, force=force, allow_battery=allow_battery or s.allow_battery, name=s.name, token=token,
+        orchestrator=url,
+        backend=backend or s.backend,
+        run_id=run or s.run or None,
+        max_steps=max_steps,
+        fresh=fresh,
+        force=force,
+        allow_battery=allow_battery or s.allow_battery,
+        name=s.name,
+        token=token,
         stage=stage,
     )
     stop = threading.Event()

@@ -13,7 +13,9 @@ def register(app: typer.Typer) -> None:
 
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
-    orchestrator: Annotated[str | None, typer.Option(help="Orchestrator URL (default: the configured one).")] = None,
+    orchestrator: Annotated[
+        str | None, typer.Option(help="Orchestrator URL (default: the configured one).")
+    ] = None,
 ) -> None:
     """Show this machine's assignment, last checkpoint, step counters and credits.
 
@@ -46,14 +48,28 @@ def render(r: dict) -> str:
     elif remote:
         a = remote.get("assignment") or {}
         where = f"run {a.get('run_id')}, stage {a.get('stage')}" if a else "no assignment yet"
-        lines.append(f"Contributor {remote['contributor_id']} ({remote['name']}): {where}; "
-                     f"{remote['credits']:.2f} credits")
+        lines.append(
+            f"Contributor {remote['contributor_id']} ({remote['name']}): {where}; "
+            f"{remote['credits']:.2f} credits"
+        )
     cks = r["checkpoints"]
     if not cks:
         lines.append("No checkpoints on this machine yet.")
     else:
-        rows = [(c["run_id"], c["stage"], c["step"], c["epoch"], c["backward_passes"], c["tokens"],
-                 f"{c['credits_seen']:.2f}", c["saved"]) for c in cks]
-        lines.append(output.table(
-            ["run", "stage", "step", "epoch", "backward", "tokens", "credits", "saved"], rows))
+        rows = [
+            (
+                c["run_id"],
+                c["stage"],
+                c["step"],
+                c["epoch"],
+                c["backward_passes"],
+                c["tokens"],
+                f"{c['credits_seen']:.2f}",
+                c["saved"],
+            )
+            for c in cks
+        ]
+        lines.append(
+            output.table(["run", "stage", "step", "epoch", "backward", "tokens", "credits", "saved"], rows)
+        )
     return "\n".join(lines)

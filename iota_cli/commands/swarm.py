@@ -13,15 +13,20 @@ def register(app: typer.Typer) -> None:
 
 
 def swarm(
-    workers: Annotated[int, typer.Option(min=3, max=64, help="Worker processes (spread over the 3 stages).")] = 6,
+    workers: Annotated[
+        int, typer.Option(min=3, max=64, help="Worker processes (spread over the 3 stages).")
+    ] = 6,
     max_steps: Annotated[int, typer.Option(min=1, help="Optimizer steps per stage replica.")] = 40,
     data: Annotated[
-        Path | None, typer.Option(help="Directory of text files to train on (default: Python's stdlib source).")
+        Path | None,
+        typer.Option(help="Directory of text files to train on (default: Python's stdlib source)."),
     ] = None,
     backends: Annotated[
         str, typer.Option(help="Comma-separated backends, alternated across workers.")
     ] = "torch-cpu,mlx-cpu",
-    home: Annotated[Path | None, typer.Option(help="Keep the swarm's files here (default: a temp dir).")] = None,
+    home: Annotated[
+        Path | None, typer.Option(help="Keep the swarm's files here (default: a temp dir).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
 ) -> None:
     """Train a tiny model with a whole swarm on this machine: the first thing to run.
@@ -46,8 +51,13 @@ def swarm(
     if data is not None and not data.exists():
         output.fail(f"{data} does not exist", code=output.EXIT_USAGE)
     names = tuple(b.strip() for b in backends.split(",") if b.strip())
-    opts = SwarmOptions(workers=workers, max_steps=max_steps, data=str(data.resolve()) if data else "",
-                        backends=names, home=home)
+    opts = SwarmOptions(
+        workers=workers,
+        max_steps=max_steps,
+        data=str(data.resolve()) if data else "",
+        backends=names,
+        home=home,
+    )
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -66,9 +76,13 @@ def render_summary(s: dict) -> str:
     loss = "n/a"
     if s["first_loss"] is not None and s["last_loss"] is not None:
         loss = f"{s['first_loss']:.3f} -> {s['last_loss']:.3f}"
-    head = (f"Trained {s['tokens']:,} tokens in {s['wall_s']:.1f} s ({s['tokens_per_s']:,.0f} tokens/s); "
-            f"tail loss {loss}.")
-    rows = [(w["worker"], w["stage"], w["backend"], w["steps"], f"{w['credits']:.2f}", w["exit_code"])
-            for w in s["workers"]]
+    head = (
+        f"Trained {s['tokens']:,} tokens in {s['wall_s']:.1f} s ({s['tokens_per_s']:,.0f} tokens/s); "
+        f"tail loss {loss}."
+    )
+    rows = [
+        (w["worker"], w["stage"], w["backend"], w["steps"], f"{w['credits']:.2f}", w["exit_code"])
+        for w in s["workers"]
+    ]
     table = output.table(["worker", "stage", "backend", "steps", "credits", "exit"], rows)
     return f"{head}\n\n{table}\n\nFiles: {s['home']}"
