@@ -1,0 +1,83 @@
+"""Resume or resync on start: the checkpoint wins unless the swarm has merged past it.
+
+A real orchestrator process serves the weights; the stage runs on torch-cpu in this process.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+
+import pytest
+from iota_orchestrator.process import OrchestratorProcess
+from iota_orchestrator.simworker import write_corpus
+
+from iota_cli.backend import get_factory
+from iota_cli.checkpoint import CheckpointStore, manifest_fingerprint
+from iota_cli.client import Client
+from iota_cli.join import restore
+from iota_cli.manifest import RunManifest, tiny_manifest
+from iota_cli.protocol import Assignment
+
+ADMIN = "admin-for-restore-tests"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("restore")
+    manifest = tiny_manifest(str(write_corpus(base / "text")))
+    with OrchestratorProcess(base / "orch", admin_token=ADMIN) as orch:
+        with Client(orch.url, ADMIN) as admin:
+            run_id = admin.post("/v1/runs", {"manifest": manifest.to_dict()})["run_id"]
+            token = admin.post("/v1/contributors", {"name": "w", "backend": "torch-cpu"})["token"]
+        client = Client(orch.url, token, stop=threading.Event())
+        reply = client.post("/v1/assignment", {"run_id": run_id, "stage": 1, "backend": "torch-cpu"})
+        yield client, Assignment.model_validate(reply)
+        client.close()
+
+
+def stage(assignment: Assignment):
+    m = RunManifest.from_dict(assignment.manifest)
+    return get_factory("torch-cpu").create(m.model, assignment.stage, m.optim, seed=123)
+
+
+def test_fresh_start_takes_the_swarms_weights(setup, tmp_path):
+    client, assignment = setup
+    backend = stage(assignment)
+    state = restore(
+        backend, assignment, CheckpointStore(tmp_path / "ck"), client, tmp_path / "cache", "c1", "t"
+    )
+    assert (state.step, state.epoch, state.stage) == (0, assignment.epoch, 1)
+    swarm = stage(assignment)  # seed 123 differs from the run's seed: only a real download makes them equal
+    assert backend.weights() != swarm.weights()
+    restore(swarm, assignment, CheckpointStore(tmp_path / "other"), client, tmp_path / "cache", "c1", "t")
+    assert backend.weights() == swarm.weights()
+
+
+def test_checkpoint_wins_until_the_swarm_merges_past_it(setup, tmp_path):
+    client, assignment = setup
+    manifest = RunManifest.from_dict(assignment.manifest)
+    store = CheckpointStore(tmp_path / "ck")
+    backend = stage(assignment)
+    state = restore(backend, assignment, store, client, tmp_path / "cache", "c1", "t")
+    trained = stage(assignment)
+    trained.load(backend.weights())
+    saved = trained.weights()
+    # A checkpoint at step 7 whose weights differ from the swarm's (as after local training).
+    first = next(iter(saved))
+    t = saved[first]
+    saved[first] = type(t)(t.dtype, t.shape, bytes(len(t.data)))
+    store.save(
+        replace(state, step=7, fingerprint=manifest_fingerprint(manifest)), saved, trained.optimizer_state()
+    )
+
+    same_epoch = stage(assignment)
+    resumed = restore(same_epoch, assignment, store, client, tmp_path / "cache", "c1", "t")
+    assert resumed.step == 7 and same_epoch.weights()[first] == saved[first]
+
+    moved_on = assignment.model_copy(update={"epoch": assignment.epoch + 1})
+    synced = stage(assignment)
+    after = restore(synced, moved_on, store, client, tmp_path / "cache", "c1", "t")
+    assert after.step == 7, "local counters continue"
+    assert after.epoch == assignment.epoch + 1
+    assert synced.weights()[first] != saved[first], "the swarm's weights replace the stale checkpoint's"
