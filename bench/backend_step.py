@@ -20,20 +20,12 @@ import numpy as np
 
 from iota_cli import backend as bk
 from iota_cli.backend import OptimConfig
+from iota_cli.manifest import TINY_MODEL
 from iota_cli.modelspec import ModelConfig, forward_flops_per_token, param_count, stage_spec
 from iota_cli.tensors import DTYPE_CODES, RawTensor, decode, encode
 
 CONFIGS = {
-    "tiny": dict(
-        d_model=64,
-        n_layers=4,
-        n_heads=4,
-        n_kv_heads=2,
-        ffn_dim=176,
-        context=128,
-        bottleneck_dim=4,
-        stages=(1, 2, 1),
-    ),
+    "tiny": TINY_MODEL,
     "default": {},
     # ~1B parameters in IOTA's 1B shape: d_model 2048, 64x bottleneck, 16 layers split 4/8/4.
     "1b": dict(
