@@ -201,6 +201,7 @@ def join(opts: JoinOptions, paths: Paths, stop: threading.Event) -> int:
     client = Client(opts.orchestrator, stop=stop, on_wait=lambda m, s: log.warning("%s", m))
     try:
         client.token = ensure_token(client, opts, backend_name)
+        preferred = opts.stage
         while not stop.is_set():
             manifest = pick_run(client, opts.run_id)
             notifier.extend_timeout(120)
@@ -211,8 +212,8 @@ def join(opts: JoinOptions, paths: Paths, stop: threading.Event) -> int:
                 "throughput": throughput,
                 "memory_bytes": memory_budget(backend_name, _settings_cap()),
             }
-            if opts.stage is not None:
-                request["stage"] = opts.stage
+            if preferred is not None:
+                request["stage"] = preferred
             assignment = Assignment.model_validate(client.post("/v1/assignment", request))
             me = client.get("/v1/contributors/me")
             run_manifest = RunManifest.from_dict(assignment.manifest)
@@ -244,6 +245,7 @@ def join(opts: JoinOptions, paths: Paths, stop: threading.Event) -> int:
                 store.close()
             if not worker.reassign:
                 break
+            preferred = None  # the orchestrator asked us to move: let it choose
     finally:
         awake.stop()
         client.close()
