@@ -302,8 +302,14 @@ def _sysfs_power(root: Path) -> PowerStatus:
     return PowerStatus(on_ac, percent, True, "sysfs")
 
 
-def probe_power(root: Path = SYSFS_POWER, system: str | None = None) -> PowerStatus:
-    """AC or battery, cheaply, never raising: sysfs on Linux, `pmset -g batt` on macOS."""
+def probe_power(root: Path | None = None, system: str | None = None) -> PowerStatus:
+    """AC or battery, cheaply, never raising: sysfs on Linux, `pmset -g batt` on macOS.
+
+    IOTA_POWER_SUPPLY_DIR replaces /sys/class/power_supply (containers that mount the host's, and tests
+    that give a real `iota join` a battery this machine lacks).
+    """
+    if root is None:
+        root = Path(os.environ.get("IOTA_POWER_SUPPLY_DIR") or SYSFS_POWER)
     try:
         system = system or platform.system()
         if system == "Darwin":

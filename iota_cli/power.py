@@ -132,7 +132,7 @@ class PowerGuard:
         self,
         probe: Callable[[], Any] | None = None,
         allow_battery: bool = False,
-        check_every_s: float = 15.0,
+        check_every_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.probe = probe or _default_probe
