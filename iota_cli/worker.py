@@ -112,7 +112,9 @@ class Worker:
             "wait_s": self.options.claim_wait_s,
             "claim_id": uuid.uuid4().hex,
         }
-        reply = self.client.request("POST", "/v1/work/claim", json=body)
+        # A short read timeout bounds how long a hung orchestrator can delay a requested stop.
+        timeout = (5.0, self.options.claim_wait_s + 15.0)
+        reply = self.client.request("POST", "/v1/work/claim", json=body, timeout=timeout)
         if reply.status == 204:
             if reply.headers.get("X-Iota-Run-State") == "finished":
                 self.finished = True
@@ -209,7 +211,7 @@ class Worker:
     def _abandon(self, item: WorkItem, key: str) -> None:
         self._forget(key)
         try:
-            self.client.request("POST", f"/v1/work/{item.work_id}/abandon", wait=False)
+            self.client.request("POST", f"/v1/work/{item.work_id}/abandon", wait=False, timeout=(3.0, 5.0))
         except ClientError as e:
             log.info("could not give back %s: %s", item.work_id, e)
 
@@ -243,7 +245,9 @@ class Worker:
                 "tokens_per_s": self.progress.facts.tokens_per_s or 0.0,
             }
             try:
-                reply = self.client.request("POST", "/v1/heartbeat", json=body, wait=False)
+                reply = self.client.request(
+                    "POST", "/v1/heartbeat", json=body, wait=False, timeout=(5.0, 15.0)
+                )
                 with self._news_lock:
                     self._news = HeartbeatReply.model_validate(reply.data)
             except Stopped:
@@ -315,7 +319,8 @@ class Worker:
         except Exception:  # the previous checkpoint is intact; say so and carry on leaving
             log.exception("final checkpoint failed; the previous one stays valid")
         try:
-            self.client.request("POST", "/v1/contributors/me/leave", json={}, wait=False)
+            # Best effort and brief: the lease expires anyway if the orchestrator does not hear this.
+            self.client.request("POST", "/v1/contributors/me/leave", json={}, wait=False, timeout=(3.0, 5.0))
         except ClientError as e:
             log.info("could not tell the orchestrator we are leaving: %s", e)
         self._show(state="stopped")
