@@ -14,15 +14,13 @@ Try it against a running orchestrator:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
 import random
-import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +28,7 @@ from urllib.parse import urljoin, urlsplit
 
 from iota_cli import __version__
 from iota_cli.files import fsync_dir
+from iota_cli.partfile import file_lock, hash_file, parse_content_range, restart, verified
 
 if TYPE_CHECKING:
     import requests
@@ -254,12 +253,14 @@ class Client:
     ) -> Path:
         """Fetch url into dest (resuming `<dest>.part` with Range), check sha256; a good dest is a hit."""
         dest = Path(dest)
-        if _verified(dest, sha256, size):
+        if verified(dest, sha256, size):
             return dest
         dest.parent.mkdir(parents=True, exist_ok=True)
         part = dest.with_name(dest.name + ".part")
-        with _file_lock(dest.with_name(dest.name + ".lock"), self.stop):
-            if _verified(dest, sha256, size):  # another process fetched it while we waited for the lock
+        with file_lock(dest.with_name(dest.name + ".lock"), self.stop) as locked:
+            if not locked:
+                raise Stopped(f"stopped while another process downloads {dest.name}")
+            if verified(dest, sha256, size):  # another process fetched it while we waited for the lock
                 return dest
             for failures in range(1, self.integrity_retries + 1):
                 hasher = self._fetch(url, part, size, on_progress)
@@ -277,9 +278,9 @@ class Client:
 
     def _fetch(self, url: str, part: Path, size: int | None, on_progress: OnProgress | None) -> Any:
         """Bring part up to the whole body (resuming what is there); return its running sha256."""
-        hasher, have = _hash_file(part)
+        hasher, have = hash_file(part)
         if size is not None and have > size:
-            hasher, have = _restart(part)
+            hasher, have = restart(part)
         patience = _Patience(self, True)
         while True:
             headers = {"Accept-Encoding": "identity"}
@@ -297,7 +298,7 @@ class Client:
                     expected = total if total is not None else size
                     if have and (expected is None or expected == have):
                         return hasher
-                    hasher, have = _restart(part)
+                    hasher, have = restart(part)
                     continue
                 if status >= 400:
                     hint = _retry_after(r)
@@ -307,10 +308,10 @@ class Client:
                         continue
                     raise ApiError(status, _detail(r))
                 if status == 206 and (span is None or span[0] != have):
-                    hasher, have = _restart(part)  # not the piece we asked for: start clean
+                    hasher, have = restart(part)  # not the piece we asked for: start clean
                     continue
                 if status != 206 and have:
-                    hasher, have = _restart(part)  # 200 to a Range request: the server sent it all again
+                    hasher, have = restart(part)  # 200 to a Range request: the server sent it all again
                 if total is None and r.headers.get("Content-Length", "").isdigit():
                     total = have + int(r.headers["Content-Length"])
                 total = size if size is not None else total
@@ -350,17 +351,6 @@ class Client:
     def _who(self, path: str) -> str:
         url = self.url(path)
         return "orchestrator" if _origin(url) == self._origin else urlsplit(url).netloc
-
-
-def parse_content_range(value: str | None) -> tuple[int | None, int | None, int | None] | None:
-    """`bytes 0-9/100` -> (0, 9, 100); `bytes */100` -> (None, None, 100); anything else -> None."""
-    m = re.fullmatch(r"\s*bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*", value or "")
-    if not m:
-        return None
-    start, end, total = (None if g in (None, "*") else int(g) for g in m.groups())
-    if start is not None and end is not None and (end < start or (total is not None and end >= total)):
-        return None
-    return start, end, total
 
 
 def _transient_errors() -> tuple[type[Exception], ...]:
@@ -430,45 +420,3 @@ def _origin(url: str) -> tuple[str, str]:
 
 def _secs(s: float) -> str:
     return f"{s:.0f} s" if s >= 1.5 else f"{s:.1f} s"
-
-
-def _hash_file(path: Path) -> tuple[Any, int]:
-    hasher, n = hashlib.sha256(), 0
-    with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            hasher.update(chunk)
-            n += len(chunk)
-    return hasher, n
-
-
-def _restart(part: Path) -> tuple[Any, int]:
-    part.unlink(missing_ok=True)
-    return hashlib.sha256(), 0
-
-
-def _verified(path: Path, sha256: str, size: int | None) -> bool:
-    if not path.is_file() or (size is not None and path.stat().st_size != size):
-        return False
-    return _hash_file(path)[0].hexdigest() == sha256
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path, stop: threading.Event) -> Iterator[None]:
-    """Hold an exclusive lock on path so two workers sharing a cache never write one part file."""
-    try:
-        import fcntl
-    except ImportError:  # no fcntl (Windows): no cross-process sharing guard
-        yield
-        return
-    with open(path, "a") as f:
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if stop.wait(0.1):
-                    raise Stopped(f"stopped while waiting for {path.name}") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
