@@ -121,7 +121,7 @@ class Worker:
             else:
                 self._show(state="waiting for work")
                 if reply.retry_after:
-                    self.stop.wait(min(reply.retry_after, 5.0))
+                    self.stop.wait(min(reply.retry_after, self.options.claim_wait_s))
             return None
         return WorkItem.model_validate(reply.data)
 
@@ -310,7 +310,8 @@ class Worker:
         return path
 
     def _shutdown(self) -> None:
-        self.notifier.stopping("checkpointing")
+        if not self.reassign:  # moving to another stage is not stopping
+            self.notifier.stopping("checkpointing")
         self._show(state="checkpointing")
         for key in list(self._saved):
             self._forget(key)
