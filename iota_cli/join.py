@@ -17,6 +17,7 @@ from iota_cli import output
 from iota_cli.backend import BackendFactory, StageBackend
 from iota_cli.checkpoint import CheckpointStore, LoopState, manifest_fingerprint
 from iota_cli.client import Client
+from iota_cli.hardware import HardwareReport
 from iota_cli.manifest import RunManifest
 from iota_cli.modelspec import forward_flops_per_token, stage_spec
 from iota_cli.protocol import Assignment
@@ -39,6 +40,7 @@ class JoinOptions:
     name: str = ""
     token: str | None = None
     stage: int | None = None  # a preferred stage; the orchestrator may place us elsewhere
+    max_memory_gb: float = 0.0  # cap on the memory a stage may use (0: what the device has)
 
 
 class JoinError(Exception):
@@ -49,19 +51,16 @@ class JoinError(Exception):
         self.code, self.hint = code, hint
 
 
-def preflight(paths: Paths, backend: str) -> list[Check]:
-    """The doctor's checks that fail on this machine for this backend (network is checked by joining)."""
+def preflight(paths: Paths, backend: str) -> tuple[HardwareReport, list[Check]]:
+    """Probe once; the doctor's checks that fail here for this backend (joining checks the network)."""
     from iota_cli import hardware, requirements
 
     report = hardware.probe(data_dir=paths.data_dir, backend=backend)
-    return [c for c in requirements.check(report) if c.status == "fail"]
+    return report, [c for c in requirements.check(report) if c.status == "fail"]
 
 
-def memory_budget(factory_name: str, cap_gb: float) -> int:
+def memory_budget(report: HardwareReport, factory_name: str, cap_gb: float) -> int:
     """Bytes a stage may use on this device: the GPU's VRAM for CUDA, RAM otherwise (0: unknown)."""
-    from iota_cli import hardware
-
-    report = hardware.probe()
     if factory_name == "torch-cuda" and report.gpus:
         found = max(g.vram_bytes or 0 for g in report.gpus)
     elif factory_name in ("mlx", "torch-mps"):
@@ -181,7 +180,7 @@ def join(opts: JoinOptions, paths: Paths, stop: threading.Event) -> int:
     from iota_cli.progress import Progress
     from iota_cli.worker import LoopOptions, Worker
 
-    failures = preflight(paths, opts.backend)
+    report, failures = preflight(paths, opts.backend)
     if failures:
         names = ", ".join(f"{c.name} ({c.found})" for c in failures)
         if not opts.force:
@@ -210,7 +209,7 @@ def join(opts: JoinOptions, paths: Paths, stop: threading.Event) -> int:
                 "run_id": opts.run_id,
                 "backend": backend_name,
                 "throughput": throughput,
-                "memory_bytes": memory_budget(backend_name, _settings_cap()),
+                "memory_bytes": memory_budget(report, backend_name, opts.max_memory_gb),
             }
             if preferred is not None:
                 request["stage"] = preferred
@@ -250,9 +249,3 @@ def join(opts: JoinOptions, paths: Paths, stop: threading.Event) -> int:
         awake.stop()
         client.close()
     return output.EXIT_OK
-
-
-def _settings_cap() -> float:
-    from iota_cli import settings
-
-    return settings.load().max_memory_gb

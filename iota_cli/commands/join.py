@@ -77,6 +77,7 @@ def join(
         name=s.name,
         token=token,
         stage=stage,
+        max_memory_gb=s.max_memory_gb,
     )
     stop = threading.Event()
 
