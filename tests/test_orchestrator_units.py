@@ -174,7 +174,7 @@ def test_manifest_checks_name_each_problem(tmp_path):
     assert runs.parse_manifest(good, 10**9).name == "tiny"
     for patch, words in [
         ({"train": {"seq_len": 64, "lease_s": 0}}, "lease_s"),
-        ({"model": {**good["model"], "tokenizer": "tok.json"}}, "byte tokenizer"),
+        ({"model": {**good["model"], "tokenizer": str(tmp_path / "tok.json")}}, "tok.json. is not a file"),
         ({"data": {"source": str(tmp_path), "shard_bytes": 10}}, "shard_bytes"),
         ({"model": {**good["model"], "d_model": "wide"}}, "invalid manifest"),
         ({"model": 7}, "invalid manifest"),

@@ -155,7 +155,7 @@ def create_run(
     data_dir: DataDirOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Create a run from a manifest; a relative data.source is taken from the manifest's folder.
+    """Create a run from a manifest; relative data.source and model.tokenizer paths are taken from its folder.
 
     \b
     Example:
@@ -177,9 +177,11 @@ def create_run(
         m = RunManifest.load(manifest)
     except (OSError, ValueError, TypeError) as e:
         output.fail(f"{manifest}: {e}", code=output.EXIT_CONFIG)
-    source = m.data.source
+    source, tok = m.data.source, m.model.tokenizer
     if source and not os.path.isabs(os.path.expanduser(source)):
         m = replace(m, data=replace(m.data, source=str(manifest.resolve().parent / source)))
+    if tok and tok != "bytes" and not os.path.isabs(os.path.expanduser(tok)):
+        m = replace(m, model=replace(m.model, tokenizer=str(manifest.resolve().parent / tok)))
     reply = _call("POST", _url(url, data_dir), "/v1/runs", admin_token, {"manifest": m.to_dict()})
     if as_json:
         output.print_json(reply)

@@ -1,9 +1,11 @@
 """Training data by reference: text files become one token stream, cut into shards and samples.
 
-The stream is every file's bytes (byte tokenizer: id = byte) followed by an EOS token, files in sorted path
-order. Shards are `data.shard_bytes` tokens; a sample is `batch_size * (seq_len + 1)` consecutive tokens
-inside one shard, addressed by (shard, offset). Sample k of the run reads data index perm(epoch)[k % n],
-so every sample is used once per epoch and no two chains share a sample within an epoch.
+The stream is every file's tokens followed by an EOS token, files in sorted path order. With the byte
+tokenizer a token is a byte (id = byte), read straight from the files; with a tokenizer.json the stream is
+encoded once into a flat int32 cache (tokenizer.py) and read from there. Shards are `data.shard_bytes`
+tokens; a sample is `batch_size * (seq_len + 1)` consecutive tokens inside one shard, addressed by
+(shard, offset). Sample k of the run reads data index perm(epoch)[k % n], so every sample is used once per
+epoch and no two chains share a sample within an epoch.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from iota_cli.modelspec import EOS_ID
 @dataclass(frozen=True)
 class FileEntry:
     path: str
-    size: int
+    size: int  # tokens (bytes, for the byte tokenizer) before the EOS that follows the file
     start: int  # stream offset of the file's first token
 
 
@@ -125,7 +127,35 @@ def read_tokens(files: list[FileEntry], start: int, n: int) -> np.ndarray:
     return out
 
 
-def sample_tokens(files: list[FileEntry], layout: Layout, index: int, batch: int, seq: int) -> np.ndarray:
-    """The (batch, seq + 1) int32 tokens of corpus sample `index`."""
-    flat = read_tokens(files, layout.stream_offset(index), batch * (seq + 1))
+@dataclass(frozen=True)
+class TokenCache:
+    """A run's encoded stream: `n_tokens` little-endian int32 ids in one flat file."""
+
+    path: str
+    n_tokens: int
+    eos_id: int
+
+    def read(self, start: int, n: int) -> np.ndarray:
+        """Tokens [start, start + n) as int32, EOS past the end."""
+        out = np.full(n, self.eos_id, dtype=np.int32)
+        avail = max(min(n, self.n_tokens - start), 0)
+        if avail:
+            with open(self.path, "rb") as fh:
+                fh.seek(4 * start)
+                raw = fh.read(4 * avail)
+            out[: len(raw) // 4] = np.frombuffer(raw, dtype="<i4", count=len(raw) // 4)
+        return out
+
+
+def sample_tokens(
+    files: list[FileEntry],
+    layout: Layout,
+    index: int,
+    batch: int,
+    seq: int,
+    cache: TokenCache | None = None,
+) -> np.ndarray:
+    """The (batch, seq + 1) int32 tokens of corpus sample `index` (from `cache` when the run has one)."""
+    start, n = layout.stream_offset(index), batch * (seq + 1)
+    flat = cache.read(start, n) if cache is not None else read_tokens(files, start, n)
     return flat.reshape(batch, seq + 1)

@@ -30,7 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.pool import StaticPool
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 metadata = MetaData()
 
 
@@ -66,6 +66,20 @@ run_files = Table(
     Column("path", Text, nullable=False),
     Column("size", BigInteger, nullable=False),
     Column("start", BigInteger, nullable=False),  # offset of the file's first token in the run's stream
+)
+
+# A run with a tokenizer.json: its fingerprint, EOS, and the encoded stream cached on disk (v2).
+run_tokenizers = Table(
+    "run_tokenizers",
+    metadata,
+    _id("run_id", primary_key=True),
+    Column("path", Text, nullable=False),  # the tokenizer.json, resolved on the orchestrator's machine
+    Column("sha256", String(64), nullable=False),  # of the tokenizer.json the stream was encoded with
+    Column("eos_id", Integer, nullable=False),
+    Column("n_ids", Integer, nullable=False),  # the tokenizer's largest id + 1
+    Column("cache", Text, nullable=False),  # the flat int32 token file
+    Column("cache_sha256", String(64), nullable=False),
+    Column("n_tokens", BigInteger, nullable=False),
 )
 
 stages = Table(
@@ -222,7 +236,9 @@ blobs = Table(
 
 Migration = Callable[[Connection], None]
 # (version, what it does, how). Append only; never edit a released one.
-MIGRATIONS: list[tuple[int, str, Migration]] = []
+MIGRATIONS: list[tuple[int, str, Migration]] = [
+    (2, "run_tokenizers table", lambda conn: run_tokenizers.create(conn, checkfirst=True)),
+]
 
 
 class SchemaError(RuntimeError):

@@ -1,4 +1,5 @@
-"""Runs: create one from a manifest (index the data, make epoch-0 weights) and the facts derived from it.
+"""Runs: create one from a manifest (index or encode the data, make epoch-0 weights) and the facts derived
+from it.
 
 A RunCtx holds what never changes during a run (manifest, file index, sizes, per-stage costs); it is
 cached per run id, so hot endpoints never re-parse the manifest.
@@ -6,10 +7,13 @@ cached per run id, so hot endpoints never re-parse the manifest.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
+import shutil
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, insert, select
@@ -17,9 +21,9 @@ from sqlalchemy import Connection, bindparam, insert, select
 from iota_cli.manifest import RunManifest
 from iota_cli.modelspec import EOS_ID, ModelConfig, forward_flops_per_token, param_count, stage_spec
 from iota_cli.tensors import DTYPE_CODES, DTYPE_SIZES
-from iota_orchestrator import data, db, weights
+from iota_orchestrator import data, db, tokenizer, weights
 from iota_orchestrator.blobs import BlobStore
-from iota_orchestrator.errors import Invalid, NotFound
+from iota_orchestrator.errors import Conflict, Invalid, NotFound
 
 HEADER_SLACK = 4096
 
@@ -32,6 +36,7 @@ class RunCtx:
     layout: data.Layout
     gflops: tuple[float, ...]  # forward GFLOP per token, per stage
     memory_need: tuple[int, ...]  # estimated bytes a worker needs per stage
+    cache: data.TokenCache | None = None  # the encoded stream of a run with a tokenizer.json
 
     @property
     def cfg(self) -> ModelConfig:
@@ -66,12 +71,14 @@ class RunCtx:
 def manifest_problems(m: RunManifest, max_params: int) -> list[str]:
     """What the orchestrator cannot serve in an otherwise valid manifest."""
     t, cfg, p = m.train, m.model, []
-    if cfg.tokenizer != "bytes":
+    if cfg.tokenizer == "bytes":
+        if cfg.vocab_size <= EOS_ID:
+            p.append(f"model.vocab_size must exceed {EOS_ID} for the byte tokenizer")
+    elif not Path(cfg.tokenizer).expanduser().is_file():
         p.append(
-            "only the byte tokenizer (model.tokenizer = 'bytes') is served by the reference orchestrator"
+            f"model.tokenizer {cfg.tokenizer!r} is not a file on the orchestrator's machine "
+            "(use 'bytes' or the path of a tokenizers tokenizer.json)"
         )
-    if cfg.vocab_size <= EOS_ID:
-        p.append(f"model.vocab_size must exceed {EOS_ID} for the byte tokenizer")
     if t.seq_len < 1 or t.merge_interval < 1 or t.max_inflight_per_head < 1 or t.max_samples < 0:
         p.append("train.seq_len, merge_interval and max_inflight_per_head must be >= 1, max_samples >= 0")
     for name in ("lease_s", "work_timeout_s", "merge_timeout_s"):
@@ -109,13 +116,15 @@ def memory_need(m: RunManifest, stage: int) -> int:
     return param_count(cfg, spec) * 16 + acts
 
 
-def make_ctx(run_id: str, m: RunManifest, files: list[data.FileEntry]) -> RunCtx:
+def make_ctx(
+    run_id: str, m: RunManifest, files: list[data.FileEntry], cache: data.TokenCache | None = None
+) -> RunCtx:
     total = (files[-1].start + files[-1].size + 1) if files else 0
     layout = data.Layout(total, m.data.shard_bytes, m.train.batch_size * (m.train.seq_len + 1))
     cfg = m.model
     gflops = tuple(forward_flops_per_token(cfg, stage_spec(cfg, s)) / 1e9 for s in range(cfg.n_stages))
     mem = tuple(memory_need(m, s) for s in range(cfg.n_stages))
-    return RunCtx(run_id, m, tuple(files), layout, gflops, mem)
+    return RunCtx(run_id, m, tuple(files), layout, gflops, mem, cache)
 
 
 def weights_key(run_id: str, stage: int, epoch: int) -> str:
@@ -126,21 +135,49 @@ def weights_key(run_id: str, stage: int, epoch: int) -> str:
 class Prepared:
     ctx: RunCtx
     weights: tuple[tuple[str, str, int], ...]  # (key, sha256, size) per stage
+    tok: tokenizer.Record | None = None  # set when the run has a tokenizer.json
 
 
-def prepare(blobs: BlobStore, m: RunManifest) -> Prepared:
-    """Index the data and write epoch-0 weights for every stage (slow; runs outside the write lock)."""
-    files = data.index_files(data.list_files(m.data.source))
+def run_dir(data_dir: Path, run_id: str) -> Path:
+    """Where a run keeps files that are not blobs (the token cache)."""
+    return data_dir / "runs" / run_id
+
+
+def encode(m: RunManifest, paths: list[Path], dest: Path) -> tuple[list[data.FileEntry], tokenizer.Record]:
+    """Check the run's tokenizer.json against the model and encode the corpus into `dest`."""
+    t = tokenizer.load(m.model.tokenizer)
+    problem = tokenizer.vocab_problem(t, m.model.vocab_size)
+    if problem:
+        raise Invalid("invalid manifest: " + problem)
+    files, sha = tokenizer.encode_files(t, paths, dest)
+    n = (files[-1].start + files[-1].size + 1) if files else 0
+    return files, tokenizer.Record(t.path, t.sha256, t.eos_id, t.n_ids, str(dest), sha, n)
+
+
+def prepare(blobs: BlobStore, m: RunManifest, data_dir: Path) -> Prepared:
+    """Index (or encode) the data and write epoch-0 weights for every stage (slow; outside the write lock)."""
+    paths = data.list_files(m.data.source)
     run_id = "run-" + secrets.token_hex(4)
-    ctx = make_ctx(run_id, m, files)
+    tok: tokenizer.Record | None = None
+    if m.model.tokenizer == "bytes":
+        files = data.index_files(paths)
+    else:
+        try:
+            files, tok = encode(m, paths, run_dir(data_dir, run_id) / tokenizer.CACHE_NAME)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(run_dir(data_dir, run_id))
+            raise
+    ctx = make_ctx(run_id, m, files, tok.token_cache() if tok else None)
     if ctx.layout.n_samples < 1:
+        shutil.rmtree(run_dir(data_dir, run_id), ignore_errors=True)
         raise Invalid(f"data.source {m.data.source!r} yields no sample (no text files, or too little text)")
     stored = []
     for s in range(m.model.n_stages):
         key = weights_key(run_id, s, 0)
         b = blobs.write(key, weights.init_stage(m.model, s, m.seed))
         stored.append((key, b.sha256, b.size))
-    return Prepared(ctx, tuple(stored))
+    return Prepared(ctx, tuple(stored), tok)
 
 
 def record(conn: Connection, p: Prepared, now: float) -> str:
@@ -169,6 +206,8 @@ def record(conn: Connection, p: Prepared, now: float) -> str:
                 for i, f in enumerate(ctx.files)
             ],
         )
+    if p.tok is not None:
+        conn.execute(insert(db.run_tokenizers).values(run_id=run_id, **asdict(p.tok)))
     for s, (key, sha, size) in enumerate(p.weights):
         conn.execute(insert(db.blobs).values(key=key, sha256=sha, size=size, created=now, sealed=True))
         conn.execute(insert(db.stages).values(run_id=run_id, stage=s, epoch=0, weights_key=key, updated=now))
@@ -194,7 +233,14 @@ def context(conn: Connection, run_id: str) -> RunCtx:
         select(db.run_files).where(db.run_files.c.run_id == run_id).order_by(db.run_files.c.idx)
     ).all()
     files = [data.FileEntry(r.path, r.size, r.start) for r in rows]
-    ctx = make_ctx(run_id, m, files)
+    cache = None
+    if m.model.tokenizer != "bytes":
+        tok = conn.execute(select(db.run_tokenizers).where(db.run_tokenizers.c.run_id == run_id)).first()
+        if tok is None:
+            raise Conflict(f"run {run_id!r} names a tokenizer but has no record of its token stream")
+        rec = tokenizer.Record(**{k: getattr(tok, k) for k in tokenizer.Record.__dataclass_fields__})
+        cache = tokenizer.open_cache(run_id, rec, [f.path for f in files])
+    ctx = make_ctx(run_id, m, files, cache)
     with _cache_lock:
         _cache[run_id] = ctx
     return ctx

@@ -36,7 +36,7 @@ from iota_orchestrator.weights import check_tensors
 
 def tokens_blob(ctx: RunCtx, index: int) -> bytes:
     t = ctx.manifest.train
-    arr = data.sample_tokens(list(ctx.files), ctx.layout, index, t.batch_size, t.seq_len)
+    arr = data.sample_tokens(list(ctx.files), ctx.layout, index, t.batch_size, t.seq_len, ctx.cache)
     return encode({"tokens": RawTensor("I32", tuple(arr.shape), arr.tobytes())})
 
 

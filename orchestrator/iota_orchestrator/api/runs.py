@@ -27,9 +27,9 @@ async def health() -> Health:
     responses={401: {"model": Problem}, 403: {"model": Problem}, 422: {"model": Problem}},
 )
 async def create_run(body: RunCreate, state: StateDep) -> RunCreated:
-    """Create a run: index its data, write epoch-0 weights for every stage."""
+    """Create a run: index (or, with a tokenizer.json, encode) its data, write epoch-0 weights."""
     m = runs.parse_manifest(body.manifest, state.config.max_params)
-    prepared = await run_in_threadpool(runs.prepare, state.blobs, m)
+    prepared = await run_in_threadpool(runs.prepare, state.blobs, m, state.config.data_dir)
 
     def record() -> str:
         with state.tx() as conn:
