@@ -171,3 +171,38 @@ def test_iota_swarm_trains_on_another_directory_of_text(tmp_path):
     assert summary["state"] == "finished"
     assert all(w["exit_code"] == 0 for w in summary["workers"])
     assert summary["last_loss"] < summary["first_loss"] - 1.0, summary
+
+
+def test_ctrl_c_stops_the_whole_swarm_cleanly(tmp_path):
+    """Ctrl-C in the middle of a long run: every worker checkpoints and exits 0, the summary still prints."""
+    home = tmp_path / "s"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "iota_cli",
+            "swarm",
+            "--workers",
+            "3",
+            "--max-steps",
+            "1000",
+            "--json",
+            "--home",
+            str(home),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: checkpoint_step(home / "worker-2") >= 2, 180, 1.0, "the tail's first checkpoints")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads(out)
+    assert summary["state"] == "running"  # stopped early, not finished
+    assert summary["tokens"] > 0 and len(summary["workers"]) == 3
+    assert all(w["exit_code"] == 0 for w in summary["workers"])
