@@ -1,0 +1,59 @@
+"""The swarm's model trained sequentially in one process: the loss a local swarm is compared against.
+
+Same tiny manifest, data (the stdlib's *.py, or --data GLOB), batch and optimizer as `iota swarm`, but one
+replica per stage and no pipeline staleness or merging. Prints the mean tail loss every 100 samples.
+
+    .venv/bin/python bench/chain_reference.py --samples 600 [--backend torch-cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+from pathlib import Path
+
+import numpy as np
+
+from iota_cli.backend import get_factory
+from iota_cli.manifest import tiny_manifest
+from iota_cli.swarm import default_data
+from iota_cli.tensors import RawTensor
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=600)
+    ap.add_argument("--backend", default="torch-cpu")
+    ap.add_argument("--data", default=default_data(), help="glob of text files")
+    args = ap.parse_args()
+
+    m = tiny_manifest(args.data)
+    cfg, train = m.model, m.train
+    text = b"".join(Path(f).read_bytes() for f in sorted(glob.glob(args.data, recursive=True)))
+    data = np.frombuffer(text, dtype=np.uint8).astype(np.int32)
+    stages = [get_factory(args.backend).create(cfg, i, m.optim, seed=m.seed) for i in range(cfg.n_stages)]
+    rng = np.random.default_rng(0)
+    b, t = train.batch_size, train.seq_len
+    losses = []
+    for i in range(1, args.samples + 1):
+        off = int(rng.integers(0, len(data) - b * (t + 1)))
+        tok = data[off : off + b * (t + 1)].reshape(b, t + 1)
+        x = {"tokens": RawTensor("I32", (b, t), np.ascontiguousarray(tok[:, :-1]).tobytes())}
+        for s in stages[:-1]:
+            x = s.forward("w", x)
+        stages[-1].forward("w", x)
+        targets = RawTensor("I32", (b, t), np.ascontiguousarray(tok[:, 1:]).tobytes())
+        r = stages[-1].backward("w", {"targets": targets})
+        grads = r.grads
+        for s in reversed(stages[:-1]):
+            grads = s.backward("w", grads).grads
+        losses.append(r.loss)
+        if i % train.backward_per_step == 0:
+            for s in stages:
+                s.step()
+        if i % 100 == 0:
+            print(f"samples {i:5d}  tail loss (mean of last 20) {np.mean(losses[-20:]):.3f}")
+
+
+if __name__ == "__main__":
+    main()
