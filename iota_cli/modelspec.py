@@ -245,11 +245,6 @@ def initial_weights(cfg: ModelConfig, stage: StageSpec | int, seed: int = 0) -> 
     return out
 
 
-def activation_shape(cfg: ModelConfig, batch: int, seq: int) -> tuple[int, int, int]:
-    """Shape of what crosses a stage boundary, in either direction."""
-    return (batch, seq, cfg.bottleneck_dim)
-
-
 def rope_tables(cfg: ModelConfig, seq_len: int) -> tuple[list[float], list[float]]:
     """cos and sin of the RoPE angles pos * rope_theta^(-2i/head_dim), (seq_len, head_dim/2) row-major.
 

@@ -109,8 +109,3 @@ class Notifier:
 
     def stopping(self, status: str | None = None) -> bool:
         return self.send("STOPPING=1", *([f"STATUS={status}"] if status else []))
-
-
-def disabled() -> Notifier:
-    """A notifier that never sends (tests, `iota swarm` workers)."""
-    return Notifier(None)

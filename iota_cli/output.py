@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -44,12 +43,3 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def is_interactive() -> bool:
-    """A person is watching a terminal (not systemd, not a pipe)."""
-    import os
-
-    if os.environ.get("INVOCATION_ID") or os.environ.get("JOURNAL_STREAM"):
-        return False
-    return sys.stderr.isatty()

@@ -14,7 +14,7 @@ import sys
 import sysconfig
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -123,12 +123,11 @@ class Swarm:
 
     @classmethod
     def create(cls, options: SwarmOptions, home: Path) -> Swarm:
-        stages = 3
-        replicas = max(1, options.workers // stages)
-        train_k = tiny_manifest("").train.backward_per_step
-        manifest = tiny_manifest(
-            options.data or default_data(), max_samples=options.max_steps * train_k * replicas
-        )
+        m = tiny_manifest(options.data or default_data())
+        # Size the run so each replica takes about max_steps optimizer steps.
+        replicas = max(1, options.workers // m.model.n_stages)
+        samples = options.max_steps * m.train.backward_per_step * replicas
+        manifest = replace(m, train=replace(m.train, max_samples=samples))
         return cls(options=options, home=home, manifest=manifest)
 
     def start_server(self) -> None:

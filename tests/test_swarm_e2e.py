@@ -135,7 +135,6 @@ def test_killed_orchestrator_comes_back_and_workers_carry_on(swarm):
     wait_for(lambda: (s.status() or {}).get("samples_completed", 0) >= 6, 240, 1.0, "training to start")
     pids = [w.proc.pid for w in s.workers]
     s.orchestrator.kill()
-    completed_before = None
     time.sleep(4)  # workers now see connection refused and wait with backoff
     assert all(w.running() for w in s.workers), "a worker died while the orchestrator was down"
     logs = [(w.home / "worker.log").read_text() for w in s.workers]
