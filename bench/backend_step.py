@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from iota_cli import backend as bk
-from iota_cli.backend import OptimConfig
-from iota_cli.manifest import TINY_MODEL
-from iota_cli.modelspec import ModelConfig, forward_flops_per_token, param_count, stage_spec
-from iota_cli.tensors import DTYPE_CODES, RawTensor, decode, encode
+from iota_cli.core import backend as bk
+from iota_cli.core.backend import OptimConfig
+from iota_cli.core.manifest import TINY_MODEL
+from iota_cli.core.modelspec import ModelConfig, forward_flops_per_token, param_count, stage_spec
+from iota_cli.core.tensors import DTYPE_CODES, RawTensor, decode, encode
 
 CONFIGS = {
     "tiny": TINY_MODEL,

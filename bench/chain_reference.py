@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from iota_cli.backend import get_factory
-from iota_cli.manifest import tiny_manifest
-from iota_cli.swarm import default_data
-from iota_cli.tensors import RawTensor
+from iota_cli.core.backend import get_factory
+from iota_cli.core.manifest import tiny_manifest
+from iota_cli.core.tensors import RawTensor
+from iota_cli.swarm.local import default_data
 
 
 def main() -> None:

@@ -11,10 +11,10 @@ import math
 import numpy as np
 import pytest
 
-from iota_cli import backend as bk
-from iota_cli.backend import OptimConfig, StageInputError, UnknownWorkId
-from iota_cli.modelspec import ModelConfig, initial_weights
-from iota_cli.tensors import RawTensor, decode, encode
+from iota_cli.core import backend as bk
+from iota_cli.core.backend import OptimConfig, StageInputError, UnknownWorkId
+from iota_cli.core.modelspec import ModelConfig, initial_weights
+from iota_cli.core.tensors import RawTensor, decode, encode
 
 CFG = ModelConfig(
     d_model=32,

@@ -10,8 +10,8 @@ mx = pytest.importorskip("mlx.core")
 import iota_mlx  # noqa: E402
 from stage_contract import CFG, OPTIM, StageContract, arr  # noqa: E402
 
-from iota_cli.backend import BackendError  # noqa: E402
-from iota_cli.tensors import RawTensor  # noqa: E402
+from iota_cli.core.backend import BackendError  # noqa: E402
+from iota_cli.core.tensors import RawTensor  # noqa: E402
 
 
 class TestMlxStage(StageContract):

@@ -19,9 +19,9 @@ import iota_mlx  # noqa: E402
 import iota_torch  # noqa: E402
 from stage_contract import arr, raw  # noqa: E402
 
-from iota_cli.backend import OptimConfig  # noqa: E402
-from iota_cli.modelspec import ModelConfig, initial_weights  # noqa: E402
-from iota_cli.tensors import decode, encode  # noqa: E402
+from iota_cli.core.backend import OptimConfig  # noqa: E402
+from iota_cli.core.modelspec import ModelConfig, initial_weights  # noqa: E402
+from iota_cli.core.tensors import decode, encode  # noqa: E402
 
 torch.set_num_threads(1)
 

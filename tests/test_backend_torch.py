@@ -13,8 +13,8 @@ torch = pytest.importorskip("torch")
 import iota_torch  # noqa: E402
 from stage_contract import CFG, OPTIM, StageContract, arr, run_item  # noqa: E402
 
-from iota_cli.backend import BackendError  # noqa: E402
-from iota_cli.modelspec import ModelConfig, estimate_memory, initial_weights, stage_spec  # noqa: E402
+from iota_cli.core.backend import BackendError  # noqa: E402
+from iota_cli.core.modelspec import ModelConfig, estimate_memory, initial_weights, stage_spec  # noqa: E402
 
 torch.set_num_threads(1)  # the CI box has two cores shared with other jobs
 
@@ -25,7 +25,7 @@ class TestTorchStage(StageContract):
 
 def test_loading_the_entry_points_imports_no_framework():
     code = (
-        "import sys; from iota_cli.backend import factories; fs = factories();"
+        "import sys; from iota_cli.core.backend import factories; fs = factories();"
         "assert {'torch-cpu', 'torch-cuda', 'torch-mps', 'mlx', 'mlx-cpu'} <= set(fs), fs;"
         "assert 'torch' not in sys.modules and 'mlx' not in sys.modules, 'framework imported'"
     )

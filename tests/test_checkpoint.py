@@ -17,7 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iota_cli.checkpoint import (
+from iota_cli.core.manifest import tiny_manifest
+from iota_cli.core.tensors import DTYPE_SIZES, RawTensor, decode
+from iota_cli.train.checkpoint import (
     CheckpointError,
     CheckpointStore,
     LoopState,
@@ -25,8 +27,6 @@ from iota_cli.checkpoint import (
     pack,
     unpack,
 )
-from iota_cli.manifest import tiny_manifest
-from iota_cli.tensors import DTYPE_SIZES, RawTensor, decode
 
 
 def state(step: int, **kw) -> LoopState:
@@ -141,7 +141,7 @@ def test_fingerprint_mismatch_is_refused(tmp_path):
 
 
 def test_newer_format_is_refused_with_a_clear_message(monkeypatch):
-    import iota_cli.checkpoint as checkpoint
+    import iota_cli.train.checkpoint as checkpoint
 
     monkeypatch.setattr(checkpoint, "FORMAT_VERSION", 9)
     blob = pack(state(1), *tensors(1))
@@ -191,8 +191,8 @@ WRITER = textwrap.dedent(
     """
     import struct, sys
     from pathlib import Path
-    from iota_cli.checkpoint import CheckpointStore, LoopState
-    from iota_cli.tensors import RawTensor
+    from iota_cli.train.checkpoint import CheckpointStore, LoopState
+    from iota_cli.core.tensors import RawTensor
 
     store, start = CheckpointStore(Path(sys.argv[1])), int(sys.argv[2])
     n = 1 << 20  # 4 MiB of float32 per tensor

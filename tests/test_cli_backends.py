@@ -6,8 +6,8 @@ import json
 
 from typer.testing import CliRunner
 
-from iota_cli import backend as bk
 from iota_cli.app import app
+from iota_cli.core import backend as bk
 
 
 def invoke(*args):

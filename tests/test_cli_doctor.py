@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from iota_cli.app import app
-from iota_cli.hardware import GIB, cgroup_memory_limit
+from iota_cli.machine.hardware import GIB, cgroup_memory_limit
 
 HAS_NVIDIA = shutil.which("nvidia-smi") is not None
 

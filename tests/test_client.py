@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iota_cli import __version__
-from iota_cli.client import ApiError, Client, IntegrityError, Stopped, Unreachable
-from iota_cli.partfile import parse_content_range
+from iota_cli.train.client import ApiError, Client, IntegrityError, Stopped, Unreachable
+from iota_cli.train.partfile import parse_content_range
 
 Route = Callable[["Handler"], None]
 

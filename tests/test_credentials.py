@@ -15,9 +15,9 @@ import pytest
 from keyring.errors import PasswordDeleteError
 from typer.testing import CliRunner
 
-from iota_cli import credentials
 from iota_cli.app import app
-from iota_cli.credentials import CredentialsError, fingerprint, resolve_token
+from iota_cli.config import credentials
+from iota_cli.config.credentials import CredentialsError, fingerprint, resolve_token
 
 TOKEN = "iota_tok_5ecret-Value-0123456789"
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from iota_cli import hardware
-from iota_cli.hardware import GIB, GPU, HardwareReport, PowerStatus
-from iota_cli.readiness import probe_backend
+from iota_cli.machine import hardware
+from iota_cli.machine.hardware import GIB, GPU, HardwareReport, PowerStatus
+from iota_cli.machine.readiness import probe_backend
 
 SMI_OUTPUT = "0, NVIDIA GeForce RTX 4090, 24564, 550.54.14\n1, Tesla T4, 15360, 550.54.14\n"
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from notify_listener import NotifyListener
 
-from iota_cli.checkpoint import CheckpointStore
-from iota_cli.swarm import Swarm, SwarmOptions, default_data
+from iota_cli.swarm.local import Swarm, SwarmOptions, default_data
+from iota_cli.train.checkpoint import CheckpointStore
 
 pytestmark = pytest.mark.slow
 

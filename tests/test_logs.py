@@ -9,13 +9,13 @@ import sys
 
 import pytest
 
-from iota_cli.logs import is_journal, redact, setup_logging, under_systemd
+from iota_cli.headless.logs import is_journal, redact, setup_logging, under_systemd
 
 SECRET = "tok_5e1f0a9b8c7d6e5f4a3b"
 
 CHILD = """
 import logging, sys
-from iota_cli.logs import redact, setup_logging
+from iota_cli.headless.logs import redact, setup_logging
 redact(sys.argv[1])
 setup_logging("DEBUG")
 log = logging.getLogger("iota.worker")

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iota_cli import backend as bk
-from iota_cli.backend import BackendError
-from iota_cli.modelspec import (
+from iota_cli.core import backend as bk
+from iota_cli.core.backend import BackendError
+from iota_cli.core.modelspec import (
     ModelConfig,
     estimate_memory,
     initial_weights,

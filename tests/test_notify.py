@@ -10,7 +10,7 @@ import time
 import pytest
 from notify_listener import NotifyListener
 
-from iota_cli.notify import Notifier, socket_address, watchdog_interval
+from iota_cli.headless.notify import Notifier, socket_address, watchdog_interval
 
 
 @pytest.fixture
@@ -103,7 +103,7 @@ def test_a_missing_socket_is_not_an_error(tmp_path):
 def test_a_separate_process_notifies_and_hides_the_socket_from_its_children(listener):
     code = (
         "import os, subprocess, sys\n"
-        "from iota_cli.notify import Notifier\n"
+        "from iota_cli.headless.notify import Notifier\n"
         "n = Notifier.from_env(unset=True)\n"
         "n.ready('up'); n.watchdog(); n.stopping()\n"
         "print(os.environ.get('NOTIFY_SOCKET'), os.environ.get('WATCHDOG_USEC'))\n"

@@ -16,8 +16,8 @@ import requests
 from iota_orchestrator.process import OrchestratorProcess, wait_until
 from iota_orchestrator.simworker import SimWorker, write_corpus
 
-from iota_cli.manifest import tiny_manifest
-from iota_cli.tensors import RawTensor, decode, encode
+from iota_cli.core.manifest import tiny_manifest
+from iota_cli.core.tensors import RawTensor, decode, encode
 
 ADMIN = "admin-token-for-tests"
 

@@ -14,7 +14,7 @@ import requests
 from iota_orchestrator.process import OrchestratorProcess, wait_until
 from iota_orchestrator.simworker import ProtocolError, SimWorker, write_corpus
 
-from iota_cli.manifest import tiny_manifest
+from iota_cli.core.manifest import tiny_manifest
 
 ADMIN = "admin-token-for-restart"
 

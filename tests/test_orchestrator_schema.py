@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from iota_orchestrator.process import OrchestratorProcess
 from iota_orchestrator.simworker import SimWorker, write_corpus
 
-from iota_cli.manifest import tiny_manifest
+from iota_cli.core.manifest import tiny_manifest
 
 ADMIN = "admin-token-for-fuzzing"
 

@@ -23,8 +23,8 @@ from iota_orchestrator.process import OrchestratorProcess
 from iota_orchestrator.simworker import SimWorker, write_corpus
 from sqlalchemy import inspect
 
-from iota_cli.manifest import tiny_manifest
-from iota_cli.tensors import decode
+from iota_cli.core.manifest import tiny_manifest
+from iota_cli.core.tensors import decode
 
 ADMIN = "admin-token-for-tokenizers"
 

@@ -13,9 +13,9 @@ from iota_orchestrator.blobs import BlobStore, check_key
 from iota_orchestrator.errors import ApiError, BadRequest, Forbidden, TooLarge, Unauthorized
 from sqlalchemy import inspect, text
 
-from iota_cli.manifest import tiny_manifest
-from iota_cli.modelspec import EOS_ID, ModelConfig, stage_params, stage_spec
-from iota_cli.tensors import RawTensor, decode, encode
+from iota_cli.core.manifest import tiny_manifest
+from iota_cli.core.modelspec import EOS_ID, ModelConfig, stage_params, stage_spec
+from iota_cli.core.tensors import RawTensor, decode, encode
 
 
 def test_every_sample_once_per_epoch_and_never_across_a_shard(tmp_path):
@@ -193,7 +193,7 @@ def test_credits_weigh_stage_compute():
 
 def test_core_never_imports_the_server_stack():
     code = (
-        "import sys, iota_cli.app, iota_cli.protocol, iota_cli.commands.orchestrator\n"
+        "import sys, iota_cli.app, iota_cli.core.protocol, iota_cli.commands.orchestrator\n"
         "heavy = ('fastapi', 'sqlalchemy', 'uvicorn', 'numpy', 'iota_orchestrator')\n"
         "bad = [m for m in heavy if m in sys.modules]\n"
         "assert not bad, bad\n"

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from iota_cli import hardware
-from iota_cli.power import KeepAwake, PowerGuard, keep_awake_command
+from iota_cli.machine import hardware
+from iota_cli.machine.power import KeepAwake, PowerGuard, keep_awake_command
 
 
 def facts(*on_ac):
@@ -32,7 +32,7 @@ def facts(*on_ac):
 
 def test_battery_pauses_and_ac_resumes(caplog):
     guard = PowerGuard(probe=facts(True, False, False, True, True), check_every_s=0)
-    with caplog.at_level(logging.INFO, logger="iota_cli.power"):
+    with caplog.at_level(logging.INFO, logger="iota_cli.machine.power"):
         answers = [guard.should_pause() for _ in range(5)]
     assert answers[0] is None and answers[3] is None and answers[4] is None
     assert answers[1] == answers[2] and "on battery (42%)" in answers[1] and "--allow-battery" in answers[1]

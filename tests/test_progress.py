@@ -11,8 +11,8 @@ import sys
 import pytest
 from notify_listener import NotifyListener
 
-from iota_cli.notify import Notifier
-from iota_cli.progress import Facts, Progress, describe, si
+from iota_cli.headless.notify import Notifier
+from iota_cli.headless.progress import Facts, Progress, describe, si
 
 
 class Clock:
@@ -120,7 +120,7 @@ def test_formatting():
 def test_tqdm_is_not_imported_off_a_terminal():
     code = (
         "import sys\n"
-        "from iota_cli.progress import Progress\n"
+        "from iota_cli.headless.progress import Progress\n"
         "p = Progress('x', interactive=False); p.update(step=1); p.close()\n"
         "assert 'tqdm' not in sys.modules, 'tqdm imported'\n"
     )

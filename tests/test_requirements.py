@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from iota_cli.hardware import GIB, GPU, HardwareReport, PowerStatus, SleepStatus
-from iota_cli.readiness import BackendStatus, NetworkStatus
-from iota_cli.requirements import Check, check, failed
+from iota_cli.machine.hardware import GIB, GPU, HardwareReport, PowerStatus, SleepStatus
+from iota_cli.machine.readiness import BackendStatus, NetworkStatus
+from iota_cli.machine.requirements import Check, check, failed
 
 MIB = 1024**2
 AC_DESKTOP = PowerStatus(on_ac=True, battery_percent=None, has_battery=False, source="test")

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from iota_cli import service as svc
 from iota_cli.app import app
+from iota_cli.headless import service as svc
 
 TOKEN = "tok_9f3c1d2e7a6b5c4d3e2f1a0b"
 URL = "https://swarm.example.org/run%201?a=$b"  # % and $ must survive unit-file escaping
@@ -290,7 +290,7 @@ def test_cli_install_user_unit(tmp_path, monkeypatch, iota_home):
 def test_cli_install_without_token_exits_78(tmp_path, monkeypatch):
     monkeypatch.setattr(svc, "run_command", Recorder())
     monkeypatch.setattr(svc, "systemd_running", lambda: True)
-    monkeypatch.setattr("iota_cli.credentials._keyring_get", lambda accounts: (None, "no keyring"))
+    monkeypatch.setattr("iota_cli.config.credentials._keyring_get", lambda accounts: (None, "no keyring"))
     env = {"XDG_CONFIG_HOME": str(tmp_path / "xdg")}
     result = CliRunner().invoke(app, ["service", "install", "--user", "--orchestrator", "http://x"], env=env)
     assert result.exit_code == 78

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from iota_cli.swarm import Swarm, SwarmOptions, default_data
+from iota_cli.swarm.local import Swarm, SwarmOptions, default_data
 
 pytestmark = pytest.mark.slow
 
@@ -162,7 +162,7 @@ def test_iota_swarm_trains_on_another_directory_of_text(tmp_path):
         lines = [" ".join(words[(j * 7 + k * (i + 1)) % len(words)] for k in range(12)) for j in range(2000)]
         (data / f"book-{i}.txt").write_text("\n".join(lines))
     stop = threading.Event()
-    from iota_cli.swarm import run_swarm
+    from iota_cli.swarm.local import run_swarm
 
     summary = run_swarm(
         SwarmOptions(workers=6, max_steps=20, data=str(data), home=tmp_path / "s"), stop, interactive=False

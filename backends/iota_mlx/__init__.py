@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from iota_cli.backend import BackendError, OptimConfig
-from iota_cli.modelspec import ModelConfig
+from iota_cli.core.backend import BackendError, OptimConfig
+from iota_cli.core.modelspec import ModelConfig
 
 if TYPE_CHECKING:
     from iota_mlx.stage import MlxStage

@@ -9,7 +9,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from iota_cli.modelspec import ModelConfig, StageSpec, rope_tables
+from iota_cli.core.modelspec import ModelConfig, StageSpec, rope_tables
 
 Weights = dict[str, mx.array]
 

@@ -1,4 +1,4 @@
-"""One pipeline stage trained with MLX: the StageBackend of iota_cli.backend.
+"""One pipeline stage trained with MLX: the StageBackend of iota_cli.core.backend.
 
 MLX has no tape: forward evaluates the output and keeps only its input and the (immutable) weight
 arrays it used; backward recomputes through mx.vjp. So an in-flight item costs one input tensor, and
@@ -13,10 +13,10 @@ from typing import cast
 import mlx.core as mx
 import numpy as np
 
-from iota_cli import backend as bk
-from iota_cli.backend import BackwardResult, OptimConfig, StageInputError, UnknownWorkId
-from iota_cli.modelspec import ModelConfig, estimate_memory, initial_weights, stage_params, stage_spec
-from iota_cli.tensors import DTYPE_CODES, RawTensor, TensorDict
+from iota_cli.core import backend as bk
+from iota_cli.core.backend import BackwardResult, OptimConfig, StageInputError, UnknownWorkId
+from iota_cli.core.modelspec import ModelConfig, estimate_memory, initial_weights, stage_params, stage_spec
+from iota_cli.core.tensors import DTYPE_CODES, RawTensor, TensorDict
 from iota_mlx import model
 
 MX_DTYPES = {

@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from iota_cli.backend import BackendError, OptimConfig
-from iota_cli.modelspec import ModelConfig
+from iota_cli.core.backend import BackendError, OptimConfig
+from iota_cli.core.modelspec import ModelConfig
 
 if TYPE_CHECKING:
     from iota_torch.stage import TorchStage

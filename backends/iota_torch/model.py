@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from iota_cli.modelspec import ModelConfig, StageSpec, rope_tables
+from iota_cli.core.modelspec import ModelConfig, StageSpec, rope_tables
 
 Weights = dict[str, Tensor]
 

@@ -1,4 +1,4 @@
-"""One pipeline stage trained with torch: the StageBackend of iota_cli.backend.
+"""One pipeline stage trained with torch: the StageBackend of iota_cli.core.backend.
 
 Each forward keeps its autograd graph and the weight tensors it used under its work id. step() and
 load() never change those tensors in place once a forward holds them; they move on to fresh ones, so
@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from iota_cli import backend as bk
-from iota_cli.backend import BackwardResult, OptimConfig, StageInputError, UnknownWorkId
-from iota_cli.modelspec import ModelConfig, estimate_memory, initial_weights, stage_params, stage_spec
-from iota_cli.tensors import DTYPE_CODES, RawTensor, TensorDict
+from iota_cli.core import backend as bk
+from iota_cli.core.backend import BackwardResult, OptimConfig, StageInputError, UnknownWorkId
+from iota_cli.core.modelspec import ModelConfig, estimate_memory, initial_weights, stage_params, stage_spec
+from iota_cli.core.tensors import DTYPE_CODES, RawTensor, TensorDict
 from iota_torch import model
 
 TORCH_DTYPES = {

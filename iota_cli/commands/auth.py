@@ -22,7 +22,8 @@ def register(app: typer.Typer) -> None:
 
 
 def _orchestrator(flag: str | None) -> str:
-    from iota_cli import output, settings
+    from iota_cli import output
+    from iota_cli.config import settings
 
     if flag is not None:
         return flag
@@ -58,7 +59,8 @@ def login(
       iota login                      (paste the token at the prompt)
       iota login < ~/iota-token.txt
     """
-    from iota_cli import credentials, output
+    from iota_cli import output
+    from iota_cli.config import credentials
 
     url = _orchestrator(orchestrator)
     if token is None:
@@ -76,7 +78,8 @@ def logout(orchestrator: OrchestratorOption = None) -> None:
     """Remove the stored token from the OS keyring."""
     import os
 
-    from iota_cli import credentials, output
+    from iota_cli import output
+    from iota_cli.config import credentials
 
     url = _orchestrator(orchestrator)
     account = credentials.account_for(url)
@@ -94,7 +97,8 @@ def whoami(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
 
     Sources, first found wins: --token, IOTA_TOKEN, $CREDENTIALS_DIRECTORY/iota-token, the OS keyring.
     """
-    from iota_cli import credentials, output
+    from iota_cli import output
+    from iota_cli.config import credentials
 
     url = _orchestrator(None)
     try:

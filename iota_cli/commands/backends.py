@@ -19,7 +19,8 @@ def backends(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """List the compute backends, whether each is available here and why not, and which auto would use."""
-    from iota_cli import backend, output
+    from iota_cli import output
+    from iota_cli.core import backend
 
     infos = backend.list_backends()
     auto = backend.detect_auto_choice()

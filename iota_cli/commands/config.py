@@ -25,7 +25,8 @@ def _fmt(value: Any) -> str:
 
 
 def _load():
-    from iota_cli import output, settings
+    from iota_cli import output
+    from iota_cli.config import settings
 
     try:
         return settings.load()
@@ -38,7 +39,8 @@ def show(as_json: JsonOption = False) -> None:
     """Every setting, its value and where it comes from (default, file or env)."""
     from dataclasses import asdict
 
-    from iota_cli import output, settings
+    from iota_cli import output
+    from iota_cli.config import settings
 
     values = asdict(_load())
     src = settings.sources()
@@ -54,7 +56,8 @@ def show(as_json: JsonOption = False) -> None:
 @config_app.command("get")
 def get(key: Annotated[str, typer.Argument(help="Setting name, e.g. orchestrator.")]) -> None:
     """Print one setting's effective value."""
-    from iota_cli import output, settings
+    from iota_cli import output
+    from iota_cli.config import settings
 
     try:
         key = settings.check_key(key)
@@ -76,7 +79,8 @@ def set_(
     """
     import os
 
-    from iota_cli import output, settings
+    from iota_cli import output
+    from iota_cli.config import settings
 
     path = settings.paths().config_file
     _load()  # refuse to rewrite a file we cannot read
@@ -93,7 +97,8 @@ def set_(
 @config_app.command("unset")
 def unset(key: Annotated[str, typer.Argument(help="Setting name.")]) -> None:
     """Remove a setting from the config file (back to its default)."""
-    from iota_cli import output, settings
+    from iota_cli import output
+    from iota_cli.config import settings
 
     _load()
     try:
@@ -105,7 +110,8 @@ def unset(key: Annotated[str, typer.Argument(help="Setting name.")]) -> None:
 @config_app.command("path")
 def path(as_json: JsonOption = False) -> None:
     """Where the config file, data, cache and logs live (IOTA_HOME relocates them all)."""
-    from iota_cli import output, settings
+    from iota_cli import output
+    from iota_cli.config import settings
 
     paths = settings.paths().to_dict()
     if as_json:

@@ -32,7 +32,9 @@ def doctor(
       iota doctor --json | jq '.checks[] | select(.status == "fail")'
       iota doctor --orchestrator https://swarm.example.org
     """
-    from iota_cli import hardware, output, requirements, settings
+    from iota_cli import output
+    from iota_cli.config import settings
+    from iota_cli.machine import hardware, requirements
 
     try:
         s = settings.load()
@@ -57,7 +59,7 @@ def doctor(
 
 
 def _summary_line(r) -> str:
-    from iota_cli.requirements import gib
+    from iota_cli.machine.requirements import gib
 
     cpu = f"{r.cpu_model or 'unknown CPU'} ({r.cpu_count or '?'} cores)"
     return f"This machine: {r.os} {r.arch}, {cpu}, {gib(r.ram_bytes)} RAM, Python {r.python.split()[0]}"

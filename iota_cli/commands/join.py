@@ -49,10 +49,11 @@ def join(
     import signal
     import threading
 
-    from iota_cli import output, settings
-    from iota_cli.join import JoinError, JoinOptions
-    from iota_cli.join import join as run_join
-    from iota_cli.logs import setup_logging
+    from iota_cli import output
+    from iota_cli.config import settings
+    from iota_cli.headless.logs import setup_logging
+    from iota_cli.train.join import JoinError, JoinOptions
+    from iota_cli.train.join import join as run_join
 
     setup_logging()
     try:
@@ -88,7 +89,7 @@ def join(
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    from iota_cli.client import ApiError, Stopped, Unreachable
+    from iota_cli.train.client import ApiError, Stopped, Unreachable
 
     try:
         code = run_join(opts, settings.paths(), stop)

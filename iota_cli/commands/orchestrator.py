@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _data_dir(flag: Path | None) -> Path:
-    from iota_cli import settings
+    from iota_cli.config import settings
 
     return flag if flag is not None else settings.paths().data_dir / "orchestrator"
 
@@ -124,7 +124,7 @@ def _call(method: str, url: str, path: str, token: str | None = None, body: Any 
     import requests
 
     from iota_cli import output
-    from iota_cli.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION
+    from iota_cli.core.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION
 
     headers = {PROTOCOL_HEADER: str(PROTOCOL_VERSION)}
     if token:
@@ -165,7 +165,7 @@ def create_run(
     from dataclasses import replace
 
     from iota_cli import output
-    from iota_cli.manifest import RunManifest
+    from iota_cli.core.manifest import RunManifest
 
     if not admin_token:
         output.fail(

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, cast
 import typer
 
 if TYPE_CHECKING:
-    from iota_cli.service import Scope, UnitOptions
+    from iota_cli.headless.service import Scope, UnitOptions
 
 ScopeFlag = Annotated[
     bool | None,
@@ -43,7 +43,7 @@ def _default_scope() -> Scope:
 
 def _installed_scope(flag: bool | None) -> Scope:
     """The scope asked for, else the one whose unit file exists, else the default."""
-    from iota_cli import service as svc
+    from iota_cli.headless import service as svc
 
     if flag is not None:
         return "user" if flag else "system"
@@ -56,7 +56,8 @@ def _installed_scope(flag: bool | None) -> Scope:
 def _token(from_stdin: bool, orchestrator: str) -> str:
     import sys
 
-    from iota_cli import credentials, output
+    from iota_cli import output
+    from iota_cli.config import credentials
 
     flag = sys.stdin.readline().strip() if from_stdin else None
     try:
@@ -65,7 +66,7 @@ def _token(from_stdin: bool, orchestrator: str) -> str:
         output.fail(
             str(e), hint="or pipe it in: ... | iota service install --token-stdin", code=output.EXIT_CONFIG
         )
-    from iota_cli.logs import redact
+    from iota_cli.headless.logs import redact
 
     redact(found.token)
     return found.token
@@ -105,8 +106,9 @@ def install(
     import getpass
     import pwd
 
-    from iota_cli import output, settings
-    from iota_cli import service as svc
+    from iota_cli import output
+    from iota_cli.config import settings
+    from iota_cli.headless import service as svc
 
     scope: Scope = "user" if scope_flag else "system" if scope_flag is False else _default_scope()
     try:
@@ -191,8 +193,9 @@ def install(
 
 def uninstall(scope_flag: ScopeFlag = None) -> None:
     """Stop and disable the service and remove its unit and credential (training data is kept)."""
-    from iota_cli import output, settings
-    from iota_cli import service as svc
+    from iota_cli import output
+    from iota_cli.config import settings
+    from iota_cli.headless import service as svc
 
     scope = _installed_scope(scope_flag)
     try:
@@ -213,7 +216,7 @@ def status(
 ) -> None:
     """Whether the service runs, and what it last reported (step, tokens/s, credits)."""
     from iota_cli import output
-    from iota_cli import service as svc
+    from iota_cli.headless import service as svc
 
     scope = _installed_scope(scope_flag)
     try:
@@ -240,7 +243,7 @@ def logs(
     lines: Annotated[int | None, typer.Option("--lines", "-n", help="Show this many recent lines.")] = None,
 ) -> None:
     """Show the service's log from the journal (journalctl)."""
-    from iota_cli import service as svc
+    from iota_cli.headless import service as svc
 
     argv = svc.logs_command(_installed_scope(scope_flag), follow=follow, lines=lines)
     raise typer.Exit(svc.run_foreground(argv))

@@ -27,8 +27,9 @@ def status(
       iota status
       iota status --json | jq .checkpoints
     """
-    from iota_cli import output, settings
-    from iota_cli.status import gather
+    from iota_cli import output
+    from iota_cli.config import settings
+    from iota_cli.train.status import gather
 
     s = settings.load()
     report = gather(settings.paths(), orchestrator or s.orchestrator)

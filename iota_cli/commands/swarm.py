@@ -44,8 +44,8 @@ def swarm(
     import threading
 
     from iota_cli import output
-    from iota_cli.logs import setup_logging
-    from iota_cli.swarm import SwarmOptions, run_swarm
+    from iota_cli.headless.logs import setup_logging
+    from iota_cli.swarm.local import SwarmOptions, run_swarm
 
     setup_logging()
     if data is not None and not data.exists():

@@ -16,8 +16,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 
-from iota_cli.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION
-from iota_cli.tensors import TensorFormatError
+from iota_cli.core.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION
+from iota_cli.core.tensors import TensorFormatError
 from iota_orchestrator import __version__
 from iota_orchestrator.api import blobs, contributors, runs, work
 from iota_orchestrator.errors import ApiError

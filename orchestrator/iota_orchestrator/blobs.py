@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from iota_cli.files import fsync_dir
+from iota_cli.core.files import fsync_dir
 from iota_orchestrator.errors import BadRequest, Forbidden, TooLarge, Unauthorized
 
 KEY_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")

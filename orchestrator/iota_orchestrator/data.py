@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iota_cli.modelspec import EOS_ID
+from iota_cli.core.modelspec import EOS_ID
 
 
 @dataclass(frozen=True)

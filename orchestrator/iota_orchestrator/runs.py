@@ -18,9 +18,9 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, insert, select
 
-from iota_cli.manifest import RunManifest
-from iota_cli.modelspec import EOS_ID, ModelConfig, forward_flops_per_token, param_count, stage_spec
-from iota_cli.tensors import DTYPE_CODES, DTYPE_SIZES
+from iota_cli.core.manifest import RunManifest
+from iota_cli.core.modelspec import EOS_ID, ModelConfig, forward_flops_per_token, param_count, stage_spec
+from iota_cli.core.tensors import DTYPE_CODES, DTYPE_SIZES
 from iota_orchestrator import data, db, tokenizer, weights
 from iota_orchestrator.blobs import BlobStore
 from iota_orchestrator.errors import Conflict, Invalid, NotFound

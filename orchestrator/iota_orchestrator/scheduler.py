@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, func, insert, select, update
 
-from iota_cli.tensors import RawTensor, encode
+from iota_cli.core.tensors import RawTensor, encode
 from iota_orchestrator import data, db, ledger
 from iota_orchestrator.blobs import BlobStore
 from iota_orchestrator.chains import (

@@ -16,7 +16,7 @@ import socket
 import sys
 from pathlib import Path
 
-from iota_cli.files import atomic_write
+from iota_cli.core.files import atomic_write
 from iota_orchestrator.state import ServerConfig, open_state
 
 LISTENING = "iota orchestrator listening on"

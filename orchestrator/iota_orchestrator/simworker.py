@@ -14,8 +14,8 @@ from urllib.parse import urljoin
 
 import requests
 
-from iota_cli.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION, SHA256_HEADER
-from iota_cli.tensors import DTYPE_CODES, DTYPE_SIZES, RawTensor, decode, encode
+from iota_cli.core.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION, SHA256_HEADER
+from iota_cli.core.tensors import DTYPE_CODES, DTYPE_SIZES, RawTensor, decode, encode
 
 TIMEOUT = (5, 60)
 WORDS = [

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from iota_cli.files import fsync_dir
+from iota_cli.core.files import fsync_dir
 from iota_orchestrator.data import FileEntry, TokenCache
 from iota_orchestrator.errors import ApiError, Conflict, Invalid
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from iota_cli.modelspec import ModelConfig, ParamSpec, stage_params, stage_spec
-from iota_cli.tensors import DTYPE_SIZES, RawTensor, TensorFormatError, decode, encode
+from iota_cli.core.modelspec import ModelConfig, ParamSpec, stage_params, stage_spec
+from iota_cli.core.tensors import DTYPE_SIZES, RawTensor, TensorFormatError, decode, encode
 
 HEADER_SLACK = 4096
 

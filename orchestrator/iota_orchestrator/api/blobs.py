@@ -13,7 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from sqlalchemy import bindparam, insert, select, update
 
-from iota_cli.protocol import SHA256_HEADER, Problem
+from iota_cli.core.protocol import SHA256_HEADER, Problem
 from iota_orchestrator import db
 from iota_orchestrator.api.deps import StateDep
 from iota_orchestrator.blobs import UploadSink, check_key

@@ -7,7 +7,7 @@ import secrets
 from fastapi import APIRouter
 from sqlalchemy import insert, select
 
-from iota_cli.protocol import ContributorInfo, Credits, Ok, Problem, RegisterReply, RegisterRequest
+from iota_cli.core.protocol import ContributorInfo, Credits, Ok, Problem, RegisterReply, RegisterRequest
 from iota_orchestrator import auth, db, lease, ledger, runs
 from iota_orchestrator.api.deps import Contributor, StateDep, now
 from iota_orchestrator.api.urls import assignment_reply

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import update
 
-from iota_cli.protocol import Health, Problem, RunCreate, RunCreated, RunInfo, RunStatus
+from iota_cli.core.protocol import Health, Problem, RunCreate, RunCreated, RunInfo, RunStatus
 from iota_orchestrator import __version__, db, runs, status
 from iota_orchestrator.api.deps import Admin, StateDep, now
 

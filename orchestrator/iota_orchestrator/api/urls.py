@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy import Connection, select
 
-from iota_cli.protocol import Assignment, BlobRef, UploadRef, WorkItem
+from iota_cli.core.protocol import Assignment, BlobRef, UploadRef, WorkItem
 from iota_orchestrator import db, lease, merge
 from iota_orchestrator.chains import work_id
 from iota_orchestrator.runs import RunCtx

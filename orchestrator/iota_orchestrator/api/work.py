@@ -8,7 +8,7 @@ import time
 
 from fastapi import APIRouter, Response
 
-from iota_cli.protocol import (
+from iota_cli.core.protocol import (
     RUN_STATE_HEADER,
     Assignment,
     AssignmentRequest,

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from iota_cli.client import Client
-from iota_cli.manifest import RunManifest, tiny_manifest
+from iota_cli.core.manifest import RunManifest, tiny_manifest
+from iota_cli.train.client import Client
 
 
 def default_data() -> str:
@@ -252,7 +252,7 @@ def stage_line(stage: dict[str, Any], status: dict[str, Any], tokens_per_item: i
 
 def watch(swarm: Swarm, stop: threading.Event, interactive: bool | None = None) -> dict[str, Any]:
     """Show one progress line per stage until the run ends, every worker exits, or stop is set."""
-    from iota_cli.progress import Progress
+    from iota_cli.headless.progress import Progress
 
     kinds = ["head"] + ["body"] * (swarm.manifest.model.n_stages - 2) + ["tail"]
     bars = [

@@ -16,16 +16,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from iota_cli.backend import StageBackend, StageInputError, UnknownWorkId
-from iota_cli.checkpoint import CheckpointStore, LoopState
-from iota_cli.client import ApiError, Client, ClientError, IntegrityError, Stopped
-from iota_cli.manifest import RunManifest
-from iota_cli.modelspec import stage_spec
-from iota_cli.notify import Notifier
-from iota_cli.power import PowerGuard
-from iota_cli.progress import Progress
-from iota_cli.protocol import Assignment, HeartbeatReply, WorkItem
-from iota_cli.tensors import TensorDict, column_slice, decode, encode
+from iota_cli.core.backend import StageBackend, StageInputError, UnknownWorkId
+from iota_cli.core.manifest import RunManifest
+from iota_cli.core.modelspec import stage_spec
+from iota_cli.core.protocol import Assignment, HeartbeatReply, WorkItem
+from iota_cli.core.tensors import TensorDict, column_slice, decode, encode
+from iota_cli.headless.notify import Notifier
+from iota_cli.headless.progress import Progress
+from iota_cli.machine.power import PowerGuard
+from iota_cli.train.checkpoint import CheckpointStore, LoopState
+from iota_cli.train.client import ApiError, Client, ClientError, IntegrityError, Stopped
 
 log = logging.getLogger("iota.worker")
 

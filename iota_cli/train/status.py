@@ -6,12 +6,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from iota_cli.settings import Paths
+from iota_cli.config.settings import Paths
 
 
 def local_checkpoints(data_dir: Path) -> list[dict[str, Any]]:
     """The newest checkpoint of every (run, stage) under the data dir."""
-    from iota_cli.checkpoint import CheckpointStore
+    from iota_cli.train.checkpoint import CheckpointStore
 
     out = []
     root = data_dir / "checkpoints"
@@ -41,8 +41,8 @@ def remote_view(url: str) -> dict[str, Any] | None:
     """GET /v1/contributors/me with the configured token; an {"error": ...} when that fails."""
     if not url:
         return None
-    from iota_cli.client import Client, ClientError
-    from iota_cli.credentials import CredentialsError, resolve_token
+    from iota_cli.config.credentials import CredentialsError, resolve_token
+    from iota_cli.train.client import Client, ClientError
 
     try:
         token = resolve_token(None, orchestrator=url).token

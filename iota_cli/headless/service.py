@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from iota_cli import settings
-from iota_cli.files import atomic_write
+from iota_cli.config import settings
+from iota_cli.core.files import atomic_write
 from iota_cli.output import EXIT_CONFIG
 
 UNIT_NAME = "iota.service"

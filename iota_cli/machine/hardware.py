@@ -1,6 +1,6 @@
 """Probe this machine once into a HardwareReport: plain data that requirements.py checks.
 
-Run `python -m iota_cli.hardware` to print the report as JSON. Every probe copes with a missing tool
+Run `python -m iota_cli.machine.hardware` to print the report as JSON. Every probe copes with a missing tool
 (no nvidia-smi, no NVML, no sysfs battery): the field is None and `unknown[field]` says why.
 No probe imports torch or mlx; probe_power() is cheap and never raises (power.py polls it).
 """
@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from iota_cli.readiness import BackendStatus, NetworkStatus, probe_backend, probe_network
+from iota_cli.machine.readiness import BackendStatus, NetworkStatus, probe_backend, probe_network
 
 GIB = 1024**3
 SYSFS_POWER = Path("/sys/class/power_supply")
@@ -358,7 +358,7 @@ def probe(
     if gpus is None:
         unknown["gpus"] = gpu_source
     if data_dir is None:
-        from iota_cli.settings import paths
+        from iota_cli.config.settings import paths
 
         data_dir = paths().data_dir
     disk = nearest_existing(Path(data_dir))

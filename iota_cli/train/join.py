@@ -14,16 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from iota_cli import output
-from iota_cli.backend import BackendFactory, StageBackend
-from iota_cli.checkpoint import CheckpointStore, LoopState, manifest_fingerprint
-from iota_cli.client import Client
-from iota_cli.hardware import HardwareReport
-from iota_cli.manifest import RunManifest
-from iota_cli.modelspec import forward_flops_per_token, stage_spec
-from iota_cli.protocol import Assignment
-from iota_cli.requirements import Check
-from iota_cli.settings import Paths
-from iota_cli.tensors import RawTensor, decode
+from iota_cli.config.settings import Paths
+from iota_cli.core.backend import BackendFactory, StageBackend
+from iota_cli.core.manifest import RunManifest
+from iota_cli.core.modelspec import forward_flops_per_token, stage_spec
+from iota_cli.core.protocol import Assignment
+from iota_cli.core.tensors import RawTensor, decode
+from iota_cli.machine.hardware import HardwareReport
+from iota_cli.machine.requirements import Check
+from iota_cli.train.checkpoint import CheckpointStore, LoopState, manifest_fingerprint
+from iota_cli.train.client import Client
 
 log = logging.getLogger("iota.join")
 
@@ -53,7 +53,7 @@ class JoinError(Exception):
 
 def preflight(paths: Paths, backend: str) -> tuple[HardwareReport, list[Check]]:
     """Probe once; the doctor's checks that fail here for this backend (joining checks the network)."""
-    from iota_cli import hardware, requirements
+    from iota_cli.machine import hardware, requirements
 
     report = hardware.probe(data_dir=paths.data_dir, backend=backend)
     return report, [c for c in requirements.check(report) if c.status == "fail"]
@@ -94,7 +94,7 @@ def measure_throughput(factory: BackendFactory, manifest: RunManifest, repeats: 
 
 def ensure_token(client: Client, opts: JoinOptions, backend: str) -> str:
     """Use the configured token, or register a new contributor and keep its token in the keyring."""
-    from iota_cli import credentials
+    from iota_cli.config import credentials
 
     try:
         source = credentials.resolve_token(opts.token, orchestrator=opts.orchestrator)
@@ -174,11 +174,11 @@ def restore(
 
 def join(opts: JoinOptions, paths: Paths, stop: threading.Event) -> int:
     """Join and train until stopped, max_steps, or the run's end; returns the exit status."""
-    from iota_cli.backend import BackendError, select_backend
-    from iota_cli.notify import Notifier
-    from iota_cli.power import KeepAwake, PowerGuard
-    from iota_cli.progress import Progress
-    from iota_cli.worker import LoopOptions, Worker
+    from iota_cli.core.backend import BackendError, select_backend
+    from iota_cli.headless.notify import Notifier
+    from iota_cli.headless.progress import Progress
+    from iota_cli.machine.power import KeepAwake, PowerGuard
+    from iota_cli.train.worker import LoopOptions, Worker
 
     report, failures = preflight(paths, opts.backend)
     if failures:

@@ -9,7 +9,7 @@ sleep cannot be interrupted (a SIGTERM would hang). Every POST in protocol v1 is
 upper layer retries POSTs too.
 
 Try it against a running orchestrator:
-    python -c "from iota_cli.client import Client; print(Client('http://127.0.0.1:8000').health())"
+    python -c "from iota_cli.train.client import Client; print(Client('http://127.0.0.1:8000').health())"
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
 
 from iota_cli import __version__
-from iota_cli.files import fsync_dir
-from iota_cli.partfile import file_lock, hash_file, parse_content_range, restart, verified
+from iota_cli.core.files import fsync_dir
+from iota_cli.train.partfile import file_lock, hash_file, parse_content_range, restart, verified
 
 if TYPE_CHECKING:
     import requests

@@ -45,7 +45,7 @@ def account_for(orchestrator: str | None) -> str:
 
 
 def _orchestrator(env: Mapping[str, str]) -> str:
-    from iota_cli.settings import SettingsError, load
+    from iota_cli.config.settings import SettingsError, load
 
     try:
         return load(env).orchestrator

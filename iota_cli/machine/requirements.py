@@ -1,6 +1,7 @@
 """The documented minimums, as pure checks over a HardwareReport: check(report) -> [Check].
 
-Nothing here probes; tests inject reports. Run `python -m iota_cli.requirements` to check this machine.
+Nothing here probes; tests inject reports. Run `python -m iota_cli.machine.requirements` to check this
+machine.
 
 Memory sizes are GiB (memory is sold in binary sizes) and pass at the minimum less MEMORY_TOLERANCE_GIB
 per 16 GiB: a card sold as 16 GB reports 15.0 GiB (T4 with ECC on, 15360 MiB) to 15.9 GiB (RTX 4080,
@@ -18,7 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from iota_cli.hardware import GIB, HardwareReport
+from iota_cli.machine.hardware import GIB, HardwareReport
 
 Status = Literal["pass", "warn", "fail", "unknown"]
 MEMORY_TOLERANCE_GIB = 1.0  # per 16 GiB of the minimum, i.e. 6.25%
@@ -264,7 +265,7 @@ def check_backend(r: HardwareReport) -> Check:
 
 
 if __name__ == "__main__":
-    from iota_cli.hardware import probe
+    from iota_cli.machine.hardware import probe
 
     for c in check(probe(backend="auto")):
         print(f"{c.status:8} {c.name:9} {c.found}")

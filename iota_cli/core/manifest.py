@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from iota_cli.backend import OptimConfig
-from iota_cli.modelspec import ModelConfig
+from iota_cli.core.backend import OptimConfig
+from iota_cli.core.modelspec import ModelConfig
 
 
 @dataclass(frozen=True)

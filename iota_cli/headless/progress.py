@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from iota_cli.logs import under_systemd
-from iota_cli.notify import Notifier
+from iota_cli.headless.logs import under_systemd
+from iota_cli.headless.notify import Notifier
 
 log = logging.getLogger("iota.progress")
 

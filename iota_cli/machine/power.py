@@ -116,7 +116,7 @@ class KeepAwake:
 
 
 def _default_probe() -> Any:
-    from iota_cli.hardware import probe_power
+    from iota_cli.machine.hardware import probe_power
 
     return probe_power()
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from iota_cli.files import atomic_write
+from iota_cli.core.files import atomic_write
 
 APP_NAME = "iota"
 

@@ -1,7 +1,7 @@
 """The framework-agnostic model: config, stage split, and the name, shape and init of every parameter.
 
 Every backend builds its stage from this spec and stores weights under these names, so a stage trained
-on MLX loads in torch and the two can be merged. Run `python -m iota_cli.modelspec` to print the default
+on MLX loads in torch and the two can be merged. Run `python -m iota_cli.core.modelspec` to print the default
 config's stages and sizes.
 """
 
@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from iota_cli.tensors import RawTensor, TensorDict
+from iota_cli.core.tensors import RawTensor, TensorDict
 
 StageKind = Literal["head", "body", "tail"]
 

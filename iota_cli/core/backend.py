@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Protocol, runtime_checkable
 
-from iota_cli.modelspec import ModelConfig, stage_params, stage_spec
-from iota_cli.tensors import RawTensor, TensorDict
+from iota_cli.core.modelspec import ModelConfig, stage_params, stage_spec
+from iota_cli.core.tensors import RawTensor, TensorDict
 
 ENTRY_POINT_GROUP = "iota.backends"
 

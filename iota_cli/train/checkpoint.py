@@ -6,7 +6,8 @@ the newest two kept. Each is a plain safetensors file (torch and MLX loaders ope
 the whole file computed with that digest field zeroed, so truncation or a flipped bit anywhere is caught.
 Files are written with files.atomic_write (temp, fsync, rename), so a crash never leaves a half file.
 
-Inspect one: python -c "from iota_cli.checkpoint import *; print(CheckpointStore(Path('DIR')).latest_info())"
+Inspect one:
+    python -c "from iota_cli.train.checkpoint import *; print(CheckpointStore(Path('DIR')).latest_info())"
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import IO, Any
 
-from iota_cli.files import atomic_write
-from iota_cli.manifest import RunManifest
-from iota_cli.tensors import MAX_HEADER, TensorDict, TensorFormatError, decode, encode
+from iota_cli.core.files import atomic_write
+from iota_cli.core.manifest import RunManifest
+from iota_cli.core.tensors import MAX_HEADER, TensorDict, TensorFormatError, decode, encode
 
 log = logging.getLogger("iota.checkpoint")
 

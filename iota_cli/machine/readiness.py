@@ -33,7 +33,7 @@ def probe_network(url: str, timeout: tuple[float, float] = (3.0, 5.0)) -> Networ
     if not re.match(r"https?://[^/]", url):
         return NetworkStatus(url, False, None, "not an http:// or https:// URL")
     try:
-        from iota_cli.client import Client
+        from iota_cli.train.client import Client
 
         with Client(url, retries=0) as client:
             reply = client.health(timeout=timeout)
@@ -51,7 +51,7 @@ def probe_backend(requested: str, system: str | None, arch: str | None, has_nvid
     from importlib.metadata import PackageNotFoundError, version
     from importlib.util import find_spec
 
-    from iota_cli import backend as be
+    from iota_cli.core import backend as be
 
     name = be.auto_choice(system or "", arch or "", has_nvidia) if requested == "auto" else requested
     if name is None:
