@@ -19,8 +19,7 @@ from typing import Any
 import numpy as np
 
 from iota_cli.core import backend as bk
-from iota_cli.core.backend import OptimConfig
-from iota_cli.core.manifest import TINY_MODEL
+from iota_cli.core.manifest import TINY_MODEL, OptimConfig
 from iota_cli.core.modelspec import ModelConfig, forward_flops_per_token, param_count, stage_spec
 from iota_cli.core.tensors import DTYPE_CODES, RawTensor, decode, encode
 

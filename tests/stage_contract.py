@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from iota_cli.core import backend as bk
-from iota_cli.core.backend import OptimConfig, StageInputError, UnknownWorkId
+from iota_cli.core.backend import StageInputError, UnknownWorkId
+from iota_cli.core.manifest import OptimConfig
 from iota_cli.core.modelspec import ModelConfig, initial_weights
 from iota_cli.core.tensors import RawTensor, decode, encode
 

@@ -19,7 +19,7 @@ import iota_mlx  # noqa: E402
 import iota_torch  # noqa: E402
 from stage_contract import arr, raw  # noqa: E402
 
-from iota_cli.core.backend import OptimConfig  # noqa: E402
+from iota_cli.core.manifest import OptimConfig  # noqa: E402
 from iota_cli.core.modelspec import ModelConfig, initial_weights  # noqa: E402
 from iota_cli.core.tensors import decode, encode  # noqa: E402
 

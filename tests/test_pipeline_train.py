@@ -20,7 +20,7 @@ import iota_mlx  # noqa: E402
 import iota_torch  # noqa: E402
 from stage_contract import raw  # noqa: E402
 
-from iota_cli.core.backend import OptimConfig  # noqa: E402
+from iota_cli.core.manifest import OptimConfig  # noqa: E402
 from iota_cli.core.modelspec import ModelConfig  # noqa: E402
 
 torch.set_num_threads(1)

@@ -11,7 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from iota_cli.core.backend import BackendError, OptimConfig
+from iota_cli.core.backend import BackendError
+from iota_cli.core.manifest import OptimConfig
 from iota_cli.core.modelspec import ModelConfig
 
 if TYPE_CHECKING:

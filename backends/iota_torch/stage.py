@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from iota_cli.core import backend as bk
-from iota_cli.core.backend import BackwardResult, OptimConfig, StageInputError, UnknownWorkId
+from iota_cli.core.backend import BackwardResult, StageInputError, UnknownWorkId
+from iota_cli.core.manifest import OptimConfig
 from iota_cli.core.modelspec import ModelConfig, estimate_memory, initial_weights, stage_params, stage_spec
 from iota_cli.core.tensors import DTYPE_CODES, RawTensor, TensorDict
 from iota_torch import model

@@ -14,21 +14,11 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Protocol, runtime_checkable
 
+from iota_cli.core.manifest import OptimConfig
 from iota_cli.core.modelspec import ModelConfig, stage_params, stage_spec
 from iota_cli.core.tensors import RawTensor, TensorDict
 
 ENTRY_POINT_GROUP = "iota.backends"
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """AdamW with bias correction (as torch), decay on matrices only, global-norm clipping."""
-
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
 
 
 @dataclass(frozen=True)

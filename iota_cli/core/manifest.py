@@ -12,8 +12,18 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from iota_cli.core.backend import OptimConfig
 from iota_cli.core.modelspec import ModelConfig
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with bias correction (as torch), decay on matrices only, global-norm clipping."""
+
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
 
 
 @dataclass(frozen=True)
