@@ -24,7 +24,7 @@ from iota_cli.core.modelspec import ModelConfig, forward_flops_per_token, param_
 from iota_cli.core.tensors import DTYPE_CODES, RawTensor, decode, encode
 
 CONFIGS = {
-    "tiny": TINY_MODEL,
+    "tiny": TINY_MODEL.to_dict(),
     "default": {},
     # ~1B parameters in IOTA's 1B shape: d_model 2048, 64x bottleneck, 16 layers split 4/8/4.
     "1b": dict(

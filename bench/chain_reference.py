@@ -14,10 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
-from iota_cli.core.backend import get_factory
-from iota_cli.core.manifest import tiny_manifest
+from iota_cli.core.backend import StageBackend, get_factory
+from iota_cli.core.manifest import RunManifest, tiny_manifest
 from iota_cli.core.tensors import RawTensor
 from iota_cli.swarm.local import default_data
+
+
+def start(m: RunManifest, backend: str) -> list[StageBackend]:
+    """Every stage at epoch 0: the model spec's init for the manifest's seed, as the orchestrator makes it."""
+    factory = get_factory(backend)
+    return [factory.create(m.model, i, m.optim, seed=m.seed) for i in range(m.model.n_stages)]
 
 
 def main() -> None:
@@ -28,10 +34,10 @@ def main() -> None:
     args = ap.parse_args()
 
     m = tiny_manifest(args.data)
-    cfg, train = m.model, m.train
+    train = m.train
     text = b"".join(Path(f).read_bytes() for f in sorted(glob.glob(args.data, recursive=True)))
     data = np.frombuffer(text, dtype=np.uint8).astype(np.int32)
-    stages = [get_factory(args.backend).create(cfg, i, m.optim, seed=m.seed) for i in range(cfg.n_stages)]
+    stages = start(m, args.backend)
     rng = np.random.default_rng(0)
     b, t = train.batch_size, train.seq_len
     losses = []

@@ -10,33 +10,43 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
+from dataclasses import dataclass as plain_dataclass
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+from pydantic import ConfigDict, Field, field_validator
+from pydantic.dataclasses import dataclass
+
+from iota_cli.core import schema
 from iota_cli.core.files import atomic_write
 
 APP_NAME = "iota"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=ConfigDict(extra="ignore"))
 class Settings:
-    orchestrator: str = ""  # URL of the orchestrator to join, e.g. https://swarm.example.org
-    backend: str = "auto"  # auto, torch-cuda, torch-mps, torch-cpu, mlx, mlx-cpu
-    run: str = ""  # run id to join; empty: the orchestrator's active run
-    name: str = ""  # display name for this contributor; empty: the host name
-    allow_battery: bool = False  # keep training on battery power
-    max_memory_gb: float = 0.0  # cap on memory the stage may use; 0: what the device reports
+    """Each field's description is its help in `iota config show` and the README's table."""
+
+    orchestrator: str = Field("", description="URL of the orchestrator to join")
+    backend: str = Field(
+        "auto", description="compute backend (auto, torch-cuda, torch-mps, torch-cpu, mlx, mlx-cpu)"
+    )
+    run: str = Field("", description="run id to join (empty: the orchestrator's active run)")
+    name: str = Field("", description="display name for this contributor (empty: host name)")
+    allow_battery: bool = Field(False, description="keep training on battery power (true/false)")
+    max_memory_gb: float = Field(
+        0.0, ge=0, description="cap on the memory a stage may use, in GB (0: no cap)"
+    )
+
+    @field_validator("allow_battery", mode="before")
+    @classmethod
+    def _empty_is_false(cls, v: Any) -> Any:
+        return False if isinstance(v, str) and not v.strip() else v
 
 
-SETTING_HELP = {
-    "orchestrator": "URL of the orchestrator to join",
-    "backend": "compute backend (auto, torch-cuda, torch-mps, torch-cpu, mlx, mlx-cpu)",
-    "run": "run id to join (empty: the orchestrator's active run)",
-    "name": "display name for this contributor (empty: host name)",
-    "allow_battery": "keep training on battery power (true/false)",
-    "max_memory_gb": "cap on the memory a stage may use, in GB (0: no cap)",
-}
+SETTING_HELP = {name: f.description or "" for name, f in Settings.__pydantic_fields__.items()}
 SECRET_KEYS = {"token", "admin_token", "password"}
 
 
@@ -44,7 +54,7 @@ class SettingsError(ValueError):
     """A setting name or value that cannot be used."""
 
 
-@dataclass(frozen=True)
+@plain_dataclass(frozen=True)
 class Paths:
     config_file: Path
     data_dir: Path  # checkpoints, local state
@@ -73,22 +83,11 @@ def paths(env: Mapping[str, str] | None = None) -> Paths:
 
 
 def _coerce(key: str, raw: Any) -> Any:
-    kind = {f.name: f.type for f in fields(Settings)}[key]
+    """One setting's value, checked against its field (SettingsError names the setting)."""
     try:
-        if kind == "bool":
-            if isinstance(raw, bool):
-                return raw
-            low = str(raw).strip().lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off", ""):
-                return False
-            raise ValueError(raw)
-        if kind == "float":
-            return float(raw)
-        return str(raw)
-    except ValueError:
-        raise SettingsError(f"{key}: {raw!r} is not a valid {kind}") from None
+        return getattr(schema.parse(Settings, {key: raw}), key)
+    except schema.SchemaError as e:
+        raise SettingsError(f"{key}: {raw!r} is not valid ({str(e).split(': ', 1)[-1]})") from None
 
 
 def check_key(key: str) -> str:
@@ -151,15 +150,4 @@ def unset_value(key: str, env: Mapping[str, str] | None = None) -> None:
 
 
 def render_toml(data: Mapping[str, Any]) -> str:
-    """Render a flat table of scalars (all the config file ever holds)."""
-    lines = []
-    for k in sorted(data):
-        v = data[k]
-        if isinstance(v, bool):
-            lines.append(f"{k} = {'true' if v else 'false'}")
-        elif isinstance(v, int | float):
-            lines.append(f"{k} = {v!r}")
-        else:
-            s = str(v).replace("\\", "\\\\").replace('"', '\\"')
-            lines.append(f'{k} = "{s}"')
-    return "\n".join(lines) + "\n"
+    return tomli_w.dumps(dict(data))

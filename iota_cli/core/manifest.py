@@ -1,85 +1,101 @@
 """The run manifest: everything a swarm agrees on before training (model, data, batch, optimizer, merging).
 
 An operator writes it as TOML or JSON and creates a run with `iota orchestrator run create FILE`; every
-worker receives it with its assignment.
+worker receives it, typed, inside its assignment. Each field's description below is its documentation.
+Try it: `python -c "from iota_cli.core.manifest import *; print(tiny_manifest('src').to_dict())"`.
 """
 
 from __future__ import annotations
 
 import json
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
+
+from iota_cli.core import schema
 from iota_cli.core.modelspec import ModelConfig
 
+PLAIN = ConfigDict(extra="ignore")  # unknown keys are ignored, so old workers survive newer manifests
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, config=PLAIN)
 class OptimConfig:
     """AdamW with bias correction (as torch), decay on matrices only, global-norm clipping."""
 
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    lr: float = Field(3e-4, gt=0, description="learning rate")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW's two moment decay rates")
+    eps: float = Field(1e-8, gt=0, description="AdamW's epsilon")
+    weight_decay: float = Field(0.1, ge=0, description="decoupled weight decay, on matrices only")
+    grad_clip: float = Field(1.0, gt=0, description="global gradient-norm clip")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=PLAIN)
 class TrainConfig:
-    batch_size: int = 8  # sequences per work item (microbatch)
-    seq_len: int = 128  # tokens per sequence; at most model.context
-    backward_per_step: int = 4  # local optimizer step every k backward passes
-    merge_interval: int = 10  # local optimizer steps between merges of a stage's replicas
-    merge_timeout_s: float = 60.0  # a merge round closes with whoever contributed by then
-    max_samples: int = 0  # stop issuing new samples after this many (0: run until stopped)
-    lease_s: float = 30.0  # a worker silent this long is dropped
-    work_timeout_s: float = 60.0  # a claimed item not completed by then is re-issued
-    max_inflight_per_head: int = 4  # samples a head worker may have in the pipeline at once
+    batch_size: int = Field(8, ge=1, description="sequences per work item (microbatch)")
+    seq_len: int = Field(128, ge=1, description="tokens per sequence; at most model.context")
+    backward_per_step: int = Field(4, ge=1, description="local optimizer step every k backward passes")
+    merge_interval: int = Field(
+        10, ge=1, description="local optimizer steps between merges of a stage's replicas"
+    )
+    merge_timeout_s: float = Field(
+        60.0, ge=0.1, le=86400, description="a merge round closes with whoever contributed by then"
+    )
+    max_samples: int = Field(
+        0, ge=0, description="stop issuing new samples after this many (0: until stopped)"
+    )
+    lease_s: float = Field(30.0, ge=0.1, le=86400, description="a worker silent this long is dropped")
+    work_timeout_s: float = Field(
+        60.0, ge=0.1, le=86400, description="a claimed item not completed by then is re-issued"
+    )
+    max_inflight_per_head: int = Field(
+        4, ge=1, description="samples a head worker may have in the pipeline at once"
+    )
+
+    def __post_init__(self) -> None:
+        if self.batch_size * (self.seq_len + 1) > 1 << 24:
+            raise ValueError("batch_size * (seq_len + 1) is too large (over 16M tokens a sample)")
+
+    @property
+    def sample_tokens(self) -> int:
+        """Tokens one sample reads from the corpus: inputs plus the one-token shift of the targets."""
+        return self.batch_size * (self.seq_len + 1)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=PLAIN)
 class DataConfig:
-    source: str = ""  # a directory or glob of text files on the orchestrator's machine
-    shard_bytes: int = 1 << 20
+    source: str = Field("", description="a directory or glob of text files on the orchestrator's machine")
+    shard_bytes: int = Field(1 << 20, ge=1, description="bytes of corpus a data shard covers")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=PLAIN)
 class RunManifest:
-    name: str = "run"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    seed: int = 0
+    name: str = Field(
+        "run", max_length=128, description="a name for people; the run id is the orchestrator's"
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    seed: int = Field(
+        0, ge=0, le=2**63 - 1, description="seeds the epoch-0 weights (modelspec.initial_weights)"
+    )
 
     def __post_init__(self) -> None:
         if self.train.seq_len > self.model.context:
             raise ValueError(f"train.seq_len {self.train.seq_len} exceeds model.context {self.model.context}")
-        if self.train.batch_size < 1 or self.train.backward_per_step < 1:
-            raise ValueError("train.batch_size and train.backward_per_step must be at least 1")
+        if self.data.shard_bytes < self.train.sample_tokens:
+            raise ValueError("data.shard_bytes must hold at least one sample: batch_size * (seq_len + 1)")
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["model"] = self.model.to_dict()
-        d["optim"]["betas"] = list(self.optim.betas)
-        return d
+        return schema.dump(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunManifest:
-        """Build from a dict; unknown keys are ignored, missing ones take defaults."""
-        optim = _pick(OptimConfig, d.get("optim", {}))
-        if "betas" in optim:
-            optim["betas"] = tuple(optim["betas"])
-        return cls(
-            name=str(d.get("name", "run")),
-            model=ModelConfig.from_dict(d.get("model", {})),
-            train=TrainConfig(**_pick(TrainConfig, d.get("train", {}))),
-            optim=OptimConfig(**optim),
-            data=DataConfig(**_pick(DataConfig, d.get("data", {}))),
-            seed=int(d.get("seed", 0)),
-        )
+    def from_dict(cls, d: Any) -> RunManifest:
+        """Parse at the edge: unknown keys are ignored, missing ones take defaults; SchemaError if invalid."""
+        return schema.parse(cls, d)
 
     @classmethod
     def load(cls, path: Path) -> RunManifest:
@@ -88,13 +104,8 @@ class RunManifest:
         return cls.from_dict(d)
 
 
-def _pick(cls: type, d: dict[str, Any]) -> dict[str, Any]:
-    known = {f.name for f in fields(cls)}
-    return {k: v for k, v in d.items() if k in known}
-
-
 # The model `iota swarm` trains: 4 layers in 3 stages, a 16x bottleneck, about 0.2M parameters.
-TINY_MODEL = dict(
+TINY_MODEL = ModelConfig(
     d_model=64,
     n_layers=4,
     n_heads=4,
@@ -108,7 +119,6 @@ TINY_MODEL = dict(
 
 def tiny_manifest(data_source: str, max_samples: int = 0) -> RunManifest:
     """The small run `iota swarm` trains on one machine (f32 on the wire: it never leaves loopback)."""
-    model = ModelConfig(**TINY_MODEL, wire_dtype="float32")  # type: ignore[arg-type]
     train = TrainConfig(
         batch_size=8,
         seq_len=64,
@@ -122,7 +132,7 @@ def tiny_manifest(data_source: str, max_samples: int = 0) -> RunManifest:
     )
     return RunManifest(
         name="tiny",
-        model=model,
+        model=ModelConfig.from_dict({**TINY_MODEL.to_dict(), "wire_dtype": "float32"}),
         train=train,
         optim=OptimConfig(lr=3e-3, weight_decay=0.01),
         data=DataConfig(source=data_source, shard_bytes=256 * 1024),

@@ -8,9 +8,14 @@ config's stages and sizes.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+import zlib
+from dataclasses import dataclass as plain_dataclass
 from typing import Any, Literal
 
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
+
+from iota_cli.core import schema
 from iota_cli.core.tensors import RawTensor, TensorDict
 
 StageKind = Literal["head", "body", "tail"]
@@ -21,35 +26,39 @@ SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<unk>")
 BOS_ID, EOS_ID, PAD_ID, UNK_ID = range(BYTE_VOCAB, BYTE_VOCAB + len(SPECIAL_TOKENS))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=ConfigDict(extra="ignore"))
 class ModelConfig:
-    """A Llama-style decoder split into pipeline stages joined by bottlenecks."""
+    """A Llama-style decoder split into pipeline stages joined by bottlenecks.
 
-    vocab_size: int = BYTE_VOCAB + len(SPECIAL_TOKENS)
-    d_model: int = 512
-    n_layers: int = 8
-    n_heads: int = 8
-    n_kv_heads: int = 4
-    ffn_dim: int = 1408
-    context: int = 256
-    # Width of what crosses a stage boundary; d_model / bottleneck_dim is the compression ratio.
-    bottleneck_dim: int = 8
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    # Compute dtype of the stage ("float32" or "bfloat16"); master weights are always float32.
-    dtype: str = "float32"
-    # Dtype of activations and gradients on the wire.
-    wire_dtype: str = "bfloat16"
-    # "bytes" or a path to a tokenizer.json (tokenizers) with vocab_size entries.
-    tokenizer: str = "bytes"
-    # Layers per stage: head, body..., tail. Empty means split_layers(n_layers, 3).
-    stages: tuple[int, ...] = field(default_factory=tuple)
-    init_std: float = 0.02
+    A pydantic dataclass: built from a dict with from_dict (unknown keys ignored, so old clients survive new
+    servers), checked once on construction, and passed around as this type.
+    """
+
+    vocab_size: int = Field(BYTE_VOCAB + len(SPECIAL_TOKENS), description="token ids the model embeds")
+    d_model: int = Field(512, description="width of the residual stream")
+    n_layers: int = Field(8, description="transformer blocks in the whole model")
+    n_heads: int = Field(8, description="query heads per block")
+    n_kv_heads: int = Field(4, description="key/value heads per block (grouped-query attention)")
+    ffn_dim: int = Field(1408, description="hidden width of the SwiGLU feed-forward")
+    context: int = Field(256, description="longest sequence the model is built for")
+    bottleneck_dim: int = Field(
+        8, description="width of what crosses a stage boundary; d_model / bottleneck_dim is the compression"
+    )
+    rope_theta: float = Field(10000.0, description="base of the rotary embedding angles")
+    norm_eps: float = Field(1e-5, description="RMSNorm epsilon")
+    dtype: str = Field(
+        "float32", description="compute dtype (float32, bfloat16, float16); master weights are float32"
+    )
+    wire_dtype: str = Field("bfloat16", description="dtype of activations and gradients on the wire")
+    tokenizer: str = Field("bytes", description="'bytes', or the path of a tokenizers tokenizer.json")
+    stages: tuple[int, ...] = Field(
+        (), description="layers per stage: head, body..., tail (empty: split_layers(n_layers, 3))"
+    )
+    init_std: float = Field(0.02, description="standard deviation of the normal init")
 
     def __post_init__(self) -> None:
         if not self.stages:
             object.__setattr__(self, "stages", split_layers(self.n_layers, 3))
-        object.__setattr__(self, "stages", tuple(int(n) for n in self.stages))
         problems = validate(self)
         if problems:
             raise ValueError("invalid model config: " + "; ".join(problems))
@@ -68,18 +77,11 @@ class ModelConfig:
         return self.d_model / self.bottleneck_dim
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["stages"] = list(self.stages)
-        return d
+        return schema.dump(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Build from a dict, ignoring unknown keys so old clients survive new servers."""
-        known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known}
-        if "stages" in kw:
-            kw["stages"] = tuple(kw["stages"])
-        return cls(**kw)
+        return schema.parse(cls, d)
 
 
 def validate(cfg: ModelConfig) -> list[str]:
@@ -99,6 +101,8 @@ def validate(cfg: ModelConfig) -> list[str]:
         p.append(f"stages {list(cfg.stages)} must be non-negative and sum to n_layers {cfg.n_layers}")
     if cfg.vocab_size < 1 or cfg.context < 1:
         p.append("vocab_size and context must be positive")
+    if cfg.tokenizer == "bytes" and cfg.vocab_size <= EOS_ID:
+        p.append(f"vocab_size must exceed {EOS_ID} for the byte tokenizer (bytes, then the special tokens)")
     for name in ("dtype", "wire_dtype"):
         if getattr(cfg, name) not in ("float32", "bfloat16", "float16"):
             p.append(f"{name} must be float32, bfloat16 or float16")
@@ -123,7 +127,7 @@ def split_layers(n_layers: int, n_stages: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-@dataclass(frozen=True)
+@plain_dataclass(frozen=True)
 class ParamSpec:
     name: str
     shape: tuple[int, ...]
@@ -135,7 +139,7 @@ class ParamSpec:
         return math.prod(self.shape)
 
 
-@dataclass(frozen=True)
+@plain_dataclass(frozen=True)
 class StageSpec:
     """One stage: its place in the pipeline and the global indices of its blocks."""
 
@@ -230,14 +234,17 @@ def forward_flops_per_token(cfg: ModelConfig, stage: StageSpec) -> float:
 
 
 def initial_weights(cfg: ModelConfig, stage: StageSpec | int, seed: int = 0) -> TensorDict:
-    """Fresh float32 weights from each ParamSpec; the same seed gives the same bytes in every backend."""
-    import numpy as np  # only backends call this, and both depend on numpy
+    """Fresh float32 weights from each ParamSpec: the one init, used by every backend and the orchestrator.
 
-    s = _as_stage(cfg, stage)
-    rng = np.random.default_rng([seed, s.index])
+    Each parameter draws from its own generator seeded by (seed, crc32(name)), so its bytes depend only on
+    the seed and its name: the same model whatever the stage split, and the same bytes in every backend.
+    """
+    import numpy as np  # the backends and the orchestrator, its only callers, depend on numpy
+
     out = {}
-    for p in stage_params(cfg, s):
+    for p in stage_params(cfg, _as_stage(cfg, stage)):
         if p.init == "normal":
+            rng = np.random.default_rng([seed, zlib.crc32(p.name.encode())])
             a = rng.standard_normal(p.shape, dtype=np.float32) * np.float32(p.std)
         else:
             a = np.full(p.shape, 1.0 if p.init == "ones" else 0.0, dtype=np.float32)

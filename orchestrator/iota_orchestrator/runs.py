@@ -19,7 +19,13 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, insert, select
 
 from iota_cli.core.manifest import RunManifest
-from iota_cli.core.modelspec import EOS_ID, ModelConfig, forward_flops_per_token, param_count, stage_spec
+from iota_cli.core.modelspec import (
+    ModelConfig,
+    estimate_memory,
+    forward_flops_per_token,
+    param_count,
+    stage_spec,
+)
 from iota_cli.core.tensors import DTYPE_CODES, DTYPE_SIZES
 from iota_orchestrator import data, db, tokenizer, weights
 from iota_orchestrator.blobs import BlobStore
@@ -69,36 +75,27 @@ class RunCtx:
 
 
 def manifest_problems(m: RunManifest, max_params: int) -> list[str]:
-    """What the orchestrator cannot serve in an otherwise valid manifest."""
-    t, cfg, p = m.train, m.model, []
-    if cfg.tokenizer == "bytes":
-        if cfg.vocab_size <= EOS_ID:
-            p.append(f"model.vocab_size must exceed {EOS_ID} for the byte tokenizer")
-    elif not Path(cfg.tokenizer).expanduser().is_file():
+    """What this orchestrator cannot serve in a manifest the model spec accepts (its machine, its limits)."""
+    p = []
+    if m.model.tokenizer != "bytes" and not Path(m.model.tokenizer).expanduser().is_file():
         p.append(
-            f"model.tokenizer {cfg.tokenizer!r} is not a file on the orchestrator's machine "
+            f"model.tokenizer {m.model.tokenizer!r} is not a file on the orchestrator's machine "
             "(use 'bytes' or the path of a tokenizers tokenizer.json)"
         )
-    if t.seq_len < 1 or t.merge_interval < 1 or t.max_inflight_per_head < 1 or t.max_samples < 0:
-        p.append("train.seq_len, merge_interval and max_inflight_per_head must be >= 1, max_samples >= 0")
-    for name in ("lease_s", "work_timeout_s", "merge_timeout_s"):
-        if not 0.1 <= getattr(t, name) <= 86400:
-            p.append(f"train.{name} must be between 0.1 and 86400 seconds")
-    if t.batch_size * (t.seq_len + 1) > 1 << 24:
-        p.append("train.batch_size * (seq_len + 1) is too large (over 16M tokens a sample)")
-    if m.data.shard_bytes < t.batch_size * (t.seq_len + 1):
-        p.append("data.shard_bytes must hold at least one sample: batch_size * (seq_len + 1)")
-    if not p and param_count(cfg) > max_params:
-        p.append(f"model has {param_count(cfg):,} parameters, over this orchestrator's limit {max_params:,}")
+    if param_count(m.model) > max_params:
+        p.append(
+            f"model has {param_count(m.model):,} parameters, over this orchestrator's limit {max_params:,}"
+        )
     if not m.data.source:
         p.append("data.source is required: a directory or glob of text files on the orchestrator's machine")
     return p
 
 
-def parse_manifest(raw: dict[str, Any], max_params: int) -> RunManifest:
+def parse_manifest(raw: Any, max_params: int) -> RunManifest:
+    """A manifest from the wire, checked by the model spec and then against this orchestrator (422 if not)."""
     try:
-        m = RunManifest.from_dict(raw)
-    except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as e:
+        m = raw if isinstance(raw, RunManifest) else RunManifest.from_dict(raw)
+    except ValueError as e:
         raise Invalid(f"invalid manifest: {e}") from None
     problems = manifest_problems(m, max_params)
     if problems:
@@ -107,13 +104,9 @@ def parse_manifest(raw: dict[str, Any], max_params: int) -> RunManifest:
 
 
 def memory_need(m: RunManifest, stage: int) -> int:
-    """A generous estimate: weights, gradients and AdamW state in f32, plus saved activations in flight."""
-    cfg, t = m.model, m.train
-    spec = stage_spec(cfg, stage)
-    b, s, d = t.batch_size, t.seq_len, cfg.d_model
-    per_layer = b * s * (12 * d + 3 * cfg.ffn_dim) * 4 + b * cfg.n_heads * s * s * 4
-    acts = t.max_inflight_per_head * (len(spec.layers) * per_layer + 2 * b * s * d * 4)
-    return param_count(cfg, spec) * 16 + acts
+    """Bytes a worker needs for a stage: the model spec's estimate with a head's whole pipeline in flight."""
+    t = m.train
+    return estimate_memory(m.model, stage, t.batch_size, t.seq_len, t.max_inflight_per_head)
 
 
 def make_ctx(

@@ -1,4 +1,4 @@
-"""Stage weights on the orchestrator: initialise them with numpy from the model spec, average replicas.
+"""Stage weights on the orchestrator: epoch 0 from the model spec's init, checks of uploads, averaging.
 
 Weights travel as safetensors (iota_cli/tensors.py) in float32 under modelspec's names, so what a torch
 worker uploads, an MLX worker loads.
@@ -9,38 +9,25 @@ from __future__ import annotations
 import json
 import math
 import struct
-import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
-from iota_cli.core.modelspec import ModelConfig, ParamSpec, stage_params, stage_spec
+from iota_cli.core.modelspec import ModelConfig, initial_weights, stage_params, stage_spec
 from iota_cli.core.tensors import DTYPE_SIZES, RawTensor, TensorFormatError, decode, encode
 
 HEADER_SLACK = 4096
 
 
-def init_param(p: ParamSpec, seed: int) -> np.ndarray:
-    """One parameter, seeded by (seed, name) so its init does not depend on how the model is split."""
-    if p.init == "ones":
-        return np.ones(p.shape, np.float32)
-    if p.init == "zeros":
-        return np.zeros(p.shape, np.float32)
-    rng = np.random.default_rng([seed, zlib.crc32(p.name.encode())])
-    return (rng.standard_normal(p.shape, dtype=np.float32) * np.float32(p.std)).astype(np.float32)
+def init_stage(cfg: ModelConfig, stage: int, seed: int) -> bytes:
+    """Epoch-0 weights of a stage as safetensors bytes: the model spec's init, as every backend makes it."""
+    return encode(initial_weights(cfg, stage, seed), {"stage": str(stage), "epoch": "0"})
 
 
 def to_raw(a: np.ndarray) -> RawTensor:
     a = np.ascontiguousarray(a, dtype=np.float32)
     return RawTensor("F32", tuple(a.shape), a.tobytes())
-
-
-def init_stage(cfg: ModelConfig, stage: int, seed: int) -> bytes:
-    """Epoch-0 weights of a stage as safetensors bytes."""
-    params = stage_params(cfg, stage_spec(cfg, stage))
-    tensors = {p.name: to_raw(init_param(p, seed)) for p in params}
-    return encode(tensors, {"stage": str(stage), "epoch": "0"})
 
 
 def expected(cfg: ModelConfig, stage: int) -> dict[str, tuple[int, ...]]:
