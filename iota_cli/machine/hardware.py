@@ -80,25 +80,9 @@ class HardwareReport:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HardwareReport:
         """Inverse of to_dict; unknown keys are ignored so old readers survive newer reports."""
-        known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known}
-        if kw.get("gpus") is not None:
-            kw["gpus"] = tuple(GPU(**_known(GPU, g)) for g in kw["gpus"])
-        for name, typ in (
-            ("power", PowerStatus),
-            ("sleep", SleepStatus),
-            ("network", NetworkStatus),
-            ("backend", BackendStatus),
-        ):
-            if kw.get(name) is not None:
-                kw[name] = typ(**_known(typ, kw[name]))
-        kw["unknown"] = dict(kw.get("unknown") or {})
-        return cls(**kw)
+        from iota_cli.core import schema  # pydantic: only readers of a saved report pay for it
 
-
-def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in d.items() if k in names}
+        return schema.parse(cls, d)
 
 
 def _run(cmd: list[str], timeout: float = 5.0) -> str | None:
