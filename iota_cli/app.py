@@ -1,7 +1,9 @@
-"""The `iota` command line: assembles the command modules; no logic lives here.
+"""The `iota` command line: assembles the command modules and plug-in groups; no logic lives here.
 
 Run `iota --help`. Every command module imports its heavy dependencies inside the command, so help
-stays fast (see bench/startup.py).
+stays fast (see bench/startup.py). Other packages add command groups through the `iota.commands`
+entry-point group, as backends do through `iota.backends`: the orchestrator adds `iota orchestrator` so,
+and this package never imports the server.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from typing import Annotated
 import typer
 
 from iota_cli import __version__
-from iota_cli.commands import auth, backends, config, doctor, join, orchestrator, service, status, swarm
+from iota_cli.commands import auth, backends, config, doctor, join, service, status, swarm
+
+COMMANDS_GROUP = "iota.commands"  # entry points: register(app: typer.Typer) -> None
 
 app = typer.Typer(
     name="iota",
@@ -44,8 +48,20 @@ def _root(
     """Contribute compute to a decentralized LLM pretraining swarm."""
 
 
-for module in (doctor, backends, config, auth, join, status, swarm, service, orchestrator):
+def add_plugins(app: typer.Typer) -> None:
+    """Every command group installed packages register; one that fails to load is skipped, with a warning."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=COMMANDS_GROUP):
+        try:
+            ep.load()(app)
+        except Exception as e:  # a broken plug-in must not take the whole CLI down
+            typer.echo(f"warning: skipping the `{ep.name}` commands ({ep.value}): {e}", err=True)
+
+
+for module in (doctor, backends, config, auth, join, status, swarm, service):
     module.register(app)
+add_plugins(app)
 
 
 def main() -> None:

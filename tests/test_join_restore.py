@@ -9,12 +9,12 @@ import threading
 from dataclasses import replace
 
 import pytest
-from iota_orchestrator.process import OrchestratorProcess
 from iota_orchestrator.simworker import write_corpus
 
 from iota_cli.core.backend import get_factory
 from iota_cli.core.manifest import RunManifest, tiny_manifest
 from iota_cli.core.protocol import Assignment
+from iota_cli.swarm.orchestrator import OrchestratorProcess
 from iota_cli.train.checkpoint import CheckpointStore, manifest_fingerprint
 from iota_cli.train.client import Client
 from iota_cli.train.join import restore

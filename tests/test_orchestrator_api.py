@@ -13,11 +13,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import requests
-from iota_orchestrator.process import OrchestratorProcess, wait_until
 from iota_orchestrator.simworker import SimWorker, write_corpus
 
 from iota_cli.core.manifest import tiny_manifest
 from iota_cli.core.tensors import RawTensor, decode, encode
+from iota_cli.swarm.orchestrator import OrchestratorProcess, wait_until
 
 ADMIN = "admin-token-for-tests"
 

@@ -11,10 +11,10 @@ from dataclasses import replace
 
 import pytest
 import requests
-from iota_orchestrator.process import OrchestratorProcess, wait_until
 from iota_orchestrator.simworker import ProtocolError, SimWorker, write_corpus
 
 from iota_cli.core.manifest import tiny_manifest
+from iota_cli.swarm.orchestrator import OrchestratorProcess, wait_until
 
 ADMIN = "admin-token-for-restart"
 

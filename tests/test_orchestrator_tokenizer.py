@@ -19,12 +19,12 @@ import requests
 import tokenizers
 from iota_orchestrator import data, db, tokenizer
 from iota_orchestrator.errors import ApiError, Conflict
-from iota_orchestrator.process import OrchestratorProcess
 from iota_orchestrator.simworker import SimWorker, write_corpus
 from sqlalchemy import inspect
 
 from iota_cli.core.manifest import tiny_manifest
 from iota_cli.core.tensors import decode
+from iota_cli.swarm.orchestrator import OrchestratorProcess
 
 ADMIN = "admin-token-for-tokenizers"
 

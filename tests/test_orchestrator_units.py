@@ -192,10 +192,15 @@ def test_credits_weigh_stage_compute():
 
 
 def test_core_never_imports_the_server_stack():
+    # `iota` loads the orchestrator's command group through its entry point, and nothing else of the server.
     code = (
-        "import sys, iota_cli.app, iota_cli.core.protocol, iota_cli.commands.orchestrator\n"
-        "heavy = ('fastapi', 'sqlalchemy', 'uvicorn', 'numpy', 'iota_orchestrator')\n"
+        "import sys, iota_cli.core.protocol\n"
+        "assert 'iota_orchestrator' not in sys.modules\n"
+        "import iota_cli.app, iota_orchestrator.cli\n"
+        "heavy = ('fastapi', 'sqlalchemy', 'uvicorn', 'numpy')\n"
         "bad = [m for m in heavy if m in sys.modules]\n"
+        "server = {m for m in sys.modules if m.split('.')[0] == 'iota_orchestrator'}\n"
+        "bad += sorted(server - {'iota_orchestrator', 'iota_orchestrator.cli'})\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -24,7 +24,17 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in heavy)), fi
 
 @pytest.mark.parametrize(
     "args",
-    [["--help"], ["--version"], ["doctor", "--help"], ["config", "--help"], ["login", "--help"]],
+    [
+        ["--help"],
+        ["--version"],
+        ["doctor", "--help"],
+        ["config", "--help"],
+        ["login", "--help"],
+        # the orchestrator's group is a plug-in (entry point): loading it must not load the server
+        ["orchestrator", "--help"],
+        ["orchestrator", "serve", "--help"],
+        ["orchestrator", "run", "create", "--help"],
+    ],
     ids=" ".join,
 )
 def test_help_imports_nothing_heavy(args):
@@ -35,4 +45,4 @@ def test_help_imports_nothing_heavy(args):
     assert loaded == [], f"`iota {' '.join(args)}` imported {loaded}"
     assert r.stdout.strip(), "printed nothing"
     if args == ["--help"]:
-        assert "doctor" in r.stdout and "Examples" in r.stdout
+        assert "doctor" in r.stdout and "orchestrator" in r.stdout and "Examples" in r.stdout

@@ -14,6 +14,8 @@ PROTOCOL_VERSION = 1
 PROTOCOL_HEADER = "X-Iota-Protocol"
 SHA256_HEADER = "X-Iota-Sha256"  # on blob uploads (checked) and downloads (what the bytes hash to)
 RUN_STATE_HEADER = "X-Iota-Run-State"  # on 204 "no work now": running | finished
+# The line `iota orchestrator serve` prints once it accepts requests; whoever starts one waits for it.
+LISTENING = "iota orchestrator listening on"
 
 # Bounds keep every number inside SQLite's int64 and every string small.
 MAX_INT = 2**62

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from iota_cli.core.manifest import RunManifest, tiny_manifest
+from iota_cli.swarm.orchestrator import OrchestratorProcess
 from iota_cli.train.client import Client
 
 
@@ -117,7 +118,7 @@ class Swarm:
     admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     url: str = ""
     run_id: str = ""
-    orchestrator: Any = None  # iota_orchestrator.process.OrchestratorProcess once started
+    orchestrator: OrchestratorProcess | None = None
     workers: list[WorkerProcess] = field(default_factory=list)
     started: float = 0.0
 
@@ -132,12 +133,7 @@ class Swarm:
 
     def start_server(self) -> None:
         """Start (or restart, on the same port and data dir) the orchestrator process."""
-        try:
-            from iota_orchestrator.process import OrchestratorProcess
-        except ImportError:
-            raise RuntimeError(
-                "a local swarm needs the orchestrator: pip install 'iota-cli[orchestrator]'"
-            ) from None
+        # Without the [orchestrator] extra the child says how to install it, and start() raises with that.
         port = int(self.url.rsplit(":", 1)[1]) if self.url else self.options.port
         self.orchestrator = OrchestratorProcess(
             self.home / "orchestrator", port=port, admin_token=self.admin_token

@@ -1,4 +1,4 @@
-"""Run the orchestrator: `iota orchestrator serve` or `python -m iota_orchestrator --port 0`.
+"""Run the orchestrator in this process: what `iota orchestrator serve` calls (see iota_orchestrator/cli.py).
 
 Prints `iota orchestrator listening on http://HOST:PORT` once it accepts requests and writes
 `<data-dir>/server.json` ({url, pid}) for scripts; SIGTERM or Ctrl-C shut it down cleanly (exit 0).
@@ -13,13 +13,11 @@ import logging
 import os
 import signal
 import socket
-import sys
 from pathlib import Path
 
 from iota_cli.core.files import atomic_write
+from iota_cli.core.protocol import LISTENING
 from iota_orchestrator.state import ServerConfig, open_state
-
-LISTENING = "iota orchestrator listening on"
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -98,22 +96,3 @@ async def _run(server: object, sock: socket.socket, url: str, info: Path) -> Non
         atomic_write(info, json.dumps({"url": url, "pid": os.getpid()}).encode(), mode=0o644)
         print(f"{LISTENING} {url}", flush=True)
     await task
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m iota_orchestrator", description=__doc__)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8700)
-    p.add_argument("--data-dir", type=Path, required=True)
-    p.add_argument("--sync", choices=["normal", "full"], default="normal")
-    p.add_argument("--tick", type=float, default=1.0, help="seconds between lease/deadline checks")
-    p.add_argument("--new-admin-token", action="store_true")
-    a = p.parse_args(argv)
-    cfg = ServerConfig(data_dir=a.data_dir, sync=a.sync, tick_s=a.tick)
-    return serve(cfg, a.host, a.port, a.new_admin_token)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,10 @@
 """`iota orchestrator serve|status|run create|run stop`: run the reference orchestrator and drive it.
 
-`serve` needs the [orchestrator] extra (`pip install 'iota-cli[orchestrator]'`); the other commands are
-plain HTTP calls. They find a local orchestrator through `<data-dir>/server.json`, or take --url.
+This package adds the group to `iota` through the `iota.commands` entry point (`register`), so the
+contributor CLI never imports the server. Importing this module loads Typer only: `serve` imports the
+[orchestrator] extra (`pip install 'iota-cli[orchestrator]'`) when it runs, and the other commands are
+HTTP calls through the contributor's one client. They find a local orchestrator through
+`<data-dir>/server.json`, or take --url. Try it: `iota orchestrator serve --port 0 --data-dir /tmp/o`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ orch_app = typer.Typer(
     help="Run the reference orchestrator that coordinates a swarm (operators only).", no_args_is_help=True
 )
 run_app = typer.Typer(help="Create and stop training runs (needs the admin token).", no_args_is_help=True)
+orch_app.add_typer(run_app, name="run")
 
 DataDirOption = Annotated[
     Path | None,
@@ -42,7 +46,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
 def register(app: typer.Typer) -> None:
-    orch_app.add_typer(run_app, name="run")
+    """The `iota.commands` entry point: add `iota orchestrator` to the CLI."""
     app.add_typer(orch_app, name="orchestrator")
 
 
@@ -84,6 +88,7 @@ def serve(
     try:
         import fastapi  # noqa: F401  (the extra's packages, checked up front for a clear message)
         import uvicorn  # noqa: F401
+
         from iota_orchestrator.serve import serve as run_server
         from iota_orchestrator.state import ServerConfig
     except ImportError as e:
@@ -121,28 +126,30 @@ def _url(url: str | None, data_dir: Path | None) -> str:
 
 
 def _call(method: str, url: str, path: str, token: str | None = None, body: Any = None) -> Any:
-    import requests
-
+    """One request without waiting for a server that is down: an operator wants the answer now."""
     from iota_cli import output
-    from iota_cli.core.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION
+    from iota_cli.train.client import ApiError, Client, Unreachable
 
-    headers = {PROTOCOL_HEADER: str(PROTOCOL_VERSION)}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    try:
-        r = requests.request(method, url + path, json=body, headers=headers, timeout=(5, 300))
-    except requests.RequestException as e:
-        output.fail(
-            f"cannot reach the orchestrator at {url}: {type(e).__name__}", code=output.EXIT_UNAVAILABLE
-        )
-    if r.status_code >= 400:
+    # retries=0: a 5xx is reported as it came, and creating a run may take minutes (the corpus is encoded).
+    with Client(url, token, timeout=(5.0, 300.0), retries=0) as client:
         try:
-            detail = r.json().get("detail")
-        except ValueError:
-            detail = r.text[:200]
-        code = output.EXIT_CONFIG if r.status_code in (401, 403) else output.EXIT_FAIL
-        output.fail(f"{method} {path}: HTTP {r.status_code}: {detail}", code=code)
-    return r.json() if r.content else None
+            return client.request(method, path, json=body, wait=False).data
+        except Unreachable as e:
+            output.fail(f"cannot reach the orchestrator at {url}: {e}", code=output.EXIT_UNAVAILABLE)
+        except ApiError as e:
+            code = output.EXIT_CONFIG if e.status in (401, 403) else output.EXIT_FAIL
+            output.fail(f"{method} {path}: {e}", code=code)
+
+
+def _require(admin_token: str | None) -> None:
+    from iota_cli import output
+
+    if not admin_token:
+        output.fail(
+            "the admin token is required",
+            hint="pass --admin-token or set IOTA_ADMIN_TOKEN",
+            code=output.EXIT_CONFIG,
+        )
 
 
 @run_app.command("create")
@@ -161,32 +168,35 @@ def create_run(
     Example:
       iota orchestrator run create run.toml
     """
-    import os
-    from dataclasses import replace
-
     from iota_cli import output
     from iota_cli.core.manifest import RunManifest
 
-    if not admin_token:
-        output.fail(
-            "the admin token is required",
-            hint="pass --admin-token or set IOTA_ADMIN_TOKEN",
-            code=output.EXIT_CONFIG,
-        )
+    _require(admin_token)
     try:
         m = RunManifest.load(manifest)
     except (OSError, ValueError, TypeError) as e:
         output.fail(f"{manifest}: {e}", code=output.EXIT_CONFIG)
-    source, tok = m.data.source, m.model.tokenizer
-    if source and not os.path.isabs(os.path.expanduser(source)):
-        m = replace(m, data=replace(m.data, source=str(manifest.resolve().parent / source)))
-    if tok and tok != "bytes" and not os.path.isabs(os.path.expanduser(tok)):
-        m = replace(m, model=replace(m.model, tokenizer=str(manifest.resolve().parent / tok)))
-    reply = _call("POST", _url(url, data_dir), "/v1/runs", admin_token, {"manifest": m.to_dict()})
+    body = {"manifest": _rebase(m.to_dict(), manifest.resolve().parent)}
+    reply = _call("POST", _url(url, data_dir), "/v1/runs", admin_token, body)
     if as_json:
         output.print_json(reply)
     else:
         output.echo(f"created run {reply['run_id']} ({m.name}, {m.model.n_stages} stages)")
+
+
+def _rebase(manifest: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Relative data.source and model.tokenizer paths made absolute from folder (the server's cwd differs)."""
+    import os
+
+    def relative(path: str | None) -> bool:
+        return bool(path) and not os.path.isabs(os.path.expanduser(str(path)))
+
+    data, model = dict(manifest["data"]), dict(manifest["model"])
+    if relative(data.get("source")):
+        data["source"] = str(folder / data["source"])
+    if model.get("tokenizer") != "bytes" and relative(model.get("tokenizer")):
+        model["tokenizer"] = str(folder / model["tokenizer"])
+    return {**manifest, "data": data, "model": model}
 
 
 @run_app.command("stop")
@@ -199,12 +209,7 @@ def stop_run(
     """Issue no new samples; the run finishes once the work in flight drains."""
     from iota_cli import output
 
-    if not admin_token:
-        output.fail(
-            "the admin token is required",
-            hint="pass --admin-token or set IOTA_ADMIN_TOKEN",
-            code=output.EXIT_CONFIG,
-        )
+    _require(admin_token)
     _call("POST", _url(url, data_dir), f"/v1/runs/{run_id}/stop", admin_token)
     output.echo(f"run {run_id} is stopping")
 

@@ -1,7 +1,10 @@
-"""Start an orchestrator as a child process and wait until it listens: for tests, benchmarks, `iota swarm`.
+"""Start an orchestrator as a child process and wait until it listens: for `iota swarm`, tests, benchmarks.
 
-with OrchestratorProcess(tmp_dir, admin_token="t") as orch:
-    requests.get(orch.url + "/v1/health")
+The child is `python -m iota_cli orchestrator serve ...`, the command an operator runs, so this module
+never imports the server (it needs the [orchestrator] extra installed, not imported):
+
+    with OrchestratorProcess(tmp_dir, admin_token="t") as orch:
+        print(Client(orch.url).health())
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from iota_orchestrator.serve import LISTENING
+from iota_cli.core.protocol import LISTENING
 
 
 class OrchestratorProcess:
@@ -35,14 +39,13 @@ class OrchestratorProcess:
         self.url = ""
         self.lines: list[str] = []
 
-    def start(self, timeout: float = 60.0) -> OrchestratorProcess:
-        env = {**os.environ, **self.extra_env}
-        if self.admin_token:
-            env["IOTA_ADMIN_TOKEN"] = self.admin_token
-        cmd = [
+    def command(self) -> list[str]:
+        return [
             sys.executable,
             "-m",
-            "iota_orchestrator",
+            "iota_cli",
+            "orchestrator",
+            "serve",
             "--data-dir",
             str(self.data_dir),
             "--host",
@@ -54,8 +57,13 @@ class OrchestratorProcess:
             "--sync",
             self.sync,
         ]
+
+    def start(self, timeout: float = 60.0) -> OrchestratorProcess:
+        env = {**os.environ, **self.extra_env}
+        if self.admin_token:
+            env["IOTA_ADMIN_TOKEN"] = self.admin_token
         self.proc = subprocess.Popen(
-            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+            self.command(), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         )
         found = threading.Event()
 
@@ -106,10 +114,11 @@ class OrchestratorProcess:
         self.stop()
 
 
-def wait_until(predicate: object, timeout: float = 30.0, interval: float = 0.1) -> bool:
+def wait_until(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.1) -> bool:
+    """Poll predicate until it is truthy (True) or timeout seconds pass (False)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if predicate():  # type: ignore[operator]
+        if predicate():
             return True
         time.sleep(interval)
     return False
