@@ -8,16 +8,30 @@ and this package never imports the server.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from iota_cli import __version__
-from iota_cli.commands import auth, backends, config, doctor, join, service, status, swarm
+from iota_cli.commands import auth, backends, config, doctor, errors, join, service, status, swarm
 
 COMMANDS_GROUP = "iota.commands"  # entry points: register(app: typer.Typer) -> None
 
+
+class Root(TyperGroup):
+    """The `iota` group: every command runs inside it, so known exceptions are reported in one place."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as e:
+            errors.report(e)  # exits with the table's code; returns for anything it does not know
+            raise
+
+
 app = typer.Typer(
+    cls=Root,
     name="iota",
     help=(
         "Contribute your computer to training a large language model with thousands of others.\n\n"

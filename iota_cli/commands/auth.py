@@ -22,15 +22,9 @@ def register(app: typer.Typer) -> None:
 
 
 def _orchestrator(flag: str | None) -> str:
-    from iota_cli import output
     from iota_cli.config import settings
 
-    if flag is not None:
-        return flag
-    try:
-        return settings.load().orchestrator
-    except settings.SettingsError as e:
-        output.fail(str(e), code=output.EXIT_CONFIG)
+    return flag if flag is not None else settings.load().orchestrator
 
 
 def _read_token() -> str:
@@ -65,10 +59,7 @@ def login(
     url = _orchestrator(orchestrator)
     if token is None:
         token = _read_token()
-    try:
-        backend = credentials.store_token(token, url)
-    except credentials.CredentialsError as e:
-        output.fail(str(e), code=output.EXIT_CONFIG)
+    backend = credentials.store_token(token, url)
     account = credentials.account_for(url)
     fp = credentials.fingerprint(token.strip())
     output.echo(f"Stored the token for {account} in the OS keyring ({backend}); fingerprint {fp}.")
@@ -83,10 +74,7 @@ def logout(orchestrator: OrchestratorOption = None) -> None:
 
     url = _orchestrator(orchestrator)
     account = credentials.account_for(url)
-    try:
-        removed = credentials.delete_token(url)
-    except credentials.CredentialsError as e:
-        output.fail(str(e), code=output.EXIT_CONFIG)
+    removed = credentials.delete_token(url)
     output.echo(f"Removed the token for {account}." if removed else f"No token was stored for {account}.")
     if os.environ.get("IOTA_TOKEN"):
         output.warn("IOTA_TOKEN is still set in this environment and will be used")
@@ -104,10 +92,10 @@ def whoami(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
     try:
         found = credentials.resolve_token(None, orchestrator=url)
     except credentials.CredentialsError as e:
-        if as_json:
-            output.print_json({"authenticated": False, "orchestrator": url or None, "error": str(e)})
-            raise typer.Exit(output.EXIT_CONFIG) from None
-        output.fail(str(e), code=output.EXIT_CONFIG)
+        if not as_json:
+            raise
+        output.print_json({"authenticated": False, "orchestrator": url or None, "error": str(e)})
+        raise typer.Exit(output.EXIT_CONFIG) from None
     fp = credentials.fingerprint(found.token)
     if as_json:
         output.print_json(

@@ -1,6 +1,7 @@
 """`iota config show|get|set|unset|path`: the TOML config file and its IOTA_<NAME> overrides.
 
-All the logic is settings.py's; this module parses and prints.
+All the logic is config/settings.py's; this module parses and prints. A file that cannot be read is
+reported by commands/errors.py (exit 78); a bad setting name or value here is a usage error (exit 2).
 """
 
 from __future__ import annotations
@@ -24,16 +25,6 @@ def _fmt(value: Any) -> str:
     return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
-def _load():
-    from iota_cli import output
-    from iota_cli.config import settings
-
-    try:
-        return settings.load()
-    except settings.SettingsError as e:
-        output.fail(str(e), hint="fix or delete the file (see `iota config path`)", code=output.EXIT_CONFIG)
-
-
 @config_app.command("show")
 def show(as_json: JsonOption = False) -> None:
     """Every setting, its value and where it comes from (default, file or env)."""
@@ -42,7 +33,7 @@ def show(as_json: JsonOption = False) -> None:
     from iota_cli import output
     from iota_cli.config import settings
 
-    values = asdict(_load())
+    values = asdict(settings.load())
     src = settings.sources()
     if as_json:
         output.print_json(
@@ -63,7 +54,7 @@ def get(key: Annotated[str, typer.Argument(help="Setting name, e.g. orchestrator
         key = settings.check_key(key)
     except settings.SettingsError as e:
         output.fail(str(e), code=output.EXIT_USAGE)
-    output.echo(_fmt(getattr(_load(), key)))
+    output.echo(_fmt(getattr(settings.load(), key)))
 
 
 @config_app.command("set")
@@ -83,7 +74,7 @@ def set_(
     from iota_cli.config import settings
 
     path = settings.paths().config_file
-    _load()  # refuse to rewrite a file we cannot read
+    settings.load()  # refuse to rewrite a file we cannot read
     try:
         stored = settings.set_value(key, value)
         key = settings.check_key(key)
@@ -100,7 +91,7 @@ def unset(key: Annotated[str, typer.Argument(help="Setting name.")]) -> None:
     from iota_cli import output
     from iota_cli.config import settings
 
-    _load()
+    settings.load()
     try:
         settings.unset_value(key)
     except settings.SettingsError as e:

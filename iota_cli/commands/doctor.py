@@ -36,10 +36,7 @@ def doctor(
     from iota_cli.config import settings
     from iota_cli.machine import hardware, requirements
 
-    try:
-        s = settings.load()
-    except settings.SettingsError as e:
-        output.fail(str(e), hint="fix it with `iota config set` or edit the file", code=output.EXIT_CONFIG)
+    s = settings.load()
     report = hardware.probe(
         orchestrator=s.orchestrator if orchestrator is None else orchestrator,
         backend=backend or s.backend,

@@ -1,10 +1,17 @@
-"""`iota join`: train a slice of the model for a swarm until stopped (see iota_cli/join.py)."""
+"""`iota join`: train a slice of the model for a swarm until stopped (see iota_cli/train/join.py).
+
+Errors (bad settings, a refused join, an orchestrator gone) are reported by commands/errors.py.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from iota_cli.config.settings import Paths
+    from iota_cli.train.join import JoinOptions
 
 
 def register(app: typer.Typer) -> None:
@@ -45,30 +52,15 @@ def join(
       iota join --orchestrator https://swarm.example.org
       iota join --backend torch-cpu --max-steps 100
     """
-    import os
-    import signal
-    import threading
-
-    from iota_cli import output
+    from iota_cli.commands.common import orchestrator_url
     from iota_cli.config import settings
     from iota_cli.headless.logs import setup_logging
-    from iota_cli.train.join import JoinError, JoinOptions
-    from iota_cli.train.join import join as run_join
+    from iota_cli.train.join import JoinOptions
 
     setup_logging()
-    try:
-        s = settings.load()
-    except settings.SettingsError as e:
-        output.fail(str(e), code=output.EXIT_CONFIG)
-    url = orchestrator or s.orchestrator
-    if not url:
-        output.fail(
-            "no orchestrator configured",
-            hint="pass --orchestrator URL or `iota config set orchestrator URL`",
-            code=output.EXIT_CONFIG,
-        )
+    s = settings.load()
     opts = JoinOptions(
-        orchestrator=url,
+        orchestrator=orchestrator_url(orchestrator or s.orchestrator),
         backend=backend or s.backend,
         run_id=run or s.run or None,
         max_steps=max_steps,
@@ -80,26 +72,29 @@ def join(
         stage=stage,
         max_memory_gb=s.max_memory_gb,
     )
+    raise typer.Exit(_train(opts, settings.paths()))
+
+
+def _train(opts: JoinOptions, paths: Paths) -> int:
+    """Join until stopped: Ctrl-C or SIGTERM ask for a clean stop, a second Ctrl-C leaves at once."""
+    import os
+    import signal
+    import threading
+
+    from iota_cli import output
+    from iota_cli.train.client import Stopped
+    from iota_cli.train.join import join as run_join
+
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
         if stop.is_set() and signum == signal.SIGINT:
-            os._exit(130)  # second Ctrl-C: leave now; checkpoints are atomic, the last one is intact
+            os._exit(130)  # checkpoints are atomic, so the last one is intact
         stop.set()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    from iota_cli.train.client import ApiError, Stopped, Unreachable
-
     try:
-        code = run_join(opts, settings.paths(), stop)
-    except JoinError as e:
-        output.fail(str(e), hint=e.hint, code=e.code)
+        return run_join(opts, paths, stop)
     except Stopped:
-        code = output.EXIT_OK  # stopped while still waiting to join: nothing to save
-    except Unreachable as e:
-        output.fail(str(e), code=output.EXIT_UNAVAILABLE)
-    except ApiError as e:
-        code = output.EXIT_CONFIG if e.status in (401, 403) else output.EXIT_FAIL
-        output.fail(f"the orchestrator refused: {e}", code=code)
-    raise typer.Exit(code)
+        return output.EXIT_OK  # stopped while still waiting to join: nothing to save

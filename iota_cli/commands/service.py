@@ -1,18 +1,19 @@
 """`iota service install|uninstall|status|logs`: run `iota join` headless under systemd.
 
-The unit text comes from iota_cli/service.py (`iota service install --print` shows it); status and
+The unit text comes from iota_cli/headless/service.py (`iota service install --print` shows it); status and
 logs wrap `systemctl show` and `journalctl`. See docs/headless.md.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 
 if TYPE_CHECKING:
-    from iota_cli.headless.service import Scope, UnitOptions
+    from iota_cli.headless.service import InstallResult, Layout, Scope, UnitOptions
 
 ScopeFlag = Annotated[
     bool | None,
@@ -103,25 +104,61 @@ def install(
       sudo --preserve-env=IOTA_TOKEN iota service install --system --run-as alice
       iota service install --print
     """
-    import getpass
-    import pwd
-
     from iota_cli import output
+    from iota_cli.commands.common import orchestrator_url
     from iota_cli.config import settings
     from iota_cli.headless import service as svc
 
     scope: Scope = "user" if scope_flag else "system" if scope_flag is False else _default_scope()
-    try:
-        conf = settings.load()
-    except settings.SettingsError as e:
-        output.fail(str(e), code=output.EXIT_CONFIG)
-    url = (orchestrator or conf.orchestrator).strip()
-    if not url:
-        output.fail(
-            "no orchestrator to join",
-            hint="pass --orchestrator URL or run `iota config set orchestrator URL`",
-            code=output.EXIT_CONFIG,
+    conf = settings.load()
+    url = orchestrator_url((orchestrator or conf.orchestrator).strip())
+    plan = _plan(
+        scope, url, backend or conf.backend, run_as, sandbox, live=not show and svc.systemd_running()
+    )
+    opts = plan.options(svc.can_encrypt(scope))
+    if show:
+        output.echo(svc.render_unit(opts).rstrip("\n"))
+        return
+    _check_installable(plan)
+    opts, result = _write(plan, opts, _token(token_stdin, url), start)
+    _report_installed(plan, opts, result, start)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the unit depends on, but whether its credential is encrypted (tried first, dropped on failure)."""
+
+    scope: Scope
+    url: str
+    backend: str
+    layout: Layout
+    run_as: str | None
+    sandbox: bool  # asked for
+    boxed: bool  # what this host can give: user units need unprivileged user namespaces
+    live: bool  # systemd runs here and the unit is to be installed, not printed
+    version: int
+
+    def options(self, encrypt: bool) -> UnitOptions:
+        from iota_cli.headless import service as svc
+
+        return svc.unit_options(
+            self.scope,
+            self.url,
+            self.backend,
+            layout=self.layout,
+            encrypt=encrypt,
+            run_as=self.run_as,
+            sandbox=self.boxed,
+            version=self.version,
         )
+
+
+def _plan(scope: Scope, url: str, backend: str, run_as: str | None, sandbox: bool, live: bool) -> _Plan:
+    import pwd
+
+    from iota_cli import output
+    from iota_cli.headless import service as svc
+
     if scope == "system":
         run_as = run_as or os.environ.get("SUDO_USER") or None
         if run_as:
@@ -129,62 +166,70 @@ def install(
                 pwd.getpwnam(run_as)
             except KeyError:
                 output.fail(f"no such user: {run_as}", hint="create it or pick another with --run-as")
-    layout = svc.default_layout(scope)
-    live = not show and svc.systemd_running()
-    runner = svc.run_command
-    boxed = sandbox and (scope == "system" or svc.userns_available())
-    version = svc.systemd_version(runner) if live else svc.BASELINE_SYSTEMD
+    return _Plan(
+        scope=scope,
+        url=url,
+        backend=backend,
+        layout=svc.default_layout(scope),
+        run_as=run_as,
+        sandbox=sandbox,
+        boxed=sandbox and (scope == "system" or svc.userns_available()),
+        live=live,
+        version=svc.systemd_version(svc.run_command) if live else svc.BASELINE_SYSTEMD,
+    )
 
-    def plan(encrypt: bool) -> UnitOptions:
-        return svc.unit_options(
-            scope,
-            url,
-            backend or conf.backend,
-            layout=layout,
-            encrypt=encrypt,
-            run_as=run_as,
-            sandbox=boxed,
-            version=version,
-        )
 
-    opts = plan(svc.can_encrypt(scope))
-    if show:
-        output.echo(svc.render_unit(opts).rstrip("\n"))
-        return
-    if not live:
+def _check_installable(plan: _Plan) -> None:
+    from iota_cli import output
+
+    if not plan.live:
         output.fail(
             "systemd is not running on this machine (no /run/systemd/system)",
             hint="`iota service install --print` shows the unit to install by hand",
             code=output.EXIT_UNAVAILABLE,
         )
-    if scope == "system" and not os.access(layout.unit_dir, os.W_OK):
+    if plan.scope == "system" and not os.access(plan.layout.unit_dir, os.W_OK):
         output.fail(
-            f"cannot write {layout.unit_dir}",
+            f"cannot write {plan.layout.unit_dir}",
             hint="a system unit needs root: sudo iota service install --system",
         )
-    if sandbox and not boxed:
+    if plan.sandbox and not plan.boxed:
         output.warn("unprivileged user namespaces are unavailable: installing without filesystem sandboxing")
-    token = _token(token_stdin, url)
+
+
+def _write(plan: _Plan, opts: UnitOptions, token: str, start: bool) -> tuple[UnitOptions, InstallResult]:
+    """Install the unit; if the credential cannot be encrypted here, fall back to a 0600 file."""
+    from iota_cli import output
+    from iota_cli.headless import service as svc
+
     try:
         try:
-            result = svc.install(opts, layout, token, runner=runner, start=start)
+            return opts, svc.install(opts, plan.layout, token, runner=svc.run_command, start=start)
         except svc.EncryptError as e:
             output.warn(f"{e}; storing the token as a 0600 file instead")
-            opts = plan(encrypt=False)
-            result = svc.install(opts, layout, token, runner=runner, start=start)
+            opts = plan.options(encrypt=False)
+            return opts, svc.install(opts, plan.layout, token, runner=svc.run_command, start=start)
     except (svc.ServiceError, OSError) as e:
         output.fail(str(e), hint="user units need a running user manager: see docs/headless.md")
+
+
+def _report_installed(plan: _Plan, opts: UnitOptions, result: InstallResult, start: bool) -> None:
+    import getpass
+
+    from iota_cli import output
+    from iota_cli.headless import service as svc
+
     cred = opts.credential
     output.echo(f"{'wrote' if result.unit_changed else 'unchanged:'} {result.unit_path}")
     if cred:
         how = "encrypted with systemd-creds" if cred.encrypted else "file mode 0600"
         output.echo(f"token: systemd credential {svc.CREDENTIAL_ID} from {cred.path} ({how})")
-    output.echo(f"{'enabled and started' if start else 'enabled'} {svc.UNIT_NAME} ({scope} unit)")
-    flag = "--user" if scope == "user" else "--system"
+    output.echo(f"{'enabled and started' if start else 'enabled'} {svc.UNIT_NAME} ({plan.scope} unit)")
+    flag = "--user" if plan.scope == "user" else "--system"
     output.echo(f"next: iota service status {flag}; iota service logs {flag} -f")
-    if scope == "user":
+    if plan.scope == "user":
         user = getpass.getuser()
-        if svc.linger(user, runner) is not True:
+        if svc.linger(user, svc.run_command) is not True:
             output.echo(
                 f"note: lingering is off for {user}, so the service stops when you log out and does not "
                 f"start at boot. To keep it running: sudo loginctl enable-linger {user}"

@@ -126,19 +126,18 @@ def _url(url: str | None, data_dir: Path | None) -> str:
 
 
 def _call(method: str, url: str, path: str, token: str | None = None, body: Any = None) -> Any:
-    """One request without waiting for a server that is down: an operator wants the answer now."""
-    from iota_cli import output
-    from iota_cli.train.client import ApiError, Client, Unreachable
+    """One request, without waiting for a server that is down: an operator wants the answer now.
 
-    # retries=0: a 5xx is reported as it came, and creating a run may take minutes (the corpus is encoded).
+    A refusal (ApiError) or no answer (Unreachable) is raised for iota's error table to report.
+    """
+    from iota_cli.train.client import Client, Unreachable
+
+    # retries=0: a 5xx is reported as it came; timeout: creating a run may take minutes (encoding the corpus).
     with Client(url, token, timeout=(5.0, 300.0), retries=0) as client:
         try:
             return client.request(method, path, json=body, wait=False).data
         except Unreachable as e:
-            output.fail(f"cannot reach the orchestrator at {url}: {e}", code=output.EXIT_UNAVAILABLE)
-        except ApiError as e:
-            code = output.EXIT_CONFIG if e.status in (401, 403) else output.EXIT_FAIL
-            output.fail(f"{method} {path}: {e}", code=code)
+            raise Unreachable(f"{url}: {e}") from None  # the URL may be a stale server.json
 
 
 def _require(admin_token: str | None) -> None:

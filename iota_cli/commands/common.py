@@ -1,0 +1,16 @@
+"""Small pieces several commands share, so each says the same thing the same way."""
+
+from __future__ import annotations
+
+from iota_cli import output
+
+
+def orchestrator_url(url: str) -> str:
+    """The orchestrator to use (the flag, else the configured one); exit 78 if there is none."""
+    if not url:
+        output.fail(
+            "no orchestrator configured",
+            hint="pass --orchestrator URL or run `iota config set orchestrator URL`",
+            code=output.EXIT_CONFIG,
+        )
+    return url
