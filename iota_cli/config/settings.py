@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from dataclasses import dataclass as plain_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import tomli_w
 from pydantic import ConfigDict, Field, field_validator
@@ -29,15 +29,15 @@ APP_NAME = "iota"
 class Settings:
     """Each field's description is its help in `iota config show` and the README's table."""
 
-    orchestrator: str = Field("", description="URL of the orchestrator to join")
+    orchestrator: str = Field(default="", description="URL of the orchestrator to join")
     backend: str = Field(
-        "auto", description="compute backend (auto, torch-cuda, torch-mps, torch-cpu, mlx, mlx-cpu)"
+        default="auto", description="compute backend (auto, torch-cuda, torch-mps, torch-cpu, mlx, mlx-cpu)"
     )
-    run: str = Field("", description="run id to join (empty: the orchestrator's active run)")
-    name: str = Field("", description="display name for this contributor (empty: host name)")
-    allow_battery: bool = Field(False, description="keep training on battery power (true/false)")
+    run: str = Field(default="", description="run id to join (empty: the orchestrator's active run)")
+    name: str = Field(default="", description="display name for this contributor (empty: host name)")
+    allow_battery: bool = Field(default=False, description="keep training on battery power (true/false)")
     max_memory_gb: float = Field(
-        0.0, ge=0, description="cap on the memory a stage may use, in GB (0: no cap)"
+        default=0.0, ge=0, description="cap on the memory a stage may use, in GB (0: no cap)"
     )
 
     @field_validator("allow_battery", mode="before")
@@ -46,7 +46,7 @@ class Settings:
         return False if isinstance(v, str) and not v.strip() else v
 
 
-SETTING_HELP = {name: f.description or "" for name, f in Settings.__pydantic_fields__.items()}
+SETTING_HELP = {name: f.description or "" for name, f in cast(Any, Settings).__pydantic_fields__.items()}
 SECRET_KEYS = {"token", "admin_token", "password"}
 
 

@@ -25,33 +25,35 @@ PLAIN = ConfigDict(extra="ignore")  # unknown keys are ignored, so old workers s
 class OptimConfig:
     """AdamW with bias correction (as torch), decay on matrices only, global-norm clipping."""
 
-    lr: float = Field(3e-4, gt=0, description="learning rate")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW's two moment decay rates")
-    eps: float = Field(1e-8, gt=0, description="AdamW's epsilon")
-    weight_decay: float = Field(0.1, ge=0, description="decoupled weight decay, on matrices only")
-    grad_clip: float = Field(1.0, gt=0, description="global gradient-norm clip")
+    lr: float = Field(default=3e-4, gt=0, description="learning rate")
+    betas: tuple[float, float] = Field(default=(0.9, 0.95), description="AdamW's two moment decay rates")
+    eps: float = Field(default=1e-8, gt=0, description="AdamW's epsilon")
+    weight_decay: float = Field(default=0.1, ge=0, description="decoupled weight decay, on matrices only")
+    grad_clip: float = Field(default=1.0, gt=0, description="global gradient-norm clip")
 
 
 @dataclass(frozen=True, config=PLAIN)
 class TrainConfig:
-    batch_size: int = Field(8, ge=1, description="sequences per work item (microbatch)")
-    seq_len: int = Field(128, ge=1, description="tokens per sequence; at most model.context")
-    backward_per_step: int = Field(4, ge=1, description="local optimizer step every k backward passes")
+    batch_size: int = Field(default=8, ge=1, description="sequences per work item (microbatch)")
+    seq_len: int = Field(default=128, ge=1, description="tokens per sequence; at most model.context")
+    backward_per_step: int = Field(
+        default=4, ge=1, description="local optimizer step every k backward passes"
+    )
     merge_interval: int = Field(
-        10, ge=1, description="local optimizer steps between merges of a stage's replicas"
+        default=10, ge=1, description="local optimizer steps between merges of a stage's replicas"
     )
     merge_timeout_s: float = Field(
-        60.0, ge=0.1, le=86400, description="a merge round closes with whoever contributed by then"
+        default=60.0, ge=0.1, le=86400, description="a merge round closes with whoever contributed by then"
     )
     max_samples: int = Field(
-        0, ge=0, description="stop issuing new samples after this many (0: until stopped)"
+        default=0, ge=0, description="stop issuing new samples after this many (0: until stopped)"
     )
-    lease_s: float = Field(30.0, ge=0.1, le=86400, description="a worker silent this long is dropped")
+    lease_s: float = Field(default=30.0, ge=0.1, le=86400, description="a worker silent this long is dropped")
     work_timeout_s: float = Field(
-        60.0, ge=0.1, le=86400, description="a claimed item not completed by then is re-issued"
+        default=60.0, ge=0.1, le=86400, description="a claimed item not completed by then is re-issued"
     )
     max_inflight_per_head: int = Field(
-        4, ge=1, description="samples a head worker may have in the pipeline at once"
+        default=4, ge=1, description="samples a head worker may have in the pipeline at once"
     )
 
     def __post_init__(self) -> None:
@@ -66,21 +68,23 @@ class TrainConfig:
 
 @dataclass(frozen=True, config=PLAIN)
 class DataConfig:
-    source: str = Field("", description="a directory or glob of text files on the orchestrator's machine")
-    shard_bytes: int = Field(1 << 20, ge=1, description="bytes of corpus a data shard covers")
+    source: str = Field(
+        default="", description="a directory or glob of text files on the orchestrator's machine"
+    )
+    shard_bytes: int = Field(default=1 << 20, ge=1, description="bytes of corpus a data shard covers")
 
 
 @dataclass(frozen=True, config=PLAIN)
 class RunManifest:
     name: str = Field(
-        "run", max_length=128, description="a name for people; the run id is the orchestrator's"
+        default="run", max_length=128, description="a name for people; the run id is the orchestrator's"
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     seed: int = Field(
-        0, ge=0, le=2**63 - 1, description="seeds the epoch-0 weights (modelspec.initial_weights)"
+        default=0, ge=0, le=2**63 - 1, description="seeds the epoch-0 weights (modelspec.initial_weights)"
     )
 
     def __post_init__(self) -> None:

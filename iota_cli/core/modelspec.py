@@ -34,27 +34,31 @@ class ModelConfig:
     servers), checked once on construction, and passed around as this type.
     """
 
-    vocab_size: int = Field(BYTE_VOCAB + len(SPECIAL_TOKENS), description="token ids the model embeds")
-    d_model: int = Field(512, description="width of the residual stream")
-    n_layers: int = Field(8, description="transformer blocks in the whole model")
-    n_heads: int = Field(8, description="query heads per block")
-    n_kv_heads: int = Field(4, description="key/value heads per block (grouped-query attention)")
-    ffn_dim: int = Field(1408, description="hidden width of the SwiGLU feed-forward")
-    context: int = Field(256, description="longest sequence the model is built for")
+    vocab_size: int = Field(
+        default=BYTE_VOCAB + len(SPECIAL_TOKENS), description="token ids the model embeds"
+    )
+    d_model: int = Field(default=512, description="width of the residual stream")
+    n_layers: int = Field(default=8, description="transformer blocks in the whole model")
+    n_heads: int = Field(default=8, description="query heads per block")
+    n_kv_heads: int = Field(default=4, description="key/value heads per block (grouped-query attention)")
+    ffn_dim: int = Field(default=1408, description="hidden width of the SwiGLU feed-forward")
+    context: int = Field(default=256, description="longest sequence the model is built for")
     bottleneck_dim: int = Field(
-        8, description="width of what crosses a stage boundary; d_model / bottleneck_dim is the compression"
+        default=8,
+        description="width of what crosses a stage boundary; d_model / bottleneck_dim is the compression",
     )
-    rope_theta: float = Field(10000.0, description="base of the rotary embedding angles")
-    norm_eps: float = Field(1e-5, description="RMSNorm epsilon")
+    rope_theta: float = Field(default=10000.0, description="base of the rotary embedding angles")
+    norm_eps: float = Field(default=1e-5, description="RMSNorm epsilon")
     dtype: str = Field(
-        "float32", description="compute dtype (float32, bfloat16, float16); master weights are float32"
+        default="float32",
+        description="compute dtype (float32, bfloat16, float16); master weights are float32",
     )
-    wire_dtype: str = Field("bfloat16", description="dtype of activations and gradients on the wire")
-    tokenizer: str = Field("bytes", description="'bytes', or the path of a tokenizers tokenizer.json")
+    wire_dtype: str = Field(default="bfloat16", description="dtype of activations and gradients on the wire")
+    tokenizer: str = Field(default="bytes", description="'bytes', or the path of a tokenizers tokenizer.json")
     stages: tuple[int, ...] = Field(
-        (), description="layers per stage: head, body..., tail (empty: split_layers(n_layers, 3))"
+        default=(), description="layers per stage: head, body..., tail (empty: split_layers(n_layers, 3))"
     )
-    init_std: float = Field(0.02, description="standard deviation of the normal init")
+    init_std: float = Field(default=0.02, description="standard deviation of the normal init")
 
     def __post_init__(self) -> None:
         if not self.stages:

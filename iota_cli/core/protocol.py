@@ -6,9 +6,11 @@ pydantic only (never fastapi), so the contributor side can validate replies with
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from iota_cli.core.manifest import RunManifest
 
 PROTOCOL_VERSION = 1
 PROTOCOL_HEADER = "X-Iota-Protocol"
@@ -63,7 +65,7 @@ class UploadRef(Model):
 
 
 class RunCreate(Model):
-    manifest: dict[str, Any]
+    manifest: RunManifest
 
 
 class RunCreated(Model):
@@ -73,7 +75,7 @@ class RunCreated(Model):
 class RunInfo(Model):
     run_id: str
     name: str
-    manifest: dict[str, Any]
+    manifest: RunManifest
     state: RunState
     created: float
 
@@ -156,7 +158,7 @@ class Assignment(Model):
     run_id: str
     stage: int
     n_stages: int
-    manifest: dict[str, Any]
+    manifest: RunManifest
     epoch: int
     weights: BlobRef
     lease_s: float

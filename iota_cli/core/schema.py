@@ -7,7 +7,6 @@ Every config and manifest is parsed here once, at the edge, and then passed on a
 
 from __future__ import annotations
 
-from functools import cache
 from typing import Any, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
@@ -19,9 +18,13 @@ class SchemaError(ValueError):
     """Data that does not fit its type; the message names each bad field by its dotted path."""
 
 
-@cache
-def _adapter(kind: type[Any]) -> TypeAdapter[Any]:
-    return TypeAdapter(kind)
+_adapters: dict[type, TypeAdapter[Any]] = {}
+
+
+def _adapter(kind: type) -> TypeAdapter[Any]:
+    if kind not in _adapters:  # building an adapter costs a schema; reuse it
+        _adapters[kind] = TypeAdapter(kind)
+    return _adapters[kind]
 
 
 def parse(kind: type[T], data: Any) -> T:

@@ -118,10 +118,10 @@ def parse_header(prefix: bytes | memoryview, total_size: int) -> Header:
     body = total_size - 8 - n
     entries = {name: _entry(name, info, body) for name, info in raw.items()}
     end = 0
-    for e in sorted(entries.values(), key=lambda e: (e.start, e.end)):
-        if e.start != end:
+    for entry in sorted(entries.values(), key=lambda x: (x.start, x.end)):
+        if entry.start != end:
             raise TensorFormatError("tensor data overlaps or leaves gaps")
-        end = e.end
+        end = entry.end
     if end != body:
         raise TensorFormatError(f"data section has {body} bytes, the header describes {end}")
     return Header(entries, dict(metadata), 8 + n)
