@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from iota_cli.app import app
+from iota_cli.headless import host
 from iota_cli.headless import service as svc
 
 TOKEN = "tok_9f3c1d2e7a6b5c4d3e2f1a0b"
@@ -89,7 +90,7 @@ def test_rendered_unit_passes_systemd_analyze_verify(scope, kw, tmp_path):
 @needs_analyze
 def test_verify_check_is_sensitive_to_warnings(tmp_path):
     """Keys newer than this host's systemd only warn (exit 0): the stderr check is what catches them."""
-    version = svc.systemd_version()
+    version = host.systemd_version()
     if version >= 254:
         pytest.skip("RestartSteps= is known to this systemd")
     opts, _ = options("system", tmp_path, version=254)
@@ -240,16 +241,16 @@ def test_status_logs_linger():
         "--follow",
     ]
     assert svc.logs_command("system") == ["journalctl", "--unit", "iota.service"]
-    assert svc.linger("alice", Recorder(linger="yes")) is True
-    assert svc.linger("alice", Recorder(linger="no")) is False
-    assert svc.systemd_version(Recorder()) == 252
+    assert host.linger("alice", Recorder(linger="yes")) is True
+    assert host.linger("alice", Recorder(linger="no")) is False
+    assert host.systemd_version(Recorder()) == 252
 
 
 def test_userns_detection(tmp_path):
     (tmp_path / "kernel").mkdir()
-    assert svc.userns_available(tmp_path)
+    assert host.userns_available(tmp_path)
     (tmp_path / "kernel" / "apparmor_restrict_unprivileged_userns").write_text("1\n")
-    assert not svc.userns_available(tmp_path)
+    assert not host.userns_available(tmp_path)
 
 
 # -- the CLI ------------------------------------------------------------------------------------------------
@@ -268,8 +269,8 @@ def test_cli_print_shows_the_unit_but_never_the_token():
 
 def test_cli_install_user_unit(tmp_path, monkeypatch, iota_home):
     run = Recorder(linger="no")
-    monkeypatch.setattr(svc, "run_command", run)
-    monkeypatch.setattr(svc, "systemd_running", lambda: True)
+    monkeypatch.setattr(host, "run_command", run)
+    monkeypatch.setattr(host, "systemd_running", lambda: True)
     env = {"IOTA_TOKEN": TOKEN, "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
     args = ["service", "install", "--user", "--orchestrator", "http://127.0.0.1:9", "--backend", "torch-cpu"]
     result = CliRunner().invoke(app, args, env=env)
@@ -288,8 +289,8 @@ def test_cli_install_user_unit(tmp_path, monkeypatch, iota_home):
 
 
 def test_cli_install_without_token_exits_78(tmp_path, monkeypatch):
-    monkeypatch.setattr(svc, "run_command", Recorder())
-    monkeypatch.setattr(svc, "systemd_running", lambda: True)
+    monkeypatch.setattr(host, "run_command", Recorder())
+    monkeypatch.setattr(host, "systemd_running", lambda: True)
     monkeypatch.setattr("iota_cli.config.credentials._keyring_get", lambda accounts: (None, "no keyring"))
     env = {"XDG_CONFIG_HOME": str(tmp_path / "xdg")}
     result = CliRunner().invoke(app, ["service", "install", "--user", "--orchestrator", "http://x"], env=env)
@@ -301,6 +302,6 @@ def test_cli_install_without_systemd_points_to_print():
     result = CliRunner().invoke(
         app, ["service", "install", "--orchestrator", "http://x"], env={"IOTA_TOKEN": TOKEN}
     )
-    if svc.systemd_running():
+    if host.systemd_running():
         pytest.skip("systemd runs here")
     assert result.exit_code == 69 and "--print" in result.output

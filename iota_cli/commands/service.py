@@ -107,15 +107,16 @@ def install(
     from iota_cli import output
     from iota_cli.commands.common import orchestrator_url
     from iota_cli.config import settings
+    from iota_cli.headless import host
     from iota_cli.headless import service as svc
 
     scope: Scope = "user" if scope_flag else "system" if scope_flag is False else _default_scope()
     conf = settings.load()
     url = orchestrator_url((orchestrator or conf.orchestrator).strip())
     plan = _plan(
-        scope, url, backend or conf.backend, run_as, sandbox, live=not show and svc.systemd_running()
+        scope, url, backend or conf.backend, run_as, sandbox, live=not show and host.systemd_running()
     )
-    opts = plan.options(svc.can_encrypt(scope))
+    opts = plan.options(host.can_encrypt(scope))
     if show:
         output.echo(svc.render_unit(opts).rstrip("\n"))
         return
@@ -157,6 +158,7 @@ def _plan(scope: Scope, url: str, backend: str, run_as: str | None, sandbox: boo
     import pwd
 
     from iota_cli import output
+    from iota_cli.headless import host
     from iota_cli.headless import service as svc
 
     if scope == "system":
@@ -173,9 +175,9 @@ def _plan(scope: Scope, url: str, backend: str, run_as: str | None, sandbox: boo
         layout=svc.default_layout(scope),
         run_as=run_as,
         sandbox=sandbox,
-        boxed=sandbox and (scope == "system" or svc.userns_available()),
+        boxed=sandbox and (scope == "system" or host.userns_available()),
         live=live,
-        version=svc.systemd_version(svc.run_command) if live else svc.BASELINE_SYSTEMD,
+        version=host.systemd_version(host.run_command) if live else host.BASELINE_SYSTEMD,
     )
 
 
@@ -200,15 +202,16 @@ def _check_installable(plan: _Plan) -> None:
 def _write(plan: _Plan, opts: UnitOptions, token: str, start: bool) -> tuple[UnitOptions, InstallResult]:
     """Install the unit; if the credential cannot be encrypted here, fall back to a 0600 file."""
     from iota_cli import output
+    from iota_cli.headless import host
     from iota_cli.headless import service as svc
 
     try:
         try:
-            return opts, svc.install(opts, plan.layout, token, runner=svc.run_command, start=start)
+            return opts, svc.install(opts, plan.layout, token, runner=host.run_command, start=start)
         except svc.EncryptError as e:
             output.warn(f"{e}; storing the token as a 0600 file instead")
             opts = plan.options(encrypt=False)
-            return opts, svc.install(opts, plan.layout, token, runner=svc.run_command, start=start)
+            return opts, svc.install(opts, plan.layout, token, runner=host.run_command, start=start)
     except (svc.ServiceError, OSError) as e:
         output.fail(str(e), hint="user units need a running user manager: see docs/headless.md")
 
@@ -217,6 +220,7 @@ def _report_installed(plan: _Plan, opts: UnitOptions, result: InstallResult, sta
     import getpass
 
     from iota_cli import output
+    from iota_cli.headless import host
     from iota_cli.headless import service as svc
 
     cred = opts.credential
@@ -229,7 +233,7 @@ def _report_installed(plan: _Plan, opts: UnitOptions, result: InstallResult, sta
     output.echo(f"next: iota service status {flag}; iota service logs {flag} -f")
     if plan.scope == "user":
         user = getpass.getuser()
-        if svc.linger(user, svc.run_command) is not True:
+        if host.linger(user, host.run_command) is not True:
             output.echo(
                 f"note: lingering is off for {user}, so the service stops when you log out and does not "
                 f"start at boot. To keep it running: sudo loginctl enable-linger {user}"
@@ -240,11 +244,12 @@ def uninstall(scope_flag: ScopeFlag = None) -> None:
     """Stop and disable the service and remove its unit and credential (training data is kept)."""
     from iota_cli import output
     from iota_cli.config import settings
+    from iota_cli.headless import host
     from iota_cli.headless import service as svc
 
     scope = _installed_scope(scope_flag)
     try:
-        removed = svc.uninstall(scope, svc.default_layout(scope), runner=svc.run_command)
+        removed = svc.uninstall(scope, svc.default_layout(scope), runner=host.run_command)
     except (svc.ServiceError, OSError) as e:
         output.fail(str(e))
     if not removed:
@@ -261,11 +266,12 @@ def status(
 ) -> None:
     """Whether the service runs, and what it last reported (step, tokens/s, credits)."""
     from iota_cli import output
+    from iota_cli.headless import host
     from iota_cli.headless import service as svc
 
     scope = _installed_scope(scope_flag)
     try:
-        props = svc.status(scope, runner=svc.run_command)
+        props = svc.status(scope, runner=host.run_command)
     except svc.ServiceError as e:
         output.fail(str(e), hint="is systemd running here?", code=output.EXIT_UNAVAILABLE)
     if as_json:
