@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from iota_cli.core import backend as bk
+from iota_cli.core import stage as runner
 from iota_cli.core.manifest import TINY_MODEL, OptimConfig
 from iota_cli.core.modelspec import ModelConfig, forward_flops_per_token, param_count, stage_spec
 from iota_cli.core.tensors import DTYPE_CODES, RawTensor, decode, encode
@@ -58,7 +59,7 @@ def timed(fn: Callable[..., Any], sync: Callable[[], None] | None = None) -> Cal
 
 
 def instrument(name: str) -> Callable[[], None]:
-    """Wrap the backend's RawTensor conversions; return the device sync to call around timings."""
+    """Wrap the backend kernel's RawTensor conversions; return the device sync to call around timings."""
     if name.startswith("torch"):
         import torch
         from iota_torch import stage as mod
@@ -145,8 +146,8 @@ def main() -> None:
     cfg = ModelConfig(**over)
     seq = min(args.seq, cfg.context)
     names = [n for n in args.backends.split(",") if n] or [i.name for i in bk.list_backends() if i.available]
-    bk.check_forward_inputs = timed(bk.check_forward_inputs)
-    bk.check_backward_grads = timed(bk.check_backward_grads)
+    runner.check_forward_inputs = timed(runner.check_forward_inputs)
+    runner.check_backward_grads = timed(runner.check_backward_grads)
     print(
         f"config {args.config}: d_model {cfg.d_model}, layers {list(cfg.stages)}, {param_count(cfg):,} params"
         f"\n  {cfg.dtype} compute, {cfg.wire_dtype} wire; batch {args.batch}x{seq}; median of {args.iters}"

@@ -1,4 +1,4 @@
-"""The MLX backend (mlx-cpu here; the same code runs on Metal): the StageBackend contract and its extras."""
+"""The MLX backend (mlx-cpu here; the same code runs on Metal): the stage contract on its kernel, extras."""
 
 from __future__ import annotations
 

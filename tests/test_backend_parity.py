@@ -17,7 +17,7 @@ mx = pytest.importorskip("mlx.core")
 
 import iota_mlx  # noqa: E402
 import iota_torch  # noqa: E402
-from stage_contract import arr, raw  # noqa: E402
+from stage_contract import arr, gradients, raw  # noqa: E402
 
 from iota_cli.core.manifest import OptimConfig  # noqa: E402
 from iota_cli.core.modelspec import ModelConfig, initial_weights  # noqa: E402
@@ -87,7 +87,7 @@ def compare(cfg: ModelConfig, index: int, tol: float, loss_tol: float) -> None:
         assert abs(rt.loss - rm.loss) < loss_tol
     if index > 0:
         assert rel(arr(rm.grads["grad"]), arr(rt.grads["grad"])) < tol
-    gt, gm = t.gradients(), m.gradients()
+    gt, gm = gradients(t), gradients(m)
     errors = {n: rel(arr(gm[n]), arr(gt[n])) for n in gt}
     assert max(errors.values()) < tol, sorted(errors.items(), key=lambda kv: -kv[1])[:3]
 

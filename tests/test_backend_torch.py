@@ -1,4 +1,4 @@
-"""The torch backend (torch-cpu here): the StageBackend contract, and what only torch has."""
+"""The torch backend (torch-cpu here): the stage contract on its kernel, and what only torch has."""
 
 from __future__ import annotations
 

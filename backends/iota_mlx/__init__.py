@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING
 from iota_cli.core.backend import BackendError
 from iota_cli.core.manifest import OptimConfig
 from iota_cli.core.modelspec import ModelConfig
+from iota_cli.core.stage import StageRunner
 
 if TYPE_CHECKING:
-    from iota_mlx.stage import MlxStage
+    import mlx.core as mx
 
 
 @dataclass(frozen=True)
@@ -33,17 +34,19 @@ class MlxFactory:
             return False, f"{v} has no Metal device (needs a Mac with Apple Silicon)"
         return True, v
 
-    def create(self, cfg: ModelConfig, stage: int, optim: OptimConfig, seed: int = 0) -> MlxStage:
+    def create(
+        self, cfg: ModelConfig, stage: int, optim: OptimConfig, seed: int = 0
+    ) -> StageRunner[mx.array]:
         ok, why = self.available()
         if not ok:
             raise BackendError(f"backend {self.name} is not available here: {why}")
         import mlx.core as mx
 
-        from iota_mlx.stage import MlxStage
+        from iota_mlx.stage import MlxKernel
 
         if self.device == "gpu":  # keep the working set resident, as mlx-lm does before training
             mx.set_wired_limit(int(mx.device_info()["max_recommended_working_set_size"]))
-        return MlxStage(self.name, cfg, stage, optim, self.device, seed)
+        return StageRunner(self.name, cfg, stage, MlxKernel(cfg, stage, optim, self.device), seed)
 
 
 metal_backend = MlxFactory("mlx", "gpu", "MLX on Apple Silicon's GPU (Metal)")

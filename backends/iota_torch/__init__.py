@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING
 from iota_cli.core.backend import BackendError
 from iota_cli.core.manifest import OptimConfig
 from iota_cli.core.modelspec import ModelConfig
+from iota_cli.core.stage import StageRunner
 
 if TYPE_CHECKING:
-    from iota_torch.stage import TorchStage
+    from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,9 @@ class TorchFactory:
     name: str
     device: str  # "cuda", "mps" or "cpu"
     description: str
+    # Device memory a process holds beyond modelspec.estimate_memory: the CUDA context and cuBLAS
+    # workspace (measured order of magnitude); nothing on the CPU or MPS.
+    memory_overhead: int = 0
 
     def available(self) -> tuple[bool, str]:
         try:
@@ -42,19 +46,20 @@ class TorchFactory:
 
     def create(
         self, cfg: ModelConfig, stage: int, optim: OptimConfig, seed: int = 0, *, compile: bool | None = None
-    ) -> TorchStage:
+    ) -> StageRunner[Tensor]:
         ok, why = self.available()
         if not ok:
             raise BackendError(f"backend {self.name} is not available here: {why}")
-        from iota_torch.stage import TorchStage
+        from iota_torch.stage import TorchKernel
 
         if compile is None:
             compile = os.environ.get("IOTA_TORCH_COMPILE", "") not in ("", "0")
-        return TorchStage(self.name, cfg, stage, optim, self.device, seed, compile=compile)
+        kernel = TorchKernel(cfg, stage, optim, self.device, compile=compile)
+        return StageRunner(self.name, cfg, stage, kernel, seed)
 
 
 cuda_backend = TorchFactory(
-    "torch-cuda", "cuda", "PyTorch on an NVIDIA GPU (autocast to the run dtype, fused AdamW)"
+    "torch-cuda", "cuda", "PyTorch on an NVIDIA GPU (autocast to the run dtype, fused AdamW)", 600 << 20
 )
 mps_backend = TorchFactory("torch-mps", "mps", "PyTorch on Apple's Metal (MPS)")
 cpu_backend = TorchFactory("torch-cpu", "cpu", "PyTorch on the CPU (slow; for testing and small runs)")
