@@ -9,6 +9,8 @@ rounding is a large relative error, moves visibly differently. bfloat16 compute:
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -19,23 +21,13 @@ import iota_mlx  # noqa: E402
 import iota_torch  # noqa: E402
 from stage_contract import arr, gradients, raw  # noqa: E402
 
-from iota_cli.core.manifest import OptimConfig  # noqa: E402
+from iota_cli.core.manifest import TINY_MODEL, OptimConfig  # noqa: E402
 from iota_cli.core.modelspec import ModelConfig, initial_weights  # noqa: E402
 from iota_cli.core.tensors import decode, encode  # noqa: E402
 
 torch.set_num_threads(1)
 
-CFG = ModelConfig(
-    d_model=64,
-    n_layers=4,
-    n_heads=4,
-    n_kv_heads=2,
-    ffn_dim=176,
-    context=32,
-    bottleneck_dim=4,
-    stages=(1, 2, 1),
-    wire_dtype="float32",
-)
+CFG = dataclasses.replace(TINY_MODEL, context=32, wire_dtype="float32")
 OPTIM = OptimConfig(lr=1e-3, weight_decay=0.1, grad_clip=1.0)
 B, T = 4, 32
 FACTORIES = {"torch": iota_torch.cpu_backend, "mlx": iota_mlx.cpu_backend}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ import iota_torch  # noqa: E402
 from stage_contract import CFG, OPTIM, StageContract, arr, run_item  # noqa: E402
 
 from iota_cli.core.backend import BackendError  # noqa: E402
+from iota_cli.core.manifest import TINY_MODEL  # noqa: E402
 from iota_cli.core.modelspec import ModelConfig, estimate_memory, initial_weights, stage_spec  # noqa: E402
 
 torch.set_num_threads(1)  # the CI box has two cores shared with other jobs
@@ -48,17 +50,7 @@ def test_memory_estimate_bounds_what_autograd_saves(dtype, index):
     from iota_torch import model
     from iota_torch.stage import to_torch
 
-    cfg = ModelConfig(
-        d_model=64,
-        n_layers=4,
-        n_heads=4,
-        n_kv_heads=2,
-        ffn_dim=176,
-        context=64,
-        bottleneck_dim=4,
-        stages=(1, 2, 1),
-        dtype=dtype,
-    )
+    cfg = dataclasses.replace(TINY_MODEL, context=64, dtype=dtype)
     spec = stage_spec(cfg, index)
     w = {n: to_torch(t).requires_grad_() for n, t in initial_weights(cfg, spec).items()}
     weight_storage = {p.untyped_storage().data_ptr() for p in w.values()}

@@ -8,6 +8,7 @@ well below the first. Two items are in flight at every optimizer step, as in a r
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -18,25 +19,15 @@ pytest.importorskip("mlx.core")
 
 import iota_mlx  # noqa: E402
 import iota_torch  # noqa: E402
+import stage_contract  # noqa: E402
 from stage_contract import raw  # noqa: E402
 
 from iota_cli.core.manifest import OptimConfig  # noqa: E402
-from iota_cli.core.modelspec import ModelConfig  # noqa: E402
 
 torch.set_num_threads(1)
 
 K, P_SECOND = 16, 0.3
-CFG = ModelConfig(
-    d_model=32,
-    n_layers=3,
-    n_heads=4,
-    n_kv_heads=2,
-    ffn_dim=64,
-    context=32,
-    bottleneck_dim=4,
-    stages=(1, 1, 1),
-    wire_dtype="float32",
-)
+CFG = dataclasses.replace(stage_contract.CFG, context=32)  # the contract's three one-layer stages
 OPTIM = OptimConfig(lr=5e-3, weight_decay=0.0, grad_clip=1.0)
 B, T, STEPS, BACKWARD_PER_STEP = 8, 32, 240, 2
 # The init seed. Where the loss leaves its plateau, training amplifies float32 rounding differences
