@@ -27,10 +27,9 @@ from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from iota_orchestrator.simworker import write_corpus
-
 from iota_cli.core.manifest import tiny_manifest
 from iota_cli.core.tensors import RawTensor, encode
+from iota_cli.swarm.corpus import write_corpus
 from iota_cli.swarm.orchestrator import OrchestratorProcess
 
 LAT: dict[str, list[float]] = defaultdict(list)

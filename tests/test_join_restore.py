@@ -9,14 +9,14 @@ import threading
 from dataclasses import replace
 
 import pytest
-from iota_orchestrator.simworker import write_corpus
 
 from iota_cli.core.backend import get_factory
-from iota_cli.core.manifest import RunManifest, tiny_manifest
-from iota_cli.core.protocol import Assignment
+from iota_cli.core.manifest import tiny_manifest
+from iota_cli.core.protocol import Assignment, AssignmentRequest, RegisterRequest
+from iota_cli.swarm.corpus import write_corpus
 from iota_cli.swarm.orchestrator import OrchestratorProcess
+from iota_cli.train.api import SwarmApi
 from iota_cli.train.checkpoint import CheckpointStore, manifest_fingerprint
-from iota_cli.train.client import Client
 from iota_cli.train.join import restore
 
 ADMIN = "admin-for-restore-tests"
@@ -27,39 +27,35 @@ def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("restore")
     manifest = tiny_manifest(str(write_corpus(base / "text")))
     with OrchestratorProcess(base / "orch", admin_token=ADMIN) as orch:
-        with Client(orch.url, ADMIN) as admin:
-            run_id = admin.post("/v1/runs", {"manifest": manifest.to_dict()})["run_id"]
-            token = admin.post("/v1/contributors", {"name": "w", "backend": "torch-cpu"})["token"]
-        client = Client(orch.url, token, stop=threading.Event())
-        reply = client.post("/v1/assignment", {"run_id": run_id, "stage": 1, "backend": "torch-cpu"})
-        yield client, Assignment.model_validate(reply)
-        client.close()
+        with SwarmApi.connect(orch.url, ADMIN) as admin:
+            run_id = admin.create_run(manifest).run_id
+            token = admin.register(RegisterRequest(name="w", backend="torch-cpu")).token
+        with SwarmApi.connect(orch.url, token, stop=threading.Event()) as api:
+            yield api, api.assignment(AssignmentRequest(run_id=run_id, stage=1, backend="torch-cpu"))
 
 
 def stage(assignment: Assignment):
-    m = RunManifest.from_dict(assignment.manifest)
+    m = assignment.manifest
     return get_factory("torch-cpu").create(m.model, assignment.stage, m.optim, seed=123)
 
 
 def test_fresh_start_takes_the_swarms_weights(setup, tmp_path):
-    client, assignment = setup
+    api, assignment = setup
     backend = stage(assignment)
-    state = restore(
-        backend, assignment, CheckpointStore(tmp_path / "ck"), client, tmp_path / "cache", "c1", "t"
-    )
+    state = restore(backend, assignment, CheckpointStore(tmp_path / "ck"), api, tmp_path / "cache", "c1", "t")
     assert (state.step, state.epoch, state.stage) == (0, assignment.epoch, 1)
     swarm = stage(assignment)  # seed 123 differs from the run's seed: only a real download makes them equal
     assert backend.weights() != swarm.weights()
-    restore(swarm, assignment, CheckpointStore(tmp_path / "other"), client, tmp_path / "cache", "c1", "t")
+    restore(swarm, assignment, CheckpointStore(tmp_path / "other"), api, tmp_path / "cache", "c1", "t")
     assert backend.weights() == swarm.weights()
 
 
 def test_checkpoint_wins_until_the_swarm_merges_past_it(setup, tmp_path):
-    client, assignment = setup
-    manifest = RunManifest.from_dict(assignment.manifest)
+    api, assignment = setup
+    manifest = assignment.manifest
     store = CheckpointStore(tmp_path / "ck")
     backend = stage(assignment)
-    state = restore(backend, assignment, store, client, tmp_path / "cache", "c1", "t")
+    state = restore(backend, assignment, store, api, tmp_path / "cache", "c1", "t")
     trained = stage(assignment)
     trained.load(backend.weights())
     saved = trained.weights()
@@ -72,12 +68,12 @@ def test_checkpoint_wins_until_the_swarm_merges_past_it(setup, tmp_path):
     )
 
     same_epoch = stage(assignment)
-    resumed = restore(same_epoch, assignment, store, client, tmp_path / "cache", "c1", "t")
+    resumed = restore(same_epoch, assignment, store, api, tmp_path / "cache", "c1", "t")
     assert resumed.step == 7 and same_epoch.weights()[first] == saved[first]
 
     moved_on = assignment.model_copy(update={"epoch": assignment.epoch + 1})
     synced = stage(assignment)
-    after = restore(synced, moved_on, store, client, tmp_path / "cache", "c1", "t")
+    after = restore(synced, moved_on, store, api, tmp_path / "cache", "c1", "t")
     assert after.step == 7, "local counters continue"
     assert after.epoch == assignment.epoch + 1
     assert synced.weights()[first] != saved[first], "the swarm's weights replace the stale checkpoint's"

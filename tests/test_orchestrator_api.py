@@ -13,10 +13,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import requests
-from iota_orchestrator.simworker import SimWorker, write_corpus
+from simworker import SimWorker
 
 from iota_cli.core.manifest import tiny_manifest
 from iota_cli.core.tensors import RawTensor, decode, encode
+from iota_cli.swarm.corpus import write_corpus
 from iota_cli.swarm.orchestrator import OrchestratorProcess, wait_until
 
 ADMIN = "admin-token-for-tests"
@@ -48,7 +49,7 @@ def make_run(orch, max_samples=0, **train):
 
 def pinned(orch, run_id, stage, name="w", **kw):
     w = SimWorker(orch.url, name, **kw).register()
-    w.assignment = w.call("POST", "/v1/assignment", json={"run_id": run_id, "stage": stage, **w.caps()})
+    w.assign(run_id, stage=stage)
     return w
 
 

@@ -9,11 +9,11 @@ import subprocess
 import sys
 import threading
 
-from iota_orchestrator.simworker import write_corpus
 from typer.testing import CliRunner
 
 from iota_cli import output
 from iota_cli.app import app
+from iota_cli.swarm.corpus import write_corpus
 
 MANIFEST = """
 name = "cli-run"

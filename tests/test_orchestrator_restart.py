@@ -11,10 +11,12 @@ from dataclasses import replace
 
 import pytest
 import requests
-from iota_orchestrator.simworker import ProtocolError, SimWorker, write_corpus
+from simworker import SimWorker
 
 from iota_cli.core.manifest import tiny_manifest
+from iota_cli.swarm.corpus import write_corpus
 from iota_cli.swarm.orchestrator import OrchestratorProcess, wait_until
+from iota_cli.train.errors import ClientError
 
 ADMIN = "admin-token-for-restart"
 
@@ -37,7 +39,7 @@ def hammer(worker, stop, acked, pending):
                 time.sleep(0.01)
                 continue
             acked[worker.name].append(worker.do(item)["credits"])
-        except (requests.RequestException, ProtocolError):
+        except (requests.RequestException, ClientError):
             pending[worker.name] = (item, claim_id)  # the server died under us: retry once it is back
             return
 
@@ -66,9 +68,7 @@ def test_sigkill_mid_run_loses_nothing_acknowledged(tmp_path):
         workers = []
         for stage, name in [(0, "h1"), (0, "h2"), (1, "b"), (2, "t")]:
             w = SimWorker(orch.url, name).register()
-            w.assignment = w.call(
-                "POST", "/v1/assignment", json={"run_id": run_id, "stage": stage, **w.caps()}
-            )
+            w.assign(run_id, stage=stage)
             workers.append(w)
         stop, acked, pending = threading.Event(), {w.name: [] for w in workers}, {}
         threads = [threading.Thread(target=hammer, args=(w, stop, acked, pending)) for w in workers]

@@ -11,9 +11,10 @@ import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
-from iota_orchestrator.simworker import SimWorker, write_corpus
+from simworker import SimWorker
 
 from iota_cli.core.manifest import tiny_manifest
+from iota_cli.swarm.corpus import write_corpus
 from iota_cli.swarm.orchestrator import OrchestratorProcess
 
 ADMIN = "admin-token-for-fuzzing"

@@ -19,11 +19,12 @@ import requests
 import tokenizers
 from iota_orchestrator import data, db, tokenizer
 from iota_orchestrator.errors import ApiError, Conflict
-from iota_orchestrator.simworker import SimWorker, write_corpus
+from simworker import SimWorker
 from sqlalchemy import inspect
 
 from iota_cli.core.manifest import tiny_manifest
 from iota_cli.core.tensors import decode
+from iota_cli.swarm.corpus import write_corpus
 from iota_cli.swarm.orchestrator import OrchestratorProcess
 
 ADMIN = "admin-token-for-tokenizers"
@@ -161,7 +162,7 @@ def create(orch, m: dict) -> requests.Response:
 
 def head_sample(orch, run_id: str) -> np.ndarray:
     w = SimWorker(orch.url, "head").register()
-    w.assignment = w.call("POST", "/v1/assignment", json={"run_id": run_id, "stage": 0, **w.caps()})
+    w.assign(run_id, stage=0)
     item = w.claim()
     assert item is not None and item["kind"] == "forward" and item["stage"] == 0
     t = decode(w.download(item["tokens"]))[0]["tokens"]

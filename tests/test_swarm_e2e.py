@@ -115,9 +115,9 @@ def test_killed_worker_resumes_from_its_checkpoint_while_the_swarm_goes_on(swarm
     newest = files[-1]
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     step_at_kill = int(files[0].stem.split("-")[1])
-    before = s.status()["samples_completed"]
+    before = s.status().samples_completed
     # The other body replica carries the stage: samples keep completing without the victim.
-    wait_for(lambda: s.status()["samples_completed"] >= before + 4, 120, 1.0, "progress without the victim")
+    wait_for(lambda: s.status().samples_completed >= before + 4, 120, 1.0, "progress without the victim")
     victim.start(s.url, s.run_id)
     log = victim.home / "worker.log"
     wait_for(lambda: "resuming from checkpoint" in log.read_text(), 120, 0.5, "the resume message")
@@ -127,12 +127,12 @@ def test_killed_worker_resumes_from_its_checkpoint_while_the_swarm_goes_on(swarm
     wait_for(lambda: checkpoint_step(victim.home) > step_at_kill, 240, 1.0, "steps after the resume")
     wait_for(lambda: not s.any_running(), 400, 2.0, "the run to finish")
     assert all(w.proc.returncode == 0 for w in s.workers), [w.proc.returncode for w in s.workers]
-    assert s.status()["state"] == "finished"
+    assert s.status().state == "finished"
 
 
 def test_killed_orchestrator_comes_back_and_workers_carry_on(swarm):
     s = swarm(max_steps=40)
-    wait_for(lambda: (s.status() or {}).get("samples_completed", 0) >= 6, 240, 1.0, "training to start")
+    wait_for(lambda: getattr(s.status(), "samples_completed", 0) >= 6, 240, 1.0, "training to start")
     pids = [w.proc.pid for w in s.workers]
     s.orchestrator.kill()
     time.sleep(4)  # workers now see connection refused and wait with backoff
@@ -141,15 +141,13 @@ def test_killed_orchestrator_comes_back_and_workers_carry_on(swarm):
     assert any("unreachable" in text for text in logs)
     s.start_server()  # same port, same data dir
     status = wait_for(s.status, 30, 0.5, "the orchestrator to answer again")
-    completed_before = status["samples_completed"]
-    wait_for(
-        lambda: s.status()["samples_completed"] >= completed_before + 6, 240, 1.0, "progress after restart"
-    )
+    completed_before = status.samples_completed
+    wait_for(lambda: s.status().samples_completed >= completed_before + 6, 240, 1.0, "progress after restart")
     assert [w.proc.pid for w in s.workers] == pids  # nobody was restarted
     wait_for(lambda: not s.any_running(), 400, 2.0, "the run to finish")
     assert all(w.proc.returncode == 0 for w in s.workers)
     final = s.status()
-    assert final["state"] == "finished" and final["last_loss"] < final["first_loss"]
+    assert final.state == "finished" and final.last_loss < final.first_loss
 
 
 def test_iota_swarm_trains_on_another_directory_of_text(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from dataclasses import dataclass
 
 
@@ -33,13 +34,15 @@ def probe_network(url: str, timeout: tuple[float, float] = (3.0, 5.0)) -> Networ
     if not re.match(r"https?://[^/]", url):
         return NetworkStatus(url, False, None, "not an http:// or https:// URL")
     try:
-        from iota_cli.train.client import Client
+        from iota_cli.train.api import SwarmApi
 
-        with Client(url, retries=0) as client:
-            reply = client.health(timeout=timeout)
+        with SwarmApi.connect(url, retries=0) as api:
+            start = time.perf_counter()
+            api.health(timeout=timeout)
+            latency_s = time.perf_counter() - start
     except Exception as e:  # noqa: BLE001 - Unreachable, ApiError, or anything requests raises
         return NetworkStatus(url, False, None, str(e)[:160] or type(e).__name__)
-    return NetworkStatus(url, True, round(float(reply["latency_s"]) * 1000, 1), "ok")
+    return NetworkStatus(url, True, round(latency_s * 1000, 1), "ok")
 
 
 def framework_of(backend: str) -> str | None:

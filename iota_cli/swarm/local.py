@@ -11,7 +11,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import sysconfig
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -19,13 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from iota_cli.core.manifest import RunManifest, tiny_manifest
+from iota_cli.core.protocol import RegisterRequest, RunStatus, StageStatus
+from iota_cli.swarm.corpus import default_data
 from iota_cli.swarm.orchestrator import OrchestratorProcess
-from iota_cli.train.client import Client
-
-
-def default_data() -> str:
-    """The Python standard library's own source: real text present on every machine."""
-    return str(Path(sysconfig.get_paths()["stdlib"]) / "*.py")
+from iota_cli.train.api import SwarmApi
 
 
 @dataclass(frozen=True)
@@ -149,19 +145,19 @@ class Swarm:
         """Start the orchestrator, create the run and register one contributor per worker."""
         self.started = time.monotonic()
         self.start_server()
-        with Client(self.url, self.admin_token) as admin:
-            self.run_id = admin.post("/v1/runs", {"manifest": self.manifest.to_dict()})["run_id"]
+        with SwarmApi.connect(self.url, self.admin_token) as admin:
+            self.run_id = admin.create_run(self.manifest).run_id
             n_stages = self.manifest.model.n_stages
             for i in range(self.options.workers):
                 backend = self.options.backends[i % len(self.options.backends)]
-                reply = admin.post("/v1/contributors", {"name": f"worker-{i}", "backend": backend})
+                reply = admin.register(RegisterRequest(name=f"worker-{i}", backend=backend))
                 self.workers.append(
                     WorkerProcess(
                         index=i,
                         stage=i % n_stages,
                         backend=backend,
-                        contributor_id=reply["contributor_id"],
-                        token=reply["token"],
+                        contributor_id=reply.contributor_id,
+                        token=reply.token,
                         home=self.home / f"worker-{i}",
                     )
                 )
@@ -170,10 +166,11 @@ class Swarm:
         for w in self.workers:
             w.start(self.url, self.run_id)
 
-    def status(self) -> dict[str, Any] | None:
+    def status(self) -> RunStatus | None:
+        """The run's status, or None when the orchestrator does not answer within a few seconds."""
         try:
-            with Client(self.url, retries=0, max_wait_s=2.0) as c:
-                return c.get(f"/v1/runs/{self.run_id}/status", timeout=(1.0, 5.0))
+            with SwarmApi.connect(self.url, retries=0, max_wait_s=2.0) as api:
+                return api.run_status(self.run_id, timeout=(1.0, 5.0))
         except Exception:  # noqa: BLE001 - the display just skips a beat
             return None
 
@@ -198,55 +195,55 @@ class Swarm:
             self.orchestrator.stop()
             (self.home / "orchestrator.log").write_text("\n".join(self.orchestrator.lines) + "\n")
 
-    def summary(self, status: dict[str, Any] | None, codes: dict[int, int | None]) -> dict[str, Any]:
+    def summary(self, status: RunStatus | None, codes: dict[int, int | None]) -> dict[str, Any]:
+        """What `iota swarm` prints (and --json emits): totals, loss, and one row per worker."""
         wall = time.monotonic() - self.started
-        st = status or {}
-        tokens = int(st.get("tokens_processed", 0))
+        tokens = status.tokens_processed if status else 0
         by_id = {w.contributor_id: w for w in self.workers}
         rows = []
-        for stage in st.get("stages", []):
-            for ws in stage["workers"]:
-                w = by_id.get(ws["contributor_id"])
+        for stage in status.stages if status else []:
+            for ws in stage.workers:
+                w = by_id.get(ws.contributor_id)
                 rows.append(
                     {
                         "worker": w.index if w else None,
-                        "contributor_id": ws["contributor_id"],
-                        "stage": stage["stage"],
-                        "backend": ws["backend"],
-                        "steps": ws["steps"],
-                        "credits": round(float(ws["credits"]), 3),
+                        "contributor_id": ws.contributor_id,
+                        "stage": stage.stage,
+                        "backend": ws.backend,
+                        "steps": ws.steps,
+                        "credits": round(ws.credits, 3),
                         "exit_code": codes.get(w.index) if w else None,
                     }
                 )
         return {
             "run_id": self.run_id,
-            "state": st.get("state"),
+            "state": status.state if status else None,
             "tokens": tokens,
             "wall_s": round(wall, 2),
             "tokens_per_s": round(tokens / wall, 1) if wall > 0 else 0.0,
-            "first_loss": st.get("first_loss"),
-            "last_loss": st.get("last_loss"),
-            "samples_completed": st.get("samples_completed"),
+            "first_loss": status.first_loss if status else None,
+            "last_loss": status.last_loss if status else None,
+            "samples_completed": status.samples_completed if status else None,
             "workers": sorted(rows, key=lambda r: r["worker"] or 0),
             "home": str(self.home),
         }
 
 
-def stage_line(stage: dict[str, Any], status: dict[str, Any], tokens_per_item: int) -> dict[str, Any]:
+def stage_line(stage: StageStatus, status: RunStatus, tokens_per_item: int) -> dict[str, Any]:
     """Progress facts of one stage for the display: steps, tokens, loss (tail), credits, state text."""
-    alive = sum(1 for w in stage["workers"] if w["alive"])
-    tail = stage["stage"] == status["n_stages"] - 1
+    alive = sum(1 for w in stage.workers if w.alive)
+    tail = stage.stage == status.n_stages - 1
     return {
-        "step": int(stage["optimizer_steps"]),
-        "tokens": int(stage["forward_done"]) * tokens_per_item,
-        "loss": status.get("last_loss") if tail else None,
-        "credits": sum(float(w["credits"]) for w in stage["workers"]),
-        "state": f"{alive}/{len(stage['workers'])} workers, epoch {stage['epoch']}, "
-        f"queue fwd {stage['queue_forward']} bwd {stage['queue_backward']}",
+        "step": stage.optimizer_steps,
+        "tokens": stage.forward_done * tokens_per_item,
+        "loss": status.last_loss if tail else None,
+        "credits": sum(w.credits for w in stage.workers),
+        "state": f"{alive}/{len(stage.workers)} workers, epoch {stage.epoch}, "
+        f"queue fwd {stage.queue_forward} bwd {stage.queue_backward}",
     }
 
 
-def watch(swarm: Swarm, stop: threading.Event, interactive: bool | None = None) -> dict[str, Any]:
+def watch(swarm: Swarm, stop: threading.Event, interactive: bool | None = None) -> RunStatus | None:
     """Show one progress line per stage until the run ends, every worker exits, or stop is set."""
     from iota_cli.headless.progress import Progress
 
@@ -262,13 +259,13 @@ def watch(swarm: Swarm, stop: threading.Event, interactive: bool | None = None) 
         while not stop.is_set() and swarm.any_running() and time.monotonic() < deadline:
             status = swarm.status() or status
             if status:
-                for bar, stage in zip(bars, status["stages"], strict=False):
+                for bar, stage in zip(bars, status.stages, strict=False):
                     bar.update(**stage_line(stage, status, train.batch_size * train.seq_len))
             stop.wait(1.0)
     finally:
         for bar in reversed(bars):
             bar.close()
-    return status or {}
+    return status
 
 
 def run_swarm(
@@ -280,7 +277,7 @@ def run_swarm(
     home = options.home or Path(tempfile.mkdtemp(prefix="iota-swarm-"))
     swarm = Swarm.create(options, home)
     codes: dict[int, int | None] = {}
-    status = None
+    status: RunStatus | None = None
     try:
         swarm.start()
         status = watch(swarm, stop, interactive)

@@ -4,7 +4,7 @@ The child is `python -m iota_cli orchestrator serve ...`, the command an operato
 never imports the server (it needs the [orchestrator] extra installed, not imported):
 
     with OrchestratorProcess(tmp_dir, admin_token="t") as orch:
-        print(Client(orch.url).health())
+        print(SwarmApi.connect(orch.url).health())
 """
 
 from __future__ import annotations

@@ -8,33 +8,34 @@ waiting the moment `client.stop` is set. 429 and 503 stay out of urllib3's hands
 sleep cannot be interrupted (a SIGTERM would hang). Every POST in protocol v1 is idempotent, so the
 upper layer retries POSTs too.
 
-Try it against a running orchestrator:
-    python -c "from iota_cli.train.client import Client; print(Client('http://127.0.0.1:8000').health())"
+How it waits is patience.py; what it raises is errors.py (re-exported here). The protocol's operations
+sit one level up, typed, in api.py. Try it against a running orchestrator:
+    python -c "from iota_cli.train.client import Client; print(Client('http://127.0.0.1:8700').get('/v1/health'))"
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
-import os
-import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
 
 from iota_cli import __version__
-from iota_cli.core.files import fsync_dir
+from iota_cli.core.files import commit
+from iota_cli.core.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION, SHA256_HEADER
+from iota_cli.train.errors import ApiError, ClientError, IntegrityError, Stopped, Unreachable
 from iota_cli.train.partfile import file_lock, hash_file, parse_content_range, restart, verified
+from iota_cli.train.patience import Patience
 
 if TYPE_CHECKING:
     import requests
 
-log = logging.getLogger("iota.client")
-PROTOCOL_VERSION = "1"
+# The errors are defined in errors.py; importing them from here keeps working.
+__all__ = ["ApiError", "Client", "ClientError", "IntegrityError", "Reply", "Stopped", "Unreachable"]
 WAIT_STATUSES = frozenset({429, 502, 503, 504})  # wait as long as it takes (or max_wait_s)
 CHUNK = 1 << 16
 
@@ -42,88 +43,14 @@ OnWait = Callable[[str, float], None]  # (message, seconds about to be slept)
 OnProgress = Callable[[int, "int | None"], None]  # (bytes so far, total or None)
 
 
-class ClientError(Exception):
-    """Base of everything this module raises on purpose."""
-
-
-class ApiError(ClientError):
-    """The server refused the request (4xx, or a 5xx that persisted); `detail` is its message."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(f"HTTP {status}: {detail}")
-        self.status, self.detail = status, detail
-
-
-class Unreachable(ClientError):
-    """The server did not answer within max_wait_s (or waiting was not allowed)."""
-
-
-class Stopped(Unreachable):
-    """Waiting for the server was cut short by the stop event (shutdown)."""
-
-
-class IntegrityError(ClientError):
-    """Downloaded bytes kept failing their sha256 check."""
-
-
 @dataclass(frozen=True)
 class Reply:
     status: int
     data: Any  # parsed JSON, or None (204 or an empty body)
     retry_after: float | None = None  # the server's Retry-After hint, in seconds
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class Backoff:
-    """Capped exponential backoff with jitter: base, 2*base, 4*base ... up to cap, each scaled by 0.5-1."""
-
-    base: float = 1.0
-    cap: float = 30.0
-    attempt: int = 0
-
-    def next(self) -> float:
-        delay = min(self.cap, self.base * 2**self.attempt)
-        self.attempt += 1
-        return delay * random.uniform(0.5, 1.0)
-
-
-class _Patience:
-    """One operation's waiting: backoff, the max_wait_s deadline, on_wait reports and the stop event."""
-
-    def __init__(self, client: Client, wait: bool) -> None:
-        self.client, self.allowed = client, wait
-        self.backoff = Backoff(*client.backoff)
-        self.first_failure: float | None = None
-        self.server_errors = 0
-
-    def wait(self, why: str, hint: float | None = None) -> None:
-        c = self.client
-        if c.stop.is_set():
-            raise Stopped(f"{why} (stopping)")
-        if not self.allowed:
-            raise Unreachable(why)
-        now = time.monotonic()
-        self.first_failure = self.first_failure or now
-        delay = self.backoff.next()
-        if hint is not None:  # Retry-After is a floor, plus a little jitter so replicas spread out
-            delay = hint + random.uniform(0, 0.1 * hint + 0.05)
-        if c.max_wait_s is not None:
-            left = self.first_failure + c.max_wait_s - now
-            if left <= 0:
-                raise Unreachable(f"{why}; gave up after {c.max_wait_s:g} s")
-            delay = min(delay, left)
-        message = f"{why}, retrying in {_secs(delay)}"
-        if c.on_wait is not None:
-            c.on_wait(message, delay)
-        else:
-            log.warning(message)
-        if c.stop.wait(delay):
-            raise Stopped(f"{why} (stopping)")
-
-    def progress(self) -> None:
-        """Something worked: the next failure starts the backoff (and the deadline) afresh."""
-        self.backoff.attempt, self.first_failure, self.server_errors = 0, None, 0
+    # Case-insensitive (requests' own mapping): servers may send header names in any case, and ASGI
+    # servers send them in lower case.
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 class Client:
@@ -160,7 +87,7 @@ class Client:
         )  # fmt: skip
         self._session = requests.Session()
         self._session.headers["User-Agent"] = f"iota-cli/{__version__}"
-        self._session.headers["X-Iota-Protocol"] = PROTOCOL_VERSION
+        self._session.headers[PROTOCOL_HEADER] = str(PROTOCOL_VERSION)
         adapter = HTTPAdapter(max_retries=quick, pool_maxsize=8)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
@@ -198,7 +125,7 @@ class Client:
 
         wait=False gives up with Unreachable at the first failure that would need waiting.
         """
-        patience = _Patience(self, wait)
+        patience = Patience(self, wait)
         while True:
             try:
                 r = self._send(method, path, json=json, data=data, headers=headers, timeout=timeout)
@@ -207,7 +134,7 @@ class Client:
                 continue
             with r:
                 if r.status_code < 400:
-                    return Reply(r.status_code, _json(r), _retry_after(r), dict(r.headers))
+                    return Reply(r.status_code, _json(r), _retry_after(r), r.headers)
                 status, detail, hint = r.status_code, _detail(r), _retry_after(r)
             if status in WAIT_STATUSES:
                 state = "busy" if status == 429 else "unavailable"
@@ -226,19 +153,12 @@ class Client:
         """POST a JSON body and return the parsed JSON (None on 204; use request() for Retry-After)."""
         return self.request("POST", path, json=body if body is not None else {}, **kw).data
 
-    def health(self, timeout: tuple[float, float] = (2.0, 5.0)) -> dict[str, Any]:
-        """GET /v1/health once, without waiting; the answer plus `latency_s` (request round trip)."""
-        t0 = time.perf_counter()
-        reply = self.request("GET", "/v1/health", timeout=timeout, wait=False)
-        data = reply.data if isinstance(reply.data, dict) else {}
-        return {**data, "latency_s": time.perf_counter() - t0}
-
     # -- blobs -----------------------------------------------------------------------------------------
 
     def upload(self, url: str, data: bytes) -> str:
         """PUT bytes to an upload URL with their sha256 (the server verifies it); return the hex digest."""
         digest = hashlib.sha256(data).hexdigest()
-        headers = {"X-Iota-Sha256": digest, "Content-Type": "application/octet-stream"}
+        headers = {SHA256_HEADER: digest, "Content-Type": "application/octet-stream"}
         self.request("PUT", url, data=data, headers=headers)
         return digest
 
@@ -266,10 +186,7 @@ class Client:
                 hasher = self._fetch(url, part, size, on_progress)
                 got, n = hasher.hexdigest(), part.stat().st_size
                 if got == sha256 and (size is None or n == size):
-                    with open(part, "rb+") as f:
-                        os.fsync(f.fileno())
-                    os.replace(part, dest)
-                    fsync_dir(dest.parent)
+                    commit(part, dest)
                     return dest
                 part.unlink(missing_ok=True)
                 if self.on_wait is not None and failures < self.integrity_retries:
@@ -281,7 +198,7 @@ class Client:
         hasher, have = hash_file(part)
         if size is not None and have > size:
             hasher, have = restart(part)
-        patience = _Patience(self, True)
+        patience = Patience(self, True)
         while True:
             headers = {"Accept-Encoding": "identity"}
             if have:
@@ -416,7 +333,3 @@ def _retry_after(r: requests.Response) -> float | None:
 def _origin(url: str) -> tuple[str, str]:
     parts = urlsplit(url)
     return parts.scheme, parts.netloc
-
-
-def _secs(s: float) -> str:
-    return f"{s:.0f} s" if s >= 1.5 else f"{s:.1f} s"

@@ -18,10 +18,11 @@ from iota_cli.config.settings import Paths
 from iota_cli.core.backend import BackendFactory, StageBackend
 from iota_cli.core.manifest import RunManifest
 from iota_cli.core.modelspec import forward_flops_per_token, stage_spec
-from iota_cli.core.protocol import Assignment
+from iota_cli.core.protocol import Assignment, AssignmentRequest, RegisterRequest
 from iota_cli.core.tensors import RawTensor, decode
 from iota_cli.machine.hardware import HardwareReport
 from iota_cli.machine.requirements import Check
+from iota_cli.train.api import SwarmApi
 from iota_cli.train.checkpoint import CheckpointStore, LoopState, manifest_fingerprint
 from iota_cli.train.client import Client
 
@@ -92,7 +93,7 @@ def measure_throughput(factory: BackendFactory, manifest: RunManifest, repeats: 
     return flops * repeats / max(time.perf_counter() - start, 1e-6) / 1e9
 
 
-def ensure_token(client: Client, opts: JoinOptions, backend: str) -> str:
+def ensure_token(api: SwarmApi, opts: JoinOptions, backend: str) -> str:
     """Use the configured token, or register a new contributor and keep its token in the keyring."""
     from iota_cli.config import credentials
 
@@ -103,39 +104,37 @@ def ensure_token(client: Client, opts: JoinOptions, backend: str) -> str:
     except credentials.CredentialsError:
         pass
     name = opts.name or platform.node() or "contributor"
-    reply = client.post("/v1/contributors", {"name": name[:64], "backend": backend})
-    token = str(reply["token"])
+    reply = api.register(RegisterRequest(name=name[:64], backend=backend))
     try:
-        credentials.store_token(token, orchestrator=opts.orchestrator)
-        log.info("registered as %s; token stored in the OS keyring", reply["contributor_id"])
+        credentials.store_token(reply.token, orchestrator=opts.orchestrator)
+        log.info("registered as %s; token stored in the OS keyring", reply.contributor_id)
     except credentials.CredentialsError as e:
         log.warning(
-            "registered as %s, but the token is kept for this session only: %s", reply["contributor_id"], e
+            "registered as %s, but the token is kept for this session only: %s", reply.contributor_id, e
         )
-    return token
+    return reply.token
 
 
-def pick_run(client: Client, run_id: str | None) -> RunManifest:
+def pick_run(api: SwarmApi, run_id: str | None) -> RunManifest:
     if run_id:
-        return RunManifest.from_dict(client.get(f"/v1/runs/{run_id}")["manifest"])
-    running = [r for r in client.get("/v1/runs") if r["state"] == "running"]
+        return api.run(run_id).manifest
+    running = [r for r in api.runs() if r.state == "running"]
     if not running:
         raise JoinError("the orchestrator has no running run", code=output.EXIT_UNAVAILABLE)
-    newest = max(running, key=lambda r: r["created"])
-    return RunManifest.from_dict(newest["manifest"])
+    return max(running, key=lambda r: r.created).manifest
 
 
 def restore(
     backend: StageBackend,
     assignment: Assignment,
     store: CheckpointStore,
-    client: Client,
+    api: SwarmApi,
     cache_dir: Path,
     contributor_id: str,
     backend_name: str,
 ) -> LoopState:
     """Resume from the local checkpoint unless the swarm merged past it; then take the swarm's weights."""
-    manifest = RunManifest.from_dict(assignment.manifest)
+    manifest = assignment.manifest
     fingerprint = manifest_fingerprint(manifest)
     ck = store.load_latest(fingerprint=fingerprint)
     if ck is not None and ck.state.stage == assignment.stage and ck.state.epoch >= assignment.epoch:
@@ -148,7 +147,7 @@ def restore(
     dest = (
         cache_dir / "weights" / assignment.run_id / f"stage-{assignment.stage}-{ref.sha256[:16]}.safetensors"
     )
-    weights, _ = decode(client.download(ref.url, dest, ref.sha256, ref.size).read_bytes())
+    weights, _ = decode(api.download(ref, dest).read_bytes())
     same_stage = ck is not None and ck.state.stage == assignment.stage
     backend.load(weights, ck.optimizer if ck is not None and same_stage else None)
     if ck is not None:
@@ -198,24 +197,23 @@ def join(opts: JoinOptions, paths: Paths, stop: threading.Event) -> int:
     awake = KeepAwake.for_pid()
     awake.start()
     client = Client(opts.orchestrator, stop=stop, on_wait=lambda m, s: log.warning("%s", m))
+    api = SwarmApi(client)
     try:
-        client.token = ensure_token(client, opts, backend_name)
+        client.token = ensure_token(api, opts, backend_name)
         preferred = opts.stage
         while not stop.is_set():
-            manifest = pick_run(client, opts.run_id)
+            manifest = pick_run(api, opts.run_id)
             notifier.extend_timeout(120)
-            throughput = measure_throughput(factory, manifest)
-            request = {
-                "run_id": opts.run_id,
-                "backend": backend_name,
-                "throughput": throughput,
-                "memory_bytes": memory_budget(report, backend_name, opts.max_memory_gb),
-            }
-            if preferred is not None:
-                request["stage"] = preferred
-            assignment = Assignment.model_validate(client.post("/v1/assignment", request))
-            me = client.get("/v1/contributors/me")
-            run_manifest = RunManifest.from_dict(assignment.manifest)
+            request = AssignmentRequest(
+                run_id=opts.run_id,
+                backend=backend_name,
+                throughput=measure_throughput(factory, manifest),
+                memory_bytes=memory_budget(report, backend_name, opts.max_memory_gb),
+                stage=preferred,
+            )
+            assignment = api.assignment(request)
+            me = api.me()
+            run_manifest = assignment.manifest
             backend = factory.create(
                 run_manifest.model, assignment.stage, run_manifest.optim, seed=run_manifest.seed
             )
@@ -224,9 +222,7 @@ def join(opts: JoinOptions, paths: Paths, stop: threading.Event) -> int:
             )
             if opts.fresh:
                 store.discard()
-            state = restore(
-                backend, assignment, store, client, paths.cache_dir, me["contributor_id"], backend_name
-            )
+            state = restore(backend, assignment, store, api, paths.cache_dir, me.contributor_id, backend_name)
             kind = stage_spec(run_manifest.model, assignment.stage).kind
             progress = Progress(f"stage {assignment.stage} {kind}", total=opts.max_steps, notifier=notifier)
             guard = PowerGuard(allow_battery=opts.allow_battery)
@@ -234,7 +230,7 @@ def join(opts: JoinOptions, paths: Paths, stop: threading.Event) -> int:
             wait = min(2.0, notifier.watchdog_s / 2) if notifier.watchdog_s else 2.0
             loop = LoopOptions(max_steps=opts.max_steps, claim_wait_s=wait, pause_poll_s=wait)
             worker = Worker(
-                client, backend, assignment, state, store, paths.cache_dir, progress, notifier, guard, loop
+                api, backend, assignment, state, store, paths.cache_dir, progress, notifier, guard, loop
             )
             client.on_wait = worker.show_wait
             try:

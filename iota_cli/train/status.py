@@ -42,15 +42,17 @@ def remote_view(url: str) -> dict[str, Any] | None:
     if not url:
         return None
     from iota_cli.config.credentials import CredentialsError, resolve_token
-    from iota_cli.train.client import Client, ClientError
+    from iota_cli.train.api import SwarmApi
+    from iota_cli.train.errors import ClientError
 
     try:
         token = resolve_token(None, orchestrator=url).token
     except CredentialsError as e:
         return {"error": f"not logged in: {str(e).split('.')[0]}"}
     try:
-        with Client(url, token, retries=0, max_wait_s=3.0) as c:
-            return c.get("/v1/contributors/me", timeout=(2.0, 5.0))
+        # `iota status` answers within seconds: no long waits for an orchestrator that is down.
+        with SwarmApi.connect(url, token, retries=0, max_wait_s=3.0) as api:
+            return api.me(timeout=(2.0, 5.0)).model_dump(mode="json")
     except ClientError as e:
         return {"error": str(e)}
 

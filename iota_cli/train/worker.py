@@ -14,18 +14,26 @@ import time
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from iota_cli.core.backend import StageBackend, StageInputError, UnknownWorkId
-from iota_cli.core.manifest import RunManifest
 from iota_cli.core.modelspec import stage_spec
-from iota_cli.core.protocol import Assignment, HeartbeatReply, WorkItem
+from iota_cli.core.protocol import (
+    Assignment,
+    BlobRef,
+    ClaimRequest,
+    Heartbeat,
+    HeartbeatReply,
+    MergeComplete,
+    WorkComplete,
+    WorkItem,
+)
 from iota_cli.core.tensors import TensorDict, column_slice, decode, encode
 from iota_cli.headless.notify import Notifier
 from iota_cli.headless.progress import Progress
 from iota_cli.machine.power import PowerGuard
+from iota_cli.train.api import SwarmApi
 from iota_cli.train.checkpoint import CheckpointStore, LoopState
-from iota_cli.train.client import ApiError, Client, ClientError, IntegrityError, Stopped
+from iota_cli.train.errors import ApiError, ClientError, IntegrityError, Stopped
 
 log = logging.getLogger("iota.worker")
 
@@ -43,7 +51,7 @@ class Worker:
 
     def __init__(
         self,
-        client: Client,
+        api: SwarmApi,
         backend: StageBackend,
         assignment: Assignment,
         state: LoopState,
@@ -54,12 +62,12 @@ class Worker:
         guard: PowerGuard | None = None,
         options: LoopOptions = LoopOptions(),  # noqa: B008 - frozen
     ) -> None:
-        self.client, self.backend, self.assignment = client, backend, assignment
-        self.manifest = RunManifest.from_dict(assignment.manifest)
+        self.api, self.backend, self.assignment = api, backend, assignment
+        self.manifest = assignment.manifest
         self.spec = stage_spec(self.manifest.model, assignment.stage)
         self.state, self.store, self.cache_dir = state, store, cache_dir
         self.progress, self.notifier, self.guard, self.options = progress, notifier, guard, options
-        self.stop = client.stop
+        self.stop = api.stop
         self._news: HeartbeatReply | None = None
         self._news_lock = threading.Lock()
         self._display_lock = threading.Lock()
@@ -107,23 +115,18 @@ class Worker:
 
     def _claim(self) -> WorkItem | None:
         # One claim id per claim: if an answer is lost and the client retries, the same item comes back.
-        body = {
-            "run_id": self.state.run_id,
-            "wait_s": self.options.claim_wait_s,
-            "claim_id": uuid.uuid4().hex,
-        }
-        # A short read timeout bounds how long a hung orchestrator can delay a requested stop.
-        timeout = (5.0, self.options.claim_wait_s + 15.0)
-        reply = self.client.request("POST", "/v1/work/claim", json=body, timeout=timeout)
-        if reply.status == 204:
-            if reply.headers.get("X-Iota-Run-State") == "finished":
+        request = ClaimRequest(
+            run_id=self.state.run_id, wait_s=self.options.claim_wait_s, claim_id=uuid.uuid4().hex
+        )
+        claim = self.api.claim(request)
+        if claim.item is None:
+            if claim.run_state == "finished":
                 self.finished = True
             else:
                 self._show(state="waiting for work")
-                if reply.retry_after:
-                    self.stop.wait(min(reply.retry_after, self.options.claim_wait_s))
-            return None
-        return WorkItem.model_validate(reply.data)
+                if claim.retry_after:
+                    self.stop.wait(min(claim.retry_after, self.options.claim_wait_s))
+        return claim.item
 
     def _process(self, item: WorkItem) -> None:
         """Run one item; a result the orchestrator no longer wants (409/404) is dropped, not fatal."""
@@ -136,10 +139,8 @@ class Worker:
             sha, size = None, 0
             if payload is not None and item.upload is not None:
                 data = encode(payload)
-                sha, size = self.client.upload(item.upload.url, data), len(data)
-            done = self.client.post(
-                f"/v1/work/{item.work_id}/complete", {"sha256": sha, "size": size, "loss": loss}
-            )
+                sha, size = self.api.upload(item.upload, data), len(data)
+            done = self.api.complete(item.work_id, WorkComplete(sha256=sha, size=size, loss=loss))
         except Stopped:
             self._abandon(item, key)
             raise
@@ -162,7 +163,7 @@ class Worker:
                 self._forget(key)
                 return
             raise
-        self.state = replace(self.state, credits_seen=float(done["total_credits"]))
+        self.state = replace(self.state, credits_seen=done.total_credits)
         if item.kind == "backward" or self.spec.kind == "tail":
             self._count_backward()
         self._show(state="training")
@@ -211,7 +212,7 @@ class Worker:
     def _abandon(self, item: WorkItem, key: str) -> None:
         self._forget(key)
         try:
-            self.client.request("POST", f"/v1/work/{item.work_id}/abandon", wait=False, timeout=(3.0, 5.0))
+            self.api.abandon(item.work_id)
         except ClientError as e:
             log.info("could not give back %s: %s", item.work_id, e)
 
@@ -221,14 +222,14 @@ class Worker:
         for key in [k for k, (t, _) in self._saved.items() if t < horizon]:
             self._forget(key)
 
-    def _fetch(self, ref: Any) -> TensorDict:
+    def _fetch(self, ref: BlobRef | None) -> TensorDict:
         """Download a verified blob into a temp file, decode it, delete the file."""
         if ref is None:
             raise ApiError(422, "work item lacks an input it needs")
         work_dir = self.cache_dir / "work"
         work_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
-            path = self.client.download(ref.url, Path(tmp) / "blob", ref.sha256, ref.size)
+            path = self.api.download(ref, Path(tmp) / "blob")
             tensors, _ = decode(path.read_bytes())
         return tensors
 
@@ -237,19 +238,17 @@ class Worker:
     def _heartbeats(self) -> None:
         interval = max(0.2, float(self.assignment.heartbeat_s))
         while not (self.stop.is_set() or self._done.is_set()):
-            body = {
-                "run_id": self.state.run_id,
-                "stage": self.spec.index,
-                "step": self.state.step,
-                "epoch": self.state.epoch,
-                "tokens_per_s": self.progress.facts.tokens_per_s or 0.0,
-            }
+            beat = Heartbeat(
+                run_id=self.state.run_id,
+                stage=self.spec.index,
+                step=self.state.step,
+                epoch=self.state.epoch,
+                tokens_per_s=self.progress.facts.tokens_per_s or 0.0,
+            )
             try:
-                reply = self.client.request(
-                    "POST", "/v1/heartbeat", json=body, wait=False, timeout=(5.0, 15.0)
-                )
+                news = self.api.heartbeat(beat)
                 with self._news_lock:
-                    self._news = HeartbeatReply.model_validate(reply.data)
+                    self._news = news
             except Stopped:
                 return
             except ClientError as e:
@@ -285,17 +284,17 @@ class Worker:
             return
         self._show(state=f"merging (epoch {merge.epoch})")
         data = encode(self.backend.weights())
-        sha = self.client.upload(merge.upload.url, data)
-        body = {
-            "run_id": self.state.run_id,
-            "stage": self.spec.index,
-            "epoch": merge.epoch,
-            "sha256": sha,
-            "size": len(data),
-            "weight": float(max(self.state.since_merge, 1)),
-        }
+        sha = self.api.upload(merge.upload, data)
+        contribution = MergeComplete(
+            run_id=self.state.run_id,
+            stage=self.spec.index,
+            epoch=merge.epoch,
+            sha256=sha,
+            size=len(data),
+            weight=float(max(self.state.since_merge, 1)),
+        )
         try:
-            self.client.post("/v1/merge/complete", body)
+            self.api.contribute(contribution)
         except ApiError as e:
             if e.status != 409:
                 raise
@@ -320,8 +319,7 @@ class Worker:
         except Exception:  # the previous checkpoint is intact; say so and carry on leaving
             log.exception("final checkpoint failed; the previous one stays valid")
         try:
-            # Best effort and brief: the lease expires anyway if the orchestrator does not hear this.
-            self.client.request("POST", "/v1/contributors/me/leave", json={}, wait=False, timeout=(3.0, 5.0))
+            self.api.leave()  # best effort and brief (see api.leave)
         except ClientError as e:
             log.info("could not tell the orchestrator we are leaving: %s", e)
         self._show(state="stopped")

@@ -1,0 +1,213 @@
+"""Protocol v1 as typed calls: one method per orchestrator operation, protocol models in and out.
+
+The worker, `iota join`, `iota status`, the local swarm and the test double all speak to the orchestrator
+through SwarmApi; `Client` underneath owns the HTTP (retries, waiting, verified downloads). Which calls
+may wait for a server that is down, and how long a read may take, is decided here per operation: a
+stopping worker must never hang on an orchestrator that stopped answering.
+
+Try it against a running orchestrator:
+    python -c "from iota_cli.train.api import *; print(SwarmApi.connect('http://127.0.0.1:8700').runs())"
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from iota_cli.core.manifest import RunManifest
+from iota_cli.core.protocol import (
+    PROTOCOL_VERSION,
+    RUN_STATE_HEADER,
+    Assignment,
+    AssignmentRequest,
+    BlobRef,
+    ClaimRequest,
+    ContributorInfo,
+    Credits,
+    Health,
+    Heartbeat,
+    HeartbeatReply,
+    MergeComplete,
+    MergeCompleteReply,
+    Ok,
+    RegisterReply,
+    RegisterRequest,
+    RunCreate,
+    RunCreated,
+    RunInfo,
+    RunState,
+    RunStatus,
+    UploadRef,
+    WorkComplete,
+    WorkCompleteReply,
+    WorkItem,
+)
+from iota_cli.train.client import ApiError, Client, OnProgress, Reply
+
+T = TypeVar("T")
+Timeout = tuple[float, float]  # (connect, read) seconds
+
+HEALTH_TIMEOUT: Timeout = (2.0, 5.0)
+# A heartbeat is never waited for: the next one comes within heartbeat_s, and a heartbeat thread stuck
+# in a backoff would hold up a stop.
+HEARTBEAT_TIMEOUT: Timeout = (5.0, 15.0)
+# Giving an item back and saying goodbye are best effort on the way out; the lease and the item's
+# deadline expire anyway if the orchestrator does not hear them.
+PARTING_TIMEOUT: Timeout = (3.0, 5.0)
+CLAIM_SLACK_S = 15.0  # a claim's read timeout is its long-poll plus this
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a claim brought: an item, or none for now (then the run's state and the server's hint)."""
+
+    item: WorkItem | None
+    run_state: RunState = "running"
+    retry_after: float | None = None  # seconds the server suggests before asking again
+
+
+class SwarmApi:
+    """Typed calls to one orchestrator over a Client; safe to share between the loop and heartbeat threads."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    @classmethod
+    def connect(cls, url: str, token: str | None = None, **client_options: Any) -> SwarmApi:
+        """A SwarmApi over a new Client(url, token, **client_options)."""
+        return cls(Client(url, token, **client_options))
+
+    @property
+    def stop(self) -> threading.Event:
+        """The client's stop event: set, it ends every wait at once (Stopped)."""
+        return self.client.stop
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> SwarmApi:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- meta and runs ---------------------------------------------------------------------------------
+
+    def health(self, timeout: Timeout = HEALTH_TIMEOUT) -> Health:
+        """One try, never waiting: `iota doctor` reports a server that is down, it does not wait for it."""
+        return self._call(Health, "GET", "/v1/health", timeout=timeout, wait=False)
+
+    # An operator's command passes wait=False: it reports a server that is down rather than wait for it.
+
+    def runs(self, wait: bool = True) -> list[RunInfo]:
+        return self._call(list[RunInfo], "GET", "/v1/runs", wait=wait)
+
+    def run(self, run_id: str) -> RunInfo:
+        return self._call(RunInfo, "GET", f"/v1/runs/{_segment(run_id)}")
+
+    def run_status(self, run_id: str, timeout: Timeout | None = None, wait: bool = True) -> RunStatus:
+        path = f"/v1/runs/{_segment(run_id)}/status"
+        return self._call(RunStatus, "GET", path, timeout=timeout, wait=wait)
+
+    def create_run(self, manifest: RunManifest, wait: bool = True) -> RunCreated:
+        """Admin: create a run (the orchestrator indexes, or encodes, its data and writes epoch-0 weights)."""
+        return self._call(RunCreated, "POST", "/v1/runs", RunCreate(manifest=manifest), wait=wait)
+
+    def stop_run(self, run_id: str, wait: bool = True) -> RunInfo:
+        """Admin: issue no new samples; the run finishes once the work in flight drains."""
+        return self._call(RunInfo, "POST", f"/v1/runs/{_segment(run_id)}/stop", wait=wait)
+
+    # --- contributors ----------------------------------------------------------------------------------
+
+    def register(self, request: RegisterRequest) -> RegisterReply:
+        """A new contributor; its token is in this reply only (the orchestrator keeps a hash)."""
+        return self._call(RegisterReply, "POST", "/v1/contributors", request)
+
+    def me(self, timeout: Timeout | None = None) -> ContributorInfo:
+        return self._call(ContributorInfo, "GET", "/v1/contributors/me", timeout=timeout)
+
+    def credits(self, contributor_id: str) -> Credits:
+        return self._call(Credits, "GET", f"/v1/contributors/{_segment(contributor_id)}/credits")
+
+    def leave(self) -> Ok:
+        """Shutting down: the orchestrator re-issues our forward work now. One brief try."""
+        return self._call(Ok, "POST", "/v1/contributors/me/leave", timeout=PARTING_TIMEOUT, wait=False)
+
+    # --- the worker's loop -----------------------------------------------------------------------------
+
+    def assignment(self, request: AssignmentRequest) -> Assignment:
+        """The stage to train (sticky across reconnects), its manifest and current weights."""
+        return self._call(Assignment, "POST", "/v1/assignment", request)
+
+    def heartbeat(self, beat: Heartbeat) -> HeartbeatReply:
+        """Renew the lease; learn the stage's epoch, merge rounds, moves and dropped samples. Never waits."""
+        return self._call(
+            HeartbeatReply, "POST", "/v1/heartbeat", beat, timeout=HEARTBEAT_TIMEOUT, wait=False
+        )
+
+    def claim(self, request: ClaimRequest) -> Claim:
+        """The next work item, long-polling up to request.wait_s; Claim(None, ...) when there is none."""
+        # A read timeout just past the long-poll bounds how long a hung orchestrator can delay a stop.
+        timeout = (5.0, request.wait_s + CLAIM_SLACK_S)
+        reply = self._send("POST", "/v1/work/claim", request, timeout=timeout)
+        if reply.status == 204:
+            state: RunState = "finished" if reply.headers.get(RUN_STATE_HEADER) == "finished" else "running"
+            return Claim(None, state, reply.retry_after)
+        return Claim(_parse(WorkItem, reply))
+
+    def complete(self, work_id: str, result: WorkComplete) -> WorkCompleteReply:
+        """Report an item whose result is uploaded; it is credited once however often this is repeated."""
+        path = f"/v1/work/{_segment(work_id)}/complete"
+        return self._call(WorkCompleteReply, "POST", path, result)
+
+    def abandon(self, work_id: str) -> Ok:
+        """Give an item back (forward work is re-queued, backward work dropped). One brief try."""
+        path = f"/v1/work/{_segment(work_id)}/abandon"
+        return self._call(Ok, "POST", path, timeout=PARTING_TIMEOUT, wait=False)
+
+    def contribute(self, contribution: MergeComplete) -> MergeCompleteReply:
+        """Report the weights uploaded for a merge round (409 when the round's epoch has moved on)."""
+        return self._call(MergeCompleteReply, "POST", "/v1/merge/complete", contribution)
+
+    # --- blobs -----------------------------------------------------------------------------------------
+
+    def upload(self, ref: UploadRef, data: bytes) -> str:
+        """PUT bytes where the orchestrator said, with their sha256 (checked there); return the digest."""
+        return self.client.upload(ref.url, data)
+
+    def download(self, ref: BlobRef, dest: Path, on_progress: OnProgress | None = None) -> Path:
+        """Fetch a blob into dest, resuming and verifying its sha256 and size; a verified dest is a hit."""
+        return self.client.download(ref.url, dest, ref.sha256, ref.size, on_progress=on_progress)
+
+    # --- plumbing --------------------------------------------------------------------------------------
+
+    def _send(self, method: str, path: str, body: BaseModel | None = None, **kw: Any) -> Reply:
+        if method == "GET":
+            return self.client.request(method, path, **kw)
+        payload = body.model_dump(mode="json") if body is not None else {}
+        return self.client.request(method, path, json=payload, **kw)
+
+    def _call(self, kind: type[T], method: str, path: str, body: BaseModel | None = None, **kw: Any) -> T:
+        return _parse(kind, self._send(method, path, body, **kw))
+
+
+def _parse(kind: type[T], reply: Reply) -> T:
+    """The reply as its protocol model; an answer that does not fit is the server's error, not ours."""
+    try:
+        return TypeAdapter(kind).validate_python(reply.data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "the body"
+        raise ApiError(
+            reply.status, f"the answer does not fit protocol v{PROTOCOL_VERSION} ({where}: {first['msg']})"
+        ) from None
+
+
+def _segment(value: str) -> str:
+    """An id as one path segment: ids come from the server, but a '/' or '..' must not change the route."""
+    return quote(value, safe="")

@@ -1,0 +1,173 @@
+"""A simulated worker: drives a real orchestrator through the worker's own SwarmApi, without a backend.
+
+It plays every protocol step `iota join` plays (register, assignment, heartbeat, claim, download, upload,
+complete, merge) with stand-in tensors of the right names and shapes, so the API tests exercise the
+same request code as the real worker. Each reply is parsed into its protocol model (a reply that does
+not fit fails the test) and handed back as the JSON the server sent, since the tests assert on the wire.
+`request()` is raw HTTP, for the tests that check how the server refuses what a correct client never
+sends. The sim never waits for a server that is down: a test sees every failure as it happens.
+
+    w = SimWorker(url, "head").register()
+    w.assign(run_id, stage=0)
+    w.do(w.claim())
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from iota_cli.core.protocol import (
+    PROTOCOL_HEADER,
+    PROTOCOL_VERSION,
+    Assignment,
+    AssignmentRequest,
+    BlobRef,
+    ClaimRequest,
+    Heartbeat,
+    MergeComplete,
+    MergeRound,
+    RegisterRequest,
+    UploadRef,
+    WorkComplete,
+    WorkItem,
+)
+from iota_cli.core.tensors import DTYPE_CODES, DTYPE_SIZES, RawTensor, decode, encode
+from iota_cli.train.api import SwarmApi
+from iota_cli.train.client import Client
+
+JSON = dict[str, Any]
+
+
+class SimWorker:
+    def __init__(self, url: str, name: str = "sim", memory_bytes: int = 0, throughput: float = 1.0) -> None:
+        self.url = url.rstrip("/")
+        self.name, self.memory_bytes, self.throughput = name, memory_bytes, throughput
+        # No waiting (max_wait_s=0) and no quick retries: a 5xx or a dead server fails the call at once.
+        self.api = SwarmApi(Client(self.url, max_wait_s=0.0, retries=0))
+        self.contributor_id = ""
+        self.assignment: Assignment | None = None
+        self.step = 0  # what heartbeats report; tests set it to open merge rounds
+        self.epoch = 0
+        self.backward = 0
+
+    @property
+    def token(self) -> str:
+        return self.api.client.token or ""
+
+    @property
+    def assigned(self) -> Assignment:
+        assert self.assignment is not None, "call assign() first"
+        return self.assignment
+
+    @property
+    def run_id(self) -> str:
+        return self.assigned.run_id
+
+    @property
+    def stage(self) -> int:
+        return self.assigned.stage
+
+    # --- raw HTTP, for what the SwarmApi never sends -------------------------------------------------
+
+    def request(self, method: str, path: str, **kw: Any) -> requests.Response:
+        """One raw request with this worker's token, answered as it came (tests of refusals)."""
+        headers = {PROTOCOL_HEADER: str(PROTOCOL_VERSION), **kw.pop("headers", {})}
+        if self.token:
+            headers.setdefault("Authorization", f"Bearer {self.token}")
+        return requests.request(method, self.url + path, headers=headers, timeout=(5, 60), **kw)
+
+    def call(self, method: str, path: str, json: Any = None) -> Any:
+        """A JSON call through the worker's Client (ApiError on a refusal); the parsed JSON back."""
+        return self.api.client.request(method, path, json=json).data
+
+    # --- the protocol ----------------------------------------------------------------------------------
+
+    def caps(self) -> JSON:
+        return {"backend": "sim", "memory_bytes": self.memory_bytes, "throughput": self.throughput}
+
+    def register(self) -> SimWorker:
+        reply = self.api.register(RegisterRequest(name=self.name, **self.caps()))
+        self.api.client.token, self.contributor_id = reply.token, reply.contributor_id
+        return self
+
+    def assign(self, run_id: str | None = None, stage: int | None = None) -> JSON:
+        self.assignment = self.api.assignment(AssignmentRequest(run_id=run_id, stage=stage, **self.caps()))
+        self.epoch = self.assignment.epoch
+        return self.assignment.model_dump(mode="json")
+
+    def heartbeat(self) -> JSON:
+        beat = Heartbeat(
+            run_id=self.run_id, stage=self.stage, step=self.step, epoch=self.epoch, tokens_per_s=1.0
+        )
+        return self.api.heartbeat(beat).model_dump(mode="json")
+
+    def claim(self, wait_s: float = 0.0, claim_id: str | None = None) -> JSON | None:
+        claim = self.api.claim(ClaimRequest(run_id=self.run_id, wait_s=wait_s, claim_id=claim_id))
+        return claim.item.model_dump(mode="json") if claim.item else None
+
+    def download(self, ref: JSON) -> bytes:
+        """A blob's bytes, fetched and sha256-checked by the worker's own download code."""
+        with tempfile.TemporaryDirectory() as tmp:
+            return self.api.download(BlobRef.model_validate(ref), Path(tmp) / "blob").read_bytes()
+
+    def upload(self, ref: JSON, data: bytes) -> str:
+        return self.api.upload(UploadRef.model_validate(ref), data)
+
+    def complete(self, item: JSON, sha: str | None, size: int, loss: float | None = None) -> JSON:
+        result = WorkComplete(sha256=sha, size=size, loss=loss)
+        return self.api.complete(item["work_id"], result).model_dump(mode="json")
+
+    # --- stand-in compute ------------------------------------------------------------------------------
+
+    def boundary_tensor(self, name: str) -> bytes:
+        m = self.assigned.manifest
+        shape = (m.train.batch_size, m.train.seq_len, m.model.bottleneck_dim)
+        dtype = DTYPE_CODES[m.model.wire_dtype]
+        return encode(
+            {name: RawTensor(dtype, shape, bytes(shape[0] * shape[1] * shape[2] * DTYPE_SIZES[dtype]))}
+        )
+
+    def loss_for(self, item: WorkItem) -> float:
+        return 5.0 / (1.0 + 0.01 * item.sample_id)  # falls as training goes on, like a real run
+
+    def do(self, item_json: JSON) -> JSON:
+        """Fetch the inputs, 'compute', upload the result and complete the item."""
+        item = WorkItem.model_validate(item_json)
+        for ref in (item.tokens, item.input):
+            if ref is not None:
+                decode(self.download(ref.model_dump()))
+        tail = item.kind == "forward" and item.stage == self.assigned.n_stages - 1
+        if item.kind == "backward" or tail:
+            self.backward += 1
+            if self.backward % self.assigned.manifest.train.backward_per_step == 0:
+                self.step += 1
+        if item.upload is None:
+            return self.complete(item_json, None, 0)
+        data = self.boundary_tensor("activations" if item.kind == "forward" and not tail else "grad")
+        sha = self.api.upload(item.upload, data)
+        return self.complete(item_json, sha, len(data), self.loss_for(item) if tail else None)
+
+    def weights(self) -> dict[str, RawTensor]:
+        """The stage's current weights (and take their epoch), as a heartbeat points to them."""
+        beat = self.heartbeat()
+        tensors, _ = decode(self.download(beat["weights"]))
+        self.epoch = beat["epoch"]
+        return tensors
+
+    def contribute(self, merge: JSON, tensors: dict[str, RawTensor], weight: float) -> JSON:
+        offer = MergeRound.model_validate(merge)
+        data = encode(tensors)
+        sha = self.api.upload(offer.upload, data)
+        contribution = MergeComplete(
+            run_id=self.run_id,
+            stage=offer.stage,
+            epoch=offer.epoch,
+            sha256=sha,
+            size=len(data),
+            weight=weight,
+        )
+        return self.api.contribute(contribution).model_dump(mode="json")
