@@ -16,7 +16,7 @@ from fake_http import Server, fast_client, free_port, ok, sequence, status
 
 from iota_cli.core.protocol import ClaimRequest, Health, Heartbeat, WorkComplete, WorkItem
 from iota_cli.train.api import Claim, SwarmApi
-from iota_cli.train.client import ApiError, Unreachable
+from iota_cli.train.errors import ApiError, Unreachable
 
 ITEM = {
     "work_id": "w7",

@@ -24,7 +24,7 @@ def test_every_name_in_the_table_is_an_exception_class():
 
 def test_codes_and_hints_come_from_the_exception_where_it_has_them():
     from iota_cli.config.settings import SettingsError
-    from iota_cli.train.client import ApiError, Stopped
+    from iota_cli.train.errors import ApiError, Stopped
     from iota_cli.train.join import JoinError
 
     def code(e: Exception) -> int:

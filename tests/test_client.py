@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iota_cli import __version__
-from iota_cli.train.client import ApiError, IntegrityError, Stopped, Unreachable
+from iota_cli.train.errors import ApiError, IntegrityError, Stopped, Unreachable
 from iota_cli.train.partfile import parse_content_range
 
 

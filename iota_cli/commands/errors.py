@@ -47,8 +47,8 @@ TABLE: tuple[tuple[str, Known], ...] = (
     ),
     ("iota_cli.config.credentials.CredentialsError", Known(output.EXIT_CONFIG)),
     ("iota_cli.train.join.JoinError", Known(lambda e: e.code, hint=lambda e: e.hint)),
-    ("iota_cli.train.client.Unreachable", Known(output.EXIT_UNAVAILABLE)),
-    ("iota_cli.train.client.ApiError", Known(_refused, prefix="the orchestrator refused: ")),
+    ("iota_cli.train.errors.Unreachable", Known(output.EXIT_UNAVAILABLE)),
+    ("iota_cli.train.errors.ApiError", Known(_refused, prefix="the orchestrator refused: ")),
 )
 
 

@@ -82,7 +82,7 @@ def _train(opts: JoinOptions, paths: Paths) -> int:
     import threading
 
     from iota_cli import output
-    from iota_cli.train.client import Stopped
+    from iota_cli.train.errors import Stopped
     from iota_cli.train.join import join as run_join
 
     stop = threading.Event()

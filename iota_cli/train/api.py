@@ -47,7 +47,8 @@ from iota_cli.core.protocol import (
     WorkCompleteReply,
     WorkItem,
 )
-from iota_cli.train.client import ApiError, Client, OnProgress, Reply
+from iota_cli.train.client import Client, OnProgress, Reply
+from iota_cli.train.errors import ApiError
 
 T = TypeVar("T")
 Timeout = tuple[float, float]  # (connect, read) seconds

@@ -8,7 +8,7 @@ waiting the moment `client.stop` is set. 429 and 503 stay out of urllib3's hands
 sleep cannot be interrupted (a SIGTERM would hang). Every POST in protocol v1 is idempotent, so the
 upper layer retries POSTs too.
 
-How it waits is patience.py; what it raises is errors.py (re-exported here). The protocol's operations
+How it waits is patience.py; what it raises is errors.py. The protocol's operations
 sit one level up, typed, in api.py. Try it against a running orchestrator:
     python -c "from iota_cli.train.client import Client; print(Client('http://127.0.0.1:8700').get('/v1/health'))"
 """
@@ -27,15 +27,13 @@ from urllib.parse import urljoin, urlsplit
 from iota_cli import __version__
 from iota_cli.core.files import commit
 from iota_cli.core.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION, SHA256_HEADER
-from iota_cli.train.errors import ApiError, ClientError, IntegrityError, Stopped, Unreachable
+from iota_cli.train.errors import ApiError, IntegrityError, Stopped
 from iota_cli.train.partfile import file_lock, hash_file, parse_content_range, restart, verified
 from iota_cli.train.patience import Patience
 
 if TYPE_CHECKING:
     import requests
 
-# The errors are defined in errors.py; importing them from here keeps working.
-__all__ = ["ApiError", "Client", "ClientError", "IntegrityError", "Reply", "Stopped", "Unreachable"]
 WAIT_STATUSES = frozenset({429, 502, 503, 504})  # wait as long as it takes (or max_wait_s)
 CHUNK = 1 << 16
 

@@ -130,7 +130,8 @@ def _call(method: str, url: str, path: str, token: str | None = None, body: Any 
 
     A refusal (ApiError) or no answer (Unreachable) is raised for iota's error table to report.
     """
-    from iota_cli.train.client import Client, Unreachable
+    from iota_cli.train.client import Client
+    from iota_cli.train.errors import Unreachable
 
     # retries=0: a 5xx is reported as it came; timeout: creating a run may take minutes (encoding the corpus).
     with Client(url, token, timeout=(5.0, 300.0), retries=0) as client:
