@@ -32,6 +32,7 @@ PLUGIN_CLI_USES = (
     "iota_cli.output",
     "iota_cli.config",
     "iota_cli.train.client",
+    "iota_cli.train.errors",
     "iota_cli.train.api",
 )
 NOT_IN_CORE = FRAMEWORKS | SERVER_STACK | {"requests", "urllib3", "typer", "keyring", "tqdm", "platformdirs"}

@@ -9,10 +9,17 @@ HTTP calls through the contributor's one client. They find a local orchestrator 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:  # the typed API and its models load only when a command runs
+    from iota_cli.core.manifest import RunManifest
+    from iota_cli.core.protocol import RunStatus
+    from iota_cli.train.api import SwarmApi
 
 orch_app = typer.Typer(
     help="Run the reference orchestrator that coordinates a swarm (operators only).", no_args_is_help=True
@@ -125,18 +132,19 @@ def _url(url: str | None, data_dir: Path | None) -> str:
         )
 
 
-def _call(method: str, url: str, path: str, token: str | None = None, body: Any = None) -> Any:
-    """One request, without waiting for a server that is down: an operator wants the answer now.
+@contextlib.contextmanager
+def _api(url: str, token: str | None = None) -> Iterator[SwarmApi]:
+    """The typed API without waiting for a server that is down: an operator wants the answer now.
 
     A refusal (ApiError) or no answer (Unreachable) is raised for iota's error table to report.
     """
-    from iota_cli.train.client import Client
+    from iota_cli.train.api import SwarmApi
     from iota_cli.train.errors import Unreachable
 
     # retries=0: a 5xx is reported as it came; timeout: creating a run may take minutes (encoding the corpus).
-    with Client(url, token, timeout=(5.0, 300.0), retries=0) as client:
+    with SwarmApi.connect(url, token, timeout=(5.0, 300.0), retries=0) as api:
         try:
-            return client.request(method, path, json=body, wait=False).data
+            yield api
         except Unreachable as e:
             raise Unreachable(f"{url}: {e}") from None  # the URL may be a stale server.json
 
@@ -176,27 +184,28 @@ def create_run(
         m = RunManifest.load(manifest)
     except (OSError, ValueError, TypeError) as e:
         output.fail(f"{manifest}: {e}", code=output.EXIT_CONFIG)
-    body = {"manifest": _rebase(m.to_dict(), manifest.resolve().parent)}
-    reply = _call("POST", _url(url, data_dir), "/v1/runs", admin_token, body)
+    with _api(_url(url, data_dir), admin_token) as api:
+        reply = api.create_run(_rebase(m, manifest.resolve().parent), wait=False)
     if as_json:
-        output.print_json(reply)
+        output.print_json(reply.model_dump(mode="json"))
     else:
-        output.echo(f"created run {reply['run_id']} ({m.name}, {m.model.n_stages} stages)")
+        output.echo(f"created run {reply.run_id} ({m.name}, {m.model.n_stages} stages)")
 
 
-def _rebase(manifest: dict[str, Any], folder: Path) -> dict[str, Any]:
+def _rebase(m: RunManifest, folder: Path) -> RunManifest:
     """Relative data.source and model.tokenizer paths made absolute from folder (the server's cwd differs)."""
+    import dataclasses
     import os
 
-    def relative(path: str | None) -> bool:
-        return bool(path) and not os.path.isabs(os.path.expanduser(str(path)))
+    def relative(path: str) -> bool:
+        return bool(path) and not os.path.isabs(os.path.expanduser(path))
 
-    data, model = dict(manifest["data"]), dict(manifest["model"])
-    if relative(data.get("source")):
-        data["source"] = str(folder / data["source"])
-    if model.get("tokenizer") != "bytes" and relative(model.get("tokenizer")):
-        model["tokenizer"] = str(folder / model["tokenizer"])
-    return {**manifest, "data": data, "model": model}
+    if relative(m.data.source):
+        m = dataclasses.replace(m, data=dataclasses.replace(m.data, source=str(folder / m.data.source)))
+    if m.model.tokenizer != "bytes" and relative(m.model.tokenizer):
+        model = dataclasses.replace(m.model, tokenizer=str(folder / m.model.tokenizer))
+        m = dataclasses.replace(m, model=model)
+    return m
 
 
 @run_app.command("stop")
@@ -210,7 +219,8 @@ def stop_run(
     from iota_cli import output
 
     _require(admin_token)
-    _call("POST", _url(url, data_dir), f"/v1/runs/{run_id}/stop", admin_token)
+    with _api(_url(url, data_dir), admin_token) as api:
+        api.stop_run(run_id, wait=False)
     output.echo(f"run {run_id} is stopping")
 
 
@@ -225,10 +235,11 @@ def status(
     from iota_cli import output
 
     base = _url(url, data_dir)
-    ids = [run_id] if run_id else [r["run_id"] for r in _call("GET", base, "/v1/runs")]
-    statuses = [_call("GET", base, f"/v1/runs/{rid}/status") for rid in ids]
+    with _api(base) as api:
+        ids = [run_id] if run_id else [r.run_id for r in api.runs(wait=False)]
+        statuses = [api.run_status(rid, wait=False) for rid in ids]
     if as_json:
-        output.print_json({"url": base, "runs": statuses})
+        output.print_json({"url": base, "runs": [s.model_dump(mode="json") for s in statuses]})
         return
     if not statuses:
         output.echo(f"{base}: no runs yet (create one with `iota orchestrator run create MANIFEST`)")
@@ -236,31 +247,30 @@ def status(
         output.echo(_render(s))
 
 
-def _render(s: dict[str, Any]) -> str:
+def _render(s: RunStatus) -> str:
     from iota_cli import output
 
     def loss(x: float | None) -> str:
         return "-" if x is None else f"{x:.3f}"
 
-    limit = s["max_samples"] or "unlimited"
     head = (
-        f"run {s['run_id']} ({s['name']}): {s['state']}\n"
-        f"  samples {s['samples_issued']} issued of {limit}, {s['samples_completed']} done, "
-        f"{s['samples_dropped']} dropped; tokens {s['tokens_processed']:,}; "
-        f"loss {loss(s['first_loss'])} -> {loss(s['last_loss'])}"
+        f"run {s.run_id} ({s.name}): {s.state}\n"
+        f"  samples {s.samples_issued} issued of {s.max_samples or 'unlimited'}, {s.samples_completed} done, "
+        f"{s.samples_dropped} dropped; tokens {s.tokens_processed:,}; "
+        f"loss {loss(s.first_loss)} -> {loss(s.last_loss)}"
     )
     rows = [
         (
-            st["stage"],
-            st["kind"],
-            sum(w["alive"] for w in st["workers"]),
-            len(st["workers"]),
-            st["queue_forward"],
-            st["queue_backward"],
-            st["epoch"],
-            st["optimizer_steps"],
+            st.stage,
+            st.kind,
+            sum(w.alive for w in st.workers),
+            len(st.workers),
+            st.queue_forward,
+            st.queue_backward,
+            st.epoch,
+            st.optimizer_steps,
         )
-        for st in s["stages"]
+        for st in s.stages
     ]
     table = output.table(
         ["stage", "kind", "alive", "workers", "fwd queue", "bwd queue", "epoch", "steps"], rows
