@@ -207,3 +207,15 @@ def test_cpu_backend_chosen_on_purpose_turns_missing_gpu_into_a_warning():
     auto = BackendStatus(None, "auto", None, None, None, None, "no backend suits this hardware")
     c = by_name(check(linux(vram_gib=None, backend=auto)))["gpu"]
     assert c.status == "fail" and "--backend torch-cpu" in c.hint
+
+
+def test_memory_budget_is_the_device_less_the_frameworks_own_share():
+    from iota_cli.train.join import memory_budget
+
+    cuda = linux(vram_gib=16, ram_gib=64)
+    assert memory_budget(cuda, "torch-cuda", 0) == 16 * GIB
+    assert memory_budget(cuda, "torch-cuda", 0, overhead=600 << 20) == 16 * GIB - (600 << 20)
+    assert memory_budget(cuda, "torch-cuda", 8, overhead=600 << 20) == 8 * GIB - (600 << 20), "cap first"
+    assert memory_budget(cuda, "torch-cpu", 0) == 64 * GIB, "CPU backends get RAM"
+    assert memory_budget(mac(ram_gib=16), "mlx", 0) == 12 * GIB, "unified memory leaves the OS a quarter"
+    assert memory_budget(linux(vram_gib=None, ram_bytes=None), "torch-cpu", 0, overhead=1) == 0, "unknown"

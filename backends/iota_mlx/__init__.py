@@ -23,6 +23,7 @@ class MlxFactory:
     name: str
     device: str  # "gpu" (Metal) or "cpu"
     description: str
+    memory_overhead: int = 0  # MLX allocates lazily; nothing worth counting beyond the model
 
     def available(self) -> tuple[bool, str]:
         try:

@@ -86,6 +86,7 @@ class BackendFactory(Protocol):
 
     name: str
     description: str
+    memory_overhead: int  # bytes the framework itself holds on the device (a CUDA context), beyond the model
 
     def available(self) -> tuple[bool, str]:
         """(True, version) when usable here, else (False, why not)."""

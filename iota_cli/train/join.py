@@ -60,8 +60,9 @@ def preflight(paths: Paths, backend: str) -> tuple[HardwareReport, list[Check]]:
     return report, [c for c in requirements.check(report) if c.status == "fail"]
 
 
-def memory_budget(report: HardwareReport, factory_name: str, cap_gb: float) -> int:
-    """Bytes a stage may use on this device: the GPU's VRAM for CUDA, RAM otherwise (0: unknown)."""
+def memory_budget(report: HardwareReport, factory_name: str, cap_gb: float, overhead: int = 0) -> int:
+    """Bytes a stage may use on this device: the GPU's VRAM for CUDA, RAM otherwise (0: unknown), less what
+    the framework itself holds there (overhead), so it compares with the model spec's estimate."""
     if factory_name == "torch-cuda" and report.gpus:
         found = max(g.vram_bytes or 0 for g in report.gpus)
     elif factory_name in ("mlx", "torch-mps"):
@@ -69,7 +70,8 @@ def memory_budget(report: HardwareReport, factory_name: str, cap_gb: float) -> i
     else:
         found = report.ram_bytes or 0
     cap = int(cap_gb * 1024**3)
-    return min(found, cap) if cap and found else (cap or found)
+    budget = min(found, cap) if cap and found else (cap or found)
+    return max(budget - overhead, 1) if budget else 0
 
 
 def measure_throughput(factory: BackendFactory, manifest: RunManifest, repeats: int = 2) -> float:
@@ -208,7 +210,7 @@ def join(opts: JoinOptions, paths: Paths, stop: threading.Event) -> int:
                 run_id=opts.run_id,
                 backend=backend_name,
                 throughput=measure_throughput(factory, manifest),
-                memory_bytes=memory_budget(report, backend_name, opts.max_memory_gb),
+                memory_bytes=memory_budget(report, backend_name, opts.max_memory_gb, factory.memory_overhead),
                 stage=preferred,
             )
             assignment = api.assignment(request)
