@@ -107,6 +107,39 @@ class StageContract:
         for s in (head, body, tail):
             assert s.in_flight() == [] and all(np.abs(arr(g)).max() > 0 for g in gradients(s).values())
 
+    @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+    def test_non_finite_inputs_are_refused_before_they_reach_the_stage(self, bad):
+        body, tail = self.make(1), self.make(2)
+        poisoned = arr(boundary(1)).copy()
+        poisoned[0, 0, 0] = bad
+        with pytest.raises(StageInputError, match="NaN or infinite"):
+            body.forward("w", {"activations": raw(poisoned)})
+        assert body.in_flight() == []
+        body.forward("w", stage_input(1, 1))
+        with pytest.raises(StageInputError, match="NaN or infinite"):
+            body.backward("w", {"grad": raw(poisoned)})
+        with pytest.raises(StageInputError, match="NaN or infinite"):
+            tail.forward("w", {"activations": raw(poisoned)})
+
+    def test_an_input_that_overflows_is_refused_and_its_gradients_never_step(self):
+        tail = self.make(2)
+        before = tail.weights()
+        huge = np.full((B, T, CFG.bottleneck_dim), 3e38, np.float32)
+        tail.forward("w", {"activations": raw(huge)})
+        try:
+            r = tail.backward("w", {"targets": tokens(2)})
+        except StageInputError as e:  # the framework overflowed: nothing non-finite leaves or steps
+            assert "non-finite" in str(e)
+            assert tail.step() == 0.0, "the poisoned sum is discarded, not applied"
+            assert max_diff(tail.weights(), before) == 0.0
+        else:  # the framework's kernels stayed finite: then so is everything it returns
+            assert r.loss is not None and math.isfinite(r.loss)
+            assert r.grads is not None and np.isfinite(arr(r.grads["grad"])).all()
+            tail.step()
+        assert np.isfinite(np.concatenate([arr(w).ravel() for w in tail.weights().values()])).all()
+        run_item(tail, 2, "next", seed=4)  # and the stage carries on
+        assert tail.step() > 0.0 and max_diff(tail.weights(), before) > 0.0
+
     def test_same_seed_gives_the_spec_initial_weights(self):
         w = self.make(1, seed=7).weights()
         assert max_diff(w, initial_weights(CFG, 1, 7)) == 0.0

@@ -111,6 +111,9 @@ class MlxKernel:
 
     # --- optimizer: AdamW written out, so its maths (torch's) and state names are ours ---
 
+    def discard_gradients(self) -> None:
+        self._zero_grads()
+
     def step(self, n_backward: int, step: int, keep: bool) -> float:
         del keep  # arrays are immutable: every step makes new ones
         o = self.optim_cfg

@@ -110,6 +110,9 @@ class TorchKernel:
 
     # --- optimizer: torch's AdamW (fused where the device has it) ---
 
+    def discard_gradients(self) -> None:
+        self._zero_grads()
+
     def step(self, n_backward: int, step: int, keep: bool) -> float:
         del step  # torch.optim counts the same steps itself (load_moments sets its count)
         assert self._opt is not None

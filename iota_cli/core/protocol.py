@@ -249,6 +249,16 @@ class WorkComplete(Model):
     loss: float | None = Field(None, allow_inf_nan=False, ge=-1e9, le=1e9)
 
 
+# Why a worker gives an item back: the orchestrator counts bad_input and unverified against the item
+# (and the contributor that produced its input); stopping and lost_state are nobody's fault.
+AbandonReason = Literal["stopping", "bad_input", "unverified", "lost_state"]
+
+
+class Abandon(Model):
+    reason: AbandonReason = "stopping"
+    detail: Annotated[str, Field(max_length=500)] = ""
+
+
 class WorkCompleteReply(Model):
     credits: float
     total_credits: float

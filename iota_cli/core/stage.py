@@ -10,6 +10,7 @@ the stage forward, its vector-Jacobian product, and the AdamW step. Try it throu
 
 from __future__ import annotations
 
+import math
 import sys
 from array import array
 from collections.abc import Mapping
@@ -18,7 +19,7 @@ from typing import Generic, Protocol, TypeVar
 
 from iota_cli.core.backend import BackwardResult, StageInputError, UnknownWorkId
 from iota_cli.core.modelspec import ModelConfig, initial_weights, stage_params, stage_spec
-from iota_cli.core.tensors import RawTensor, TensorDict
+from iota_cli.core.tensors import RawTensor, TensorDict, all_finite
 
 T = TypeVar("T")  # the framework's tensor type
 
@@ -70,6 +71,10 @@ class StageKernel(Protocol[T]):
         """The accumulators: parameter gradients summed since the last step (read by tests)."""
         ...
 
+    def discard_gradients(self) -> None:
+        """Zero the accumulators without stepping (a backward went non-finite: its sum is unusable)."""
+        ...
+
     def step(self, n_backward: int, step: int, keep: bool) -> float:
         """Divide the accumulators by n_backward, clip, take AdamW step number `step`, zero them.
 
@@ -110,6 +115,7 @@ class StageRunner(Generic[T]):
         self._rope: dict[int, tuple[T, T]] = {}
         self._n_backward = 0  # backward passes since the last step
         self._step = 0  # optimizer steps taken
+        self._poisoned = False  # a backward since the last step went non-finite: discard, do not step
         self.load(initial_weights(cfg, self.spec, seed))
 
     def forward(self, work_id: str, inputs: TensorDict) -> TensorDict:
@@ -123,8 +129,11 @@ class StageRunner(Generic[T]):
             self._work[work_id] = _Work(shape, weights, x, None)
             return {}
         out, saved = k.forward(weights, x, self._rope_for(shape[1]))
+        activations = k.tensor_out(out)
+        if not all_finite(activations):  # finite inputs can still overflow; never pass that on
+            raise StageInputError("this input drives the stage to non-finite activations")
         self._work[work_id] = _Work(shape, weights, x, saved)
-        return {"activations": k.tensor_out(out)}
+        return {"activations": activations}
 
     def backward(self, work_id: str, grads: TensorDict) -> BackwardResult:
         work = self._work.get(work_id)
@@ -137,7 +146,11 @@ class StageRunner(Generic[T]):
         rope = self._rope_for(work.shape[1])
         dx, loss = k.vjp(work.weights, work.inputs, work.saved, k.tensor_in(t), rope)
         self._n_backward += 1
-        return BackwardResult(None if dx is None else {"grad": k.tensor_out(dx)}, loss)
+        grad = None if dx is None else k.tensor_out(dx)
+        if (loss is not None and not math.isfinite(loss)) or (grad is not None and not all_finite(grad)):
+            self._poisoned = True  # the accumulators now hold it too
+            raise StageInputError("this input drives the stage to a non-finite loss or gradient")
+        return BackwardResult(None if grad is None else {"grad": grad}, loss)
 
     def free(self, work_id: str) -> None:
         self._work.pop(work_id, None)
@@ -147,6 +160,10 @@ class StageRunner(Generic[T]):
 
     def step(self) -> float:
         if self._n_backward == 0:
+            return 0.0
+        if self._poisoned:
+            self.kernel.discard_gradients()
+            self._n_backward, self._poisoned = 0, False
             return 0.0
         current = self.kernel.weights
         keep = any(w.weights is current for w in self._work.values())
@@ -265,6 +282,8 @@ def _one(d: Mapping[str, RawTensor], name: str, codes: tuple[str, ...], ndim: in
     t = d[name]
     if t.dtype not in codes or len(t.shape) != ndim:
         raise StageInputError(f"{name} must be {ndim}-d {'/'.join(codes)}, got {t.dtype}{list(t.shape)}")
+    if not all_finite(t):
+        raise StageInputError(f"{name} holds NaN or infinite values")
     return t
 
 

@@ -23,6 +23,7 @@ from iota_cli.core.manifest import RunManifest
 from iota_cli.core.protocol import (
     PROTOCOL_VERSION,
     RUN_STATE_HEADER,
+    Abandon,
     Assignment,
     AssignmentRequest,
     BlobRef,
@@ -166,10 +167,10 @@ class SwarmApi:
         path = f"/v1/work/{_segment(work_id)}/complete"
         return self._call(WorkCompleteReply, "POST", path, result)
 
-    def abandon(self, work_id: str) -> Ok:
-        """Give an item back (forward work is re-queued, backward work dropped). One brief try."""
+    def abandon(self, work_id: str, why: Abandon | None = None) -> Ok:
+        """Give an item back, saying why (forward work is re-queued, backward work dropped). One brief try."""
         path = f"/v1/work/{_segment(work_id)}/abandon"
-        return self._call(Ok, "POST", path, timeout=PARTING_TIMEOUT, wait=False)
+        return self._call(Ok, "POST", path, why or Abandon(), timeout=PARTING_TIMEOUT, wait=False)
 
     def contribute(self, contribution: MergeComplete) -> MergeCompleteReply:
         """Report the weights uploaded for a merge round (409 when the round's epoch has moved on)."""

@@ -18,6 +18,7 @@ from pathlib import Path
 from iota_cli.core.backend import StageBackend, StageInputError, UnknownWorkId
 from iota_cli.core.modelspec import stage_spec
 from iota_cli.core.protocol import (
+    Abandon,
     Assignment,
     BlobRef,
     ClaimRequest,
@@ -27,7 +28,7 @@ from iota_cli.core.protocol import (
     WorkComplete,
     WorkItem,
 )
-from iota_cli.core.tensors import TensorDict, column_slice, decode, encode
+from iota_cli.core.tensors import RawTensor, TensorDict, TensorFormatError, column_slice, decode, encode
 from iota_cli.headless.notify import Notifier
 from iota_cli.headless.progress import Progress
 from iota_cli.machine.power import PowerGuard
@@ -74,6 +75,7 @@ class Worker:
         self._since_step = 0
         self._saved: dict[str, tuple[float, int]] = {}  # backend work id -> (when its forward ran, sample)
         self._merged_epoch = -1  # the last epoch whose merge round we contributed to
+        self._refused_weights: set[str] = set()  # sha256 of merged weights that failed to load
         self._last_checkpoint = time.monotonic()
         self._loss: float | None = None
         self.finished = False  # the run ended (as opposed to a stop or max_steps)
@@ -142,20 +144,21 @@ class Worker:
                 sha, size = self.api.upload(item.upload, data), len(data)
             done = self.api.complete(item.work_id, WorkComplete(sha256=sha, size=size, loss=loss))
         except Stopped:
-            self._abandon(item, key)
+            self._abandon(item, key, Abandon(reason="stopping"))
             raise
         except IntegrityError as e:
             log.warning("input of %s failed verification (%s); giving it back", item.work_id, e)
-            self._abandon(item, key)
+            self._abandon(item, key, Abandon(reason="unverified", detail=str(e)[:500]))
             return
         except StageInputError as e:
+            # Whatever another contributor sent (undecodable, misshapen, non-finite) is reported, not fatal.
             log.warning("rejected the input of %s: %s", item.work_id, e)
-            self._abandon(item, key)
+            self._abandon(item, key, Abandon(reason="bad_input", detail=str(e)[:500]))
             return
         except UnknownWorkId:
             # Backward for a forward this process no longer holds (it restarted): the chain is lost.
             log.info("no saved forward for %s (lost in a restart); dropping its chain", item.work_id)
-            self._abandon(item, key)
+            self._abandon(item, key, Abandon(reason="lost_state"))
             return
         except ApiError as e:
             if e.status in (404, 409, 410):
@@ -171,10 +174,10 @@ class Worker:
     def _forward(self, item: WorkItem, key: str) -> tuple[TensorDict | None, float | None]:
         kind = self.spec.kind
         if kind == "head":
-            tokens = self._fetch(item.tokens)["tokens"]
+            tokens = self._fetch(item.tokens, "tokens")
             inputs = {"tokens": column_slice(tokens, 0, -1)}
         else:
-            inputs = {"activations": self._fetch(item.input)["activations"]}
+            inputs = {"activations": self._fetch(item.input, "activations")}
         self._expire_saved_state()
         out = self.backend.forward(key, inputs)
         self._saved[key] = (time.monotonic(), item.sample_id)
@@ -182,14 +185,14 @@ class Worker:
         self._add_tokens(b * t)
         if kind != "tail":
             return out, None
-        targets = column_slice(self._fetch(item.tokens)["tokens"], 1, None)
+        targets = column_slice(self._fetch(item.tokens, "tokens"), 1, None)
         result = self.backend.backward(key, {"targets": targets})
         self._saved.pop(key, None)
         self._loss = result.loss
         return result.grads, result.loss
 
     def _backward(self, item: WorkItem, key: str) -> tuple[TensorDict | None, None]:
-        grad = self._fetch(item.input)["grad"]
+        grad = self._fetch(item.input, "grad")
         result = self.backend.backward(key, {"grad": grad})
         self._saved.pop(key, None)
         return result.grads, None
@@ -209,10 +212,10 @@ class Worker:
         self.backend.free(key)
         self._saved.pop(key, None)
 
-    def _abandon(self, item: WorkItem, key: str) -> None:
+    def _abandon(self, item: WorkItem, key: str, why: Abandon) -> None:
         self._forget(key)
         try:
-            self.api.abandon(item.work_id)
+            self.api.abandon(item.work_id, why)
         except ClientError as e:
             log.info("could not give back %s: %s", item.work_id, e)
 
@@ -222,16 +225,28 @@ class Worker:
         for key in [k for k, (t, _) in self._saved.items() if t < horizon]:
             self._forget(key)
 
-    def _fetch(self, ref: BlobRef | None) -> TensorDict:
-        """Download a verified blob into a temp file, decode it, delete the file."""
+    def _fetch(self, ref: BlobRef | None, name: str) -> RawTensor:
+        """The one tensor called name in a work item's input blob.
+
+        Anything but exactly one valid tensor called name is the sender's fault: StageInputError.
+        """
         if ref is None:
-            raise ApiError(422, "work item lacks an input it needs")
+            raise StageInputError(f"work item lacks its {name}")
+        tensors = self._download(ref)
+        if set(tensors) != {name}:
+            raise StageInputError(f"expected exactly {{{name!r}}} in the blob, got {sorted(tensors)[:4]}")
+        return tensors[name]
+
+    def _download(self, ref: BlobRef) -> TensorDict:
+        """Download a verified blob to a temp file, decode it, delete the file (StageInputError: corrupt)."""
         work_dir = self.cache_dir / "work"
         work_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
             path = self.api.download(ref, Path(tmp) / "blob")
-            tensors, _ = decode(path.read_bytes())
-        return tensors
+            try:
+                return decode(path.read_bytes())[0]
+            except TensorFormatError as e:
+                raise StageInputError(f"not a valid tensor container: {e}") from None
 
     # --- heartbeats, merged weights and merge rounds ---------------------------------------------------
 
@@ -264,18 +279,29 @@ class Worker:
         for key in [k for k, (_, sample) in self._saved.items() if sample in dropped]:
             self._forget(key)
         if news.epoch > self.state.epoch:
-            self._show(state=f"loading merged weights (epoch {news.epoch})")
-            weights = self._fetch(news.weights)
-            # The optimizer state stays: the merged weights continue this replica's trajectory.
-            self.backend.load(weights)
-            self.state = replace(self.state, epoch=news.epoch, since_merge=0)
-            self.checkpoint()
+            self._load_merged(news)
         elif news.merge is not None and news.merge.epoch == self.state.epoch:
             self._contribute(news)
         if news.run_state == "finished":
             self.finished = True
         if news.reassign:
             self.reassign = True
+
+    def _load_merged(self, news: HeartbeatReply) -> None:
+        """Take the swarm's newer weights; weights that are corrupt or misfit are refused once, not fatal."""
+        if news.weights.sha256 in self._refused_weights:
+            return
+        self._show(state=f"loading merged weights (epoch {news.epoch})")
+        try:
+            weights = self._download(news.weights)
+            # The optimizer state stays: the merged weights continue this replica's trajectory.
+            self.backend.load(weights)
+        except (StageInputError, IntegrityError) as e:
+            log.warning("refusing the merged weights of epoch %d: %s; training on", news.epoch, e)
+            self._refused_weights.add(news.weights.sha256)
+            return
+        self.state = replace(self.state, epoch=news.epoch, since_merge=0)
+        self.checkpoint()
 
     def _contribute(self, news: HeartbeatReply) -> None:
         merge = news.merge
