@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import pytest
 
+from iota_cli import output
 from iota_cli.core.backend import get_factory
 from iota_cli.core.manifest import tiny_manifest
 from iota_cli.core.protocol import Assignment, AssignmentRequest, RegisterRequest
@@ -17,7 +18,7 @@ from iota_cli.swarm.corpus import write_corpus
 from iota_cli.swarm.orchestrator import OrchestratorProcess
 from iota_cli.train.api import SwarmApi
 from iota_cli.train.checkpoint import CheckpointStore, manifest_fingerprint
-from iota_cli.train.join import restore
+from iota_cli.train.join import JoinError, restore
 
 ADMIN = "admin-for-restore-tests"
 
@@ -77,3 +78,15 @@ def test_checkpoint_wins_until_the_swarm_merges_past_it(setup, tmp_path):
     assert after.step == 7, "local counters continue"
     assert after.epoch == assignment.epoch + 1
     assert synced.weights()[first] != saved[first], "the swarm's weights replace the stale checkpoint's"
+
+
+def test_weights_that_fail_verification_end_the_join_with_a_clear_error(setup, tmp_path):
+    api, assignment = setup
+    lying = assignment.weights.model_copy(update={"sha256": "0" * 64})  # as a damaged blob store would serve
+    broken = assignment.model_copy(update={"weights": lying})
+    with pytest.raises(JoinError, match="weights for stage 1 are unusable") as e:
+        restore(
+            stage(assignment), broken, CheckpointStore(tmp_path / "ck"), api, tmp_path / "cache", "c1", "t"
+        )
+    assert e.value.code == output.EXIT_UNAVAILABLE
+    assert not list((tmp_path / "c").rglob("*.safetensors")), "nothing unverified stays in the cache"

@@ -15,16 +15,17 @@ from pathlib import Path
 
 from iota_cli import output
 from iota_cli.config.settings import Paths
-from iota_cli.core.backend import BackendFactory, StageBackend
+from iota_cli.core.backend import BackendFactory, StageBackend, StageInputError
 from iota_cli.core.manifest import RunManifest
 from iota_cli.core.modelspec import forward_flops_per_token, stage_spec
 from iota_cli.core.protocol import Assignment, AssignmentRequest, RegisterRequest
-from iota_cli.core.tensors import RawTensor, decode
+from iota_cli.core.tensors import RawTensor, TensorFormatError, decode
 from iota_cli.machine.hardware import HardwareReport
 from iota_cli.machine.requirements import Check
 from iota_cli.train.api import SwarmApi
 from iota_cli.train.checkpoint import CheckpointStore, LoopState, manifest_fingerprint
 from iota_cli.train.client import Client
+from iota_cli.train.errors import IntegrityError
 
 log = logging.getLogger("iota.join")
 
@@ -149,9 +150,17 @@ def restore(
     dest = (
         cache_dir / "weights" / assignment.run_id / f"stage-{assignment.stage}-{ref.sha256[:16]}.safetensors"
     )
-    weights, _ = decode(api.download(ref, dest).read_bytes())
     same_stage = ck is not None and ck.state.stage == assignment.stage
-    backend.load(weights, ck.optimizer if ck is not None and same_stage else None)
+    try:
+        weights, _ = decode(api.download(ref, dest).read_bytes())
+        backend.load(weights, ck.optimizer if ck is not None and same_stage else None)
+    except (IntegrityError, TensorFormatError, StageInputError) as e:
+        dest.unlink(missing_ok=True)  # never trusted again from the cache
+        raise JoinError(
+            f"the orchestrator's weights for stage {assignment.stage} are unusable: {e}",
+            code=output.EXIT_UNAVAILABLE,
+            hint="the orchestrator's blob store may be damaged; its operator should look (retry later)",
+        ) from None
     if ck is not None:
         log.info(
             "the swarm merged past checkpoint epoch %d: taking its weights (epoch %d)",
