@@ -93,7 +93,7 @@ def create_app(state: State | None = None) -> FastAPI:
 
             from iota_orchestrator.reaper import Reaper
 
-            state.wake.loop = asyncio.get_running_loop()
+            state.attach(asyncio.get_running_loop())
             reaper = Reaper(state)
             reaper.start()
         try:
@@ -107,7 +107,8 @@ def create_app(state: State | None = None) -> FastAPI:
     app = FastAPI(
         title="iota orchestrator",
         version=__version__,
-        description="Coordinates iota workers training one model (protocol v1; see docs/protocol.md).",
+        description=f"Coordinates iota workers training one model (protocol v{PROTOCOL_VERSION}; "
+        "see docs/protocol.md).",
         lifespan=lifespan,
     )
     app.state.orch = state

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from iota_cli.core.files import fsync_dir
+from iota_cli.core.files import atomic_writer, commit
+from iota_cli.core.protocol import BlobRef, UploadRef
 from iota_orchestrator.errors import BadRequest, Forbidden, TooLarge, Unauthorized
 
 KEY_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
@@ -69,6 +70,13 @@ class BlobStore:
         sig = self._sig("put", key, exp, max_size)
         return f"{URL_PREFIX}{quote(key)}?exp={exp}&max={max_size}&sig={sig}"
 
+    def ref(self, key: str, sha256: str, size: int) -> BlobRef:
+        """What a worker follows to download key: a signed URL and the bytes' sha256 and size."""
+        return BlobRef(url=self.download_url(key), sha256=sha256, size=size)
+
+    def upload_ref(self, key: str, max_size: int) -> UploadRef:
+        return UploadRef(url=self.upload_url(key, max_size), max_size=max_size)
+
     def verify(self, op: str, key: str, exp: str | None, sig: str | None, max_size: str | None = None) -> int:
         """Check a URL's signature and expiry; return its size limit (0 for downloads)."""
         if not sig or not exp:
@@ -89,27 +97,15 @@ class BlobStore:
         return tempfile.mkstemp(dir=self.tmp, suffix=".part")
 
     def commit(self, tmp: str, key: str) -> None:
-        """Move a fully written temp file into place (fsync first when durability is 'full')."""
+        """Move a fully written temp file into place (fsynced only when durability is 'full')."""
         dest = self.path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if self.fsync:
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, dest)
-        if self.fsync:
-            fsync_dir(dest.parent)
+        commit(tmp, dest, durable=self.fsync)
 
     def write(self, key: str, data: bytes) -> Stored:
         """Store bytes the orchestrator made itself (weights, token batches)."""
-        fd, tmp = self.open_temp()
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            self.commit(tmp, key)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        with atomic_writer(self.path(key), durable=self.fsync, tmp_dir=self.tmp) as f:
+            f.write(data)
         return Stored(key, hashlib.sha256(data).hexdigest(), len(data))
 
     def read(self, key: str) -> bytes:

@@ -11,7 +11,10 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, select, update
 
+from iota_cli.core.manifest import RunManifest
+from iota_cli.core.protocol import Heartbeat, HeartbeatReply, RunState
 from iota_orchestrator import db, merge
+from iota_orchestrator.blobs import BlobStore
 from iota_orchestrator.chains import A, W, assignment, drop_chain, requeue
 from iota_orchestrator.errors import Conflict
 from iota_orchestrator.runs import RunCtx
@@ -37,59 +40,53 @@ def touch(conn: Connection, run_id: str, contributor_id: str, now: float) -> Non
     conn.execute(_TOUCH, {"run": run_id, "cid": contributor_id, "now": now})
 
 
-def run_state(conn: Connection, run_id: str) -> str:
+def run_state(conn: Connection, run_id: str) -> RunState:
     return conn.execute(_RUN_STATE, {"run": run_id}).scalar_one()
 
 
 def beat(
-    conn: Connection,
-    ctx: RunCtx,
-    contributor_id: str,
-    stage: int,
-    step: int,
-    epoch: int,
-    tokens_per_s: float,
-    now: float,
-) -> dict[str, Any]:
+    conn: Connection, ctx: RunCtx, blobs: BlobStore, contributor_id: str, hb: Heartbeat, now: float
+) -> HeartbeatReply:
+    """Renew the lease and record the worker's progress; the reply is what it should do next."""
     a = assignment(conn, ctx.run_id, contributor_id)
     if a is None:
         raise Conflict(f"you have no assignment in run {ctx.run_id}; POST /v1/assignment first")
-    if a.stage != stage:
-        raise Conflict(f"you are assigned to stage {a.stage}, not {stage}; POST /v1/assignment again")
-    st = merge.stage_row(conn, ctx.run_id, stage)
-    values: dict[str, Any] = {"steps": step, "epoch": epoch, "tokens_per_s": tokens_per_s}
+    if a.stage != hb.stage:
+        raise Conflict(f"you are assigned to stage {a.stage}, not {hb.stage}; POST /v1/assignment again")
+    st = merge.stage_row(conn, ctx.run_id, hb.stage)
+    values: dict[str, Any] = {"steps": hb.step, "epoch": hb.epoch, "tokens_per_s": hb.tokens_per_s}
     sync_epoch, sync_step = a.sync_epoch, a.sync_step
-    if epoch == st.epoch and sync_epoch != st.epoch:
+    if hb.epoch == st.epoch and sync_epoch != st.epoch:
         # The worker now holds this epoch's weights: count its steps toward the next merge from here.
-        sync_epoch, sync_step = st.epoch, step
+        sync_epoch, sync_step = st.epoch, hb.step
         values.update(sync_epoch=sync_epoch, sync_step=sync_step)
-    if (a.steps, a.epoch, a.tokens_per_s, a.sync_epoch) != (step, epoch, tokens_per_s, sync_epoch):
+    if (a.steps, a.epoch, a.tokens_per_s, a.sync_epoch) != (hb.step, hb.epoch, hb.tokens_per_s, sync_epoch):
         conn.execute(
             update(A).where(A.c.run_id == ctx.run_id, A.c.contributor_id == contributor_id).values(**values)
         )
     touch(conn, ctx.run_id, contributor_id, now)
     state = run_state(conn, ctx.run_id)
-    steps_since = step - sync_step if sync_epoch == st.epoch else None
-    offer = (
-        merge.offer(conn, ctx, st, contributor_id, epoch, steps_since, now) if state == "running" else None
+    steps_since = hb.step - sync_step if sync_epoch == st.epoch else None
+    offer = None
+    if state == "running":
+        offer = merge.offer(conn, ctx, blobs, st, contributor_id, hb.epoch, steps_since, now)
+    return HeartbeatReply(
+        lease_s=ctx.manifest.train.lease_s,
+        epoch=st.epoch,
+        weights=merge.stage_weights(conn, blobs, st),
+        run_state=state,
+        merge=offer,
+        reassign=a.reassign_to is not None,
+        drop=take_drops(conn, ctx.run_id, contributor_id),
     )
-    return {
-        "lease_s": ctx.manifest.train.lease_s,
-        "epoch": st.epoch,
-        "weights_key": st.weights_key,
-        "run_state": state,
-        "merge": offer,
-        "reassign": a.reassign_to is not None,
-        "drop": take_drops(conn, ctx.run_id, contributor_id),
-    }
 
 
 def grant_restart_grace(conn: Connection, now: float) -> None:
     """After a restart, give live workers a full lease and claimed items a full timeout from now."""
     conn.execute(update(A).where(A.c.state == "active", A.c.last_seen < now).values(last_seen=now))
     for run in conn.execute(select(db.runs.c.run_id, db.runs.c.manifest).where(db.runs.c.state == "running")):
-        t = json.loads(run.manifest).get("train", {})
-        timeout, merge_s = float(t.get("work_timeout_s", 60.0)), float(t.get("merge_timeout_s", 60.0))
+        t = RunManifest.from_dict(json.loads(run.manifest)).train
+        timeout, merge_s = t.work_timeout_s, t.merge_timeout_s
         conn.execute(
             update(W)
             .where(W.c.run_id == run.run_id, W.c.state == "claimed", W.c.deadline < now + timeout)

@@ -14,7 +14,9 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 
+from iota_cli.core.protocol import BlobRef, MergeComplete, MergeCompleteReply, MergeRound
 from iota_orchestrator import db, runs, weights
+from iota_orchestrator.blobs import BlobStore
 from iota_orchestrator.errors import BadRequest, Conflict, Forbidden, Invalid
 from iota_orchestrator.runs import RunCtx
 
@@ -35,6 +37,15 @@ _CONTRIBUTED = select(MC.c.contributor_id).where(
 
 def stage_row(conn: Connection, run_id: str, stage: int) -> Any:
     return conn.execute(_STAGE, {"run": run_id, "stage": stage}).first()
+
+
+_BLOB = select(db.blobs.c.sha256, db.blobs.c.size).where(db.blobs.c.key == bindparam("key"))
+
+
+def stage_weights(conn: Connection, blobs: BlobStore, st: Any) -> BlobRef:
+    """The signed download of the weights a stage's row points at (its current epoch)."""
+    b = conn.execute(_BLOB, {"key": st.weights_key}).one()
+    return blobs.ref(st.weights_key, b.sha256, b.size)
 
 
 def contrib_key(run_id: str, stage: int, epoch: int, contributor_id: str) -> str:
@@ -75,12 +86,13 @@ def _contributed(conn: Connection, run_id: str, stage: int, epoch: int) -> set[s
 def offer(
     conn: Connection,
     ctx: RunCtx,
+    blobs: BlobStore,
     st: Any,
     contributor_id: str,
     epoch: int,
     steps_since: int | None,
     now: float,
-) -> dict[str, Any] | None:
+) -> MergeRound | None:
     """The merge round a heartbeating replica should contribute to, opening one when it is due.
 
     st is the stage's row; steps_since counts the replica's optimizer steps since it synced to st.epoch
@@ -95,28 +107,25 @@ def offer(
         rnd = open_round(conn, ctx, st.stage, st.epoch, now)
     if rnd.state != "open" or has_contributed(conn, ctx.run_id, st.stage, st.epoch, contributor_id):
         return None
-    return {
-        "stage": st.stage,
-        "epoch": st.epoch,
-        "key": contrib_key(ctx.run_id, st.stage, st.epoch, contributor_id),
-        "max_size": weights.max_weights_size(ctx.cfg, st.stage),
-        "deadline_s": max(rnd.deadline - now, 0.0),
-    }
+    key = contrib_key(ctx.run_id, st.stage, st.epoch, contributor_id)
+    return MergeRound(
+        stage=st.stage,
+        epoch=st.epoch,
+        upload=blobs.upload_ref(key, weights.max_weights_size(ctx.cfg, st.stage)),
+        deadline_s=round(max(rnd.deadline - now, 0.0), 3),
+    )
 
 
 def contribute(
     conn: Connection,
     ctx: RunCtx,
-    blobs: Any,
+    blobs: BlobStore,
     contributor_id: str,
-    stage: int,
-    epoch: int,
-    sha: str,
-    size: int,
-    weight: float,
+    report: MergeComplete,
     now: float,
-) -> tuple[bool, int]:
-    """Record a replica's uploaded weights for the open round; (accepted, current epoch)."""
+) -> MergeCompleteReply:
+    """Record a replica's uploaded weights for the open round (repeating it is accepted again)."""
+    stage, epoch = report.stage, report.epoch
     a = conn.execute(select(A).where(A.c.run_id == ctx.run_id, A.c.contributor_id == contributor_id)).first()
     if a is None or a.stage != stage:
         raise Forbidden(f"you are not a replica of stage {stage} in this run")
@@ -129,12 +138,12 @@ def contribute(
     if rnd is None or rnd.state != "open":
         raise Conflict(f"no merge round is open for stage {stage} at epoch {epoch}")
     if has_contributed(conn, ctx.run_id, stage, epoch, contributor_id):
-        return True, st.epoch
+        return MergeCompleteReply(accepted=True, epoch=st.epoch)
     key = contrib_key(ctx.run_id, stage, epoch, contributor_id)
     b = conn.execute(select(db.blobs).where(db.blobs.c.key == key)).first()
     if b is None:
         raise BadRequest("upload your weights to the round's upload URL first")
-    if b.sha256 != sha or b.size != size:
+    if b.sha256 != report.sha256 or b.size != report.size:
         raise BadRequest("the uploaded weights do not match the sha256 and size you sent")
     want = {n: ("F32", shape) for n, shape in weights.expected(ctx.cfg, stage).items()}
     problem = weights.check_tensors(blobs.path(key), want)
@@ -148,7 +157,7 @@ def contribute(
             epoch=epoch,
             contributor_id=contributor_id,
             blob_key=key,
-            weight=float(weight),
+            weight=float(report.weight),
             t=now,
         )
     )
@@ -157,7 +166,7 @@ def contribute(
         .where(R.c.run_id == ctx.run_id, R.c.stage == stage, R.c.epoch == epoch)
         .values(contributions=R.c.contributions + 1)
     )
-    return True, st.epoch
+    return MergeCompleteReply(accepted=True, epoch=st.epoch)
 
 
 def due(conn: Connection, ctx: RunCtx, now: float) -> list[tuple[int, int]]:

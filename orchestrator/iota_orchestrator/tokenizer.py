@@ -9,19 +9,16 @@ first of EOS_NAMES it has), else the first id past its vocabulary.
 from __future__ import annotations
 
 import codecs
-import contextlib
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
-from iota_cli.core.files import fsync_dir
+from iota_cli.core.files import atomic_writer
 from iota_orchestrator.data import FileEntry, TokenCache
 from iota_orchestrator.errors import ApiError, Conflict, Invalid
 
@@ -167,7 +164,7 @@ def _batches(paths: list[Path]) -> Iterator[list[tuple[int, str]]]:
 class _Writer:
     """Appends ids to the cache file and its sha256, and indexes the files as each one ends."""
 
-    def __init__(self, f: Any, eos_id: int) -> None:
+    def __init__(self, f: BinaryIO, eos_id: int) -> None:
         self.f, self.h = f, hashlib.sha256()
         self.eos = np.array([eos_id], dtype="<i4")
         self.entries: list[FileEntry] = []
@@ -199,32 +196,21 @@ def encode_files(
     Returns the stream's file index (sizes in tokens) and the cache's sha256; with `expect_sha`, a
     different stream is refused (Conflict) and `dest` is left alone.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            out = _Writer(f, t.eos_id)
-            for batch in _batches(paths):
-                for (i, _), ids in zip(batch, _encode(t.tokenizer, [b[1] for b in batch]), strict=True):
-                    while len(out.entries) < i:
-                        out.end_file(paths[len(out.entries)])
-                    out.write(ids)
-            while len(out.entries) < len(paths):
-                out.end_file(paths[len(out.entries)])
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_writer(dest) as f:
+        out = _Writer(f, t.eos_id)
+        for batch in _batches(paths):
+            for (i, _), ids in zip(batch, _encode(t.tokenizer, [b[1] for b in batch]), strict=True):
+                while len(out.entries) < i:
+                    out.end_file(paths[len(out.entries)])
+                out.write(ids)
+        while len(out.entries) < len(paths):
+            out.end_file(paths[len(out.entries)])
         entries, sha = out.entries, out.h.hexdigest()
         if expect_sha and sha != expect_sha:
             raise Conflict(
                 f"re-encoding the corpus with {t.path} gave a different token stream than when the run was "
                 "created (the data files changed); restore them or the cache, or create a new run"
             )
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(dest.parent)
     return entries, sha
 
 

@@ -9,7 +9,6 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from sqlalchemy import bindparam, insert, select, update
 
@@ -33,7 +32,7 @@ router = APIRouter(
     },
 )
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-SMALL = 1 << 20  # blobs up to this size are answered from one read, without a worker thread
+SMALL = 1 << 20  # blobs up to this size are answered from one read, not streamed by FileResponse
 Exp = Annotated[str | None, Query(max_length=20)]
 Sig = Annotated[str | None, Query(max_length=128)]
 
@@ -65,10 +64,7 @@ async def put_blob(
         async for chunk in request.stream():
             if chunk:
                 sink.write(chunk)
-        if sink.size <= SMALL and not state.blobs.fsync:
-            status = _store(state, sink, key, sha256)  # a rename: not worth a trip to a worker thread
-        else:
-            status = await run_in_threadpool(_store, state, sink, key, sha256)
+        status = await state.with_db(_store, state, sink, key, sha256)
     finally:
         sink.discard()
     return _stored(status, key, sha256, sink.size)
@@ -107,12 +103,6 @@ _LOOKUP = select(db.blobs.c.sha256, db.blobs.c.size, db.blobs.c.sealed).where(
 )
 
 
-def _lookup(state: State, key: str) -> tuple[str, int, bool] | None:
-    with state.tx() as conn:
-        row = conn.execute(_LOOKUP, {"key": key}).first()
-    return (row.sha256, row.size, bool(row.sealed)) if row else None
-
-
 @router.get(
     "/{key:path}",
     responses={
@@ -125,7 +115,14 @@ async def get_blob(key: str, request: Request, state: StateDep, exp: Exp = None,
     """The blob's bytes, with its sha256 as ETag; `Range: bytes=N-` resumes a download (206)."""
     check_key(key)
     state.blobs.verify("get", key, exp, sig)
-    found = _lookup(state, key)
+    whole = "range" not in request.headers and request.method == "GET"
+    return await state.with_db(_serve, state, key, whole)
+
+
+def _serve(state: State, key: str, whole: bool) -> Response:
+    """Look the blob up and answer it (small ones from one read, in the same with_db)."""
+    with state.tx() as conn:
+        found = conn.execute(_LOOKUP, {"key": key}).first()
     path = state.blobs.path(key)
     try:
         st = os.stat(path)
@@ -133,9 +130,9 @@ async def get_blob(key: str, request: Request, state: StateDep, exp: Exp = None,
         st = None
     if found is None or st is None:
         raise NotFound(f"no blob {key}")
-    sha = found[0]
+    sha = found.sha256
     headers = {"ETag": f'"{sha}"', SHA256_HEADER: sha, "Cache-Control": "private, max-age=3600"}
-    if st.st_size <= SMALL and "range" not in request.headers and request.method == "GET":
+    if st.st_size <= SMALL and whole:
         # Activations and token batches are small: one read beats FileResponse's trips to a worker thread.
         with open(path, "rb") as f:
             body = f.read()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 
 from fastapi import APIRouter
-from sqlalchemy import insert, select
+from sqlalchemy import Connection, insert, select
 
 from iota_cli.core.protocol import ContributorInfo, Credits, Ok, Problem, RegisterReply, RegisterRequest
 from iota_orchestrator import auth, db, lease, ledger, runs
@@ -23,26 +23,25 @@ async def register(body: RegisterRequest, state: StateDep) -> RegisterReply:
     """Register a device; the token is returned only here and stored hashed."""
     cid = "c-" + secrets.token_hex(6)
     token = auth.new_token("iota")
-    with state.tx() as conn:
-        conn.execute(
-            insert(db.contributors).values(
-                contributor_id=cid,
-                name=body.name or cid,
-                token_hash=auth.hash_token(token),
-                backend=body.backend,
-                memory_bytes=body.memory_bytes,
-                throughput=body.throughput,
-                created=now(),
-                credits=0.0,
-            )
-        )
+    row = insert(db.contributors).values(
+        contributor_id=cid,
+        name=body.name or cid,
+        token_hash=auth.hash_token(token),
+        backend=body.backend,
+        memory_bytes=body.memory_bytes,
+        throughput=body.throughput,
+        created=now(),
+        credits=0.0,
+    )
+    await state.in_tx(lambda conn: conn.execute(row))
     return RegisterReply(contributor_id=cid, token=token)
 
 
 @router.get("/contributors/me", response_model=ContributorInfo)
 async def me(cid: Contributor, state: StateDep) -> ContributorInfo:
     A = db.assignments
-    with state.tx() as conn:
+
+    def look(conn: Connection) -> ContributorInfo:
         c = conn.execute(select(db.contributors).where(db.contributors.c.contributor_id == cid)).one()
         a = conn.execute(
             select(A)
@@ -51,30 +50,37 @@ async def me(cid: Contributor, state: StateDep) -> ContributorInfo:
             .order_by(A.c.assigned.desc())
             .limit(1)
         ).first()
-        reply = assignment_reply(conn, state, runs.context(conn, a.run_id), a) if a else None
-    return ContributorInfo(contributor_id=cid, name=c.name, assignment=reply, credits=round(c.credits, 6))
+        reply = assignment_reply(conn, state.blobs, runs.context(conn, a.run_id), a) if a else None
+        return ContributorInfo(contributor_id=cid, name=c.name, assignment=reply, credits=round(c.credits, 6))
+
+    return await state.in_tx(look)
 
 
 @router.post("/contributors/me/leave", response_model=Ok)
 async def leave(cid: Contributor, state: StateDep) -> Ok:
     """The worker is shutting down: re-issue its forward work now, keep its (sticky) assignment."""
     A = db.assignments
-    keys: set[str] = set()
-    with state.tx() as conn:
+
+    def release(conn: Connection) -> set[str]:
+        keys: set[str] = set()
         for (run_id,) in conn.execute(
             select(A.c.run_id).where(A.c.contributor_id == cid, A.c.state == "active")
         ).all():
             keys |= lease.release(conn, runs.context(conn, run_id), cid, now(), "left")
-    state.wake.notify(keys)
+        return keys
+
+    state.wake.notify(await state.in_tx(release))
     return Ok()
 
 
 @router.get("/contributors/{contributor_id}/credits", response_model=Credits)
 async def credits(contributor_id: str, state: StateDep) -> dict:
-    with state.tx() as conn:
+    def totals(conn: Connection) -> dict:
         row = conn.execute(
             select(db.contributors.c.contributor_id).where(db.contributors.c.contributor_id == contributor_id)
         ).first()
         if row is None:
             raise NotFound(f"no contributor {contributor_id[:64]!r}")
         return ledger.totals(conn, contributor_id)
+
+    return await state.in_tx(totals)

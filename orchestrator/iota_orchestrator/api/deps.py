@@ -1,7 +1,10 @@
 """Request dependencies: the orchestrator state, and who is asking (contributor or admin).
 
-Endpoints are coroutines that call the (short, lock-serialised) database code directly: SQLite has one
-writer anyway, and skipping the hop to a worker thread and back halves the latency of small requests.
+Endpoints are coroutines that do a request's database work in one `await state.with_db(fn, ...)` or
+`await state.in_tx(fn)`, which never lets the event loop wait for the transaction lock (state.py says
+where the work runs and why). Not sync `def` endpoints: FastAPI would then also validate each reply
+in its thread pool, two hops a request. Long-polling claims wait on the loop (an asyncio.Event),
+costing no thread while they wait.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 
 from iota_orchestrator import auth, db
 from iota_orchestrator.errors import ApiError, Forbidden, Unauthorized
@@ -46,14 +49,13 @@ async def contributor(state: StateDep, creds: Creds) -> str:
     cid = state.token_cache.get(digest)
     if cid is None:
 
-        def lookup() -> str | None:
-            with state.tx() as conn:
-                row = conn.execute(
-                    select(db.contributors.c.contributor_id).where(db.contributors.c.token_hash == digest)
-                ).first()
+        def lookup(conn: Connection) -> str | None:
+            row = conn.execute(
+                select(db.contributors.c.contributor_id).where(db.contributors.c.token_hash == digest)
+            ).first()
             return row[0] if row else None
 
-        cid = lookup()
+        cid = await state.in_tx(lookup)
         if cid is None:
             raise Unauthorized("unknown token; register with POST /v1/contributors", CHALLENGE)
         state.token_cache[digest] = cid
@@ -65,15 +67,14 @@ async def admin(state: StateDep, creds: Creds) -> None:
     token = _token(creds)
     digest = auth.hash_token(token)
 
-    def check() -> str | None:
-        with state.tx() as conn:
-            if auth.is_admin(conn, token):
-                return "admin"
-            C = db.contributors
-            known = conn.execute(select(C.c.contributor_id).where(C.c.token_hash == digest)).first()
-            return "contributor" if known else None
+    def check(conn: Connection) -> str | None:
+        if auth.is_admin(conn, token):
+            return "admin"
+        C = db.contributors
+        known = conn.execute(select(C.c.contributor_id).where(C.c.token_hash == digest)).first()
+        return "contributor" if known else None
 
-    who = check()
+    who = await state.in_tx(check)
     if who == "contributor":
         raise Forbidden("this route needs the admin token")
     if who is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import update
+from sqlalchemy import Connection, update
 
 from iota_cli.core.protocol import Health, Problem, RunCreate, RunCreated, RunInfo, RunStatus
 from iota_orchestrator import __version__, db, runs, status
@@ -29,31 +29,24 @@ async def health() -> Health:
 async def create_run(body: RunCreate, state: StateDep) -> RunCreated:
     """Create a run: index (or, with a tokenizer.json, encode) its data, write epoch-0 weights."""
     m = runs.parse_manifest(body.manifest, state.config.max_params)
+    # Outside the lock: indexing or encoding the corpus and making the weights can take a while.
     prepared = await run_in_threadpool(runs.prepare, state.blobs, m, state.config.data_dir)
-
-    def record() -> str:
-        with state.tx() as conn:
-            return runs.record(conn, prepared, now())
-
-    return RunCreated(run_id=await run_in_threadpool(record))
+    return RunCreated(run_id=await state.in_tx(lambda conn: runs.record(conn, prepared, now())))
 
 
 @router.get("/runs", response_model=list[RunInfo], tags=["runs"])
 async def list_runs(state: StateDep) -> list[dict]:
-    with state.tx() as conn:
-        return runs.list_runs(conn)
+    return await state.in_tx(runs.list_runs)
 
 
 @router.get("/runs/{run_id}", response_model=RunInfo, tags=["runs"])
 async def get_run(run_id: str, state: StateDep) -> dict:
-    with state.tx() as conn:
-        return runs.info(runs.get_run(conn, run_id))
+    return await state.in_tx(lambda conn: runs.info(runs.get_run(conn, run_id)))
 
 
 @router.get("/runs/{run_id}/status", response_model=RunStatus, tags=["runs"])
 async def run_status(run_id: str, state: StateDep) -> dict:
-    with state.tx() as conn:
-        return status.run_status(conn, runs.context(conn, run_id))
+    return await state.in_tx(lambda conn: status.run_status(conn, runs.context(conn, run_id)))
 
 
 @router.post(
@@ -65,9 +58,12 @@ async def run_status(run_id: str, state: StateDep) -> dict:
 )
 async def stop_run(run_id: str, state: StateDep) -> dict:
     """Issue no new samples; the run finishes once the pipeline drains."""
-    with state.tx() as conn:
+
+    def stop(conn: Connection) -> dict:
         runs.get_run(conn, run_id)
         conn.execute(update(db.runs).where(db.runs.c.run_id == run_id).values(stop_requested=True))
-        row = runs.get_run(conn, run_id)
+        return runs.info(runs.get_run(conn, run_id))
+
+    info = await state.in_tx(stop)
     state.poke.set()
-    return runs.info(row)
+    return info

@@ -7,6 +7,7 @@ import contextlib
 import time
 
 from fastapi import APIRouter, Response
+from sqlalchemy import Connection
 
 from iota_cli.core.protocol import (
     RUN_STATE_HEADER,
@@ -17,7 +18,6 @@ from iota_cli.core.protocol import (
     HeartbeatReply,
     MergeComplete,
     MergeCompleteReply,
-    MergeRound,
     Ok,
     Problem,
     WorkComplete,
@@ -26,7 +26,7 @@ from iota_cli.core.protocol import (
 )
 from iota_orchestrator import assignment, chains, db, lease, ledger, merge, runs, scheduler
 from iota_orchestrator.api.deps import Contributor, StateDep, now
-from iota_orchestrator.api.urls import assignment_reply, upload_ref, weights_ref, work_item
+from iota_orchestrator.api.urls import assignment_reply, work_item
 from iota_orchestrator.errors import Conflict
 from iota_orchestrator.state import State
 
@@ -48,6 +48,10 @@ TOUCH_EVERY_S = 1.0
 @router.post("/assignment", response_model=Assignment)
 async def assign(body: AssignmentRequest, cid: Contributor, state: StateDep) -> Assignment:
     """The stage this worker trains: sticky across reconnects, balanced by throughput, fitting memory."""
+    return await state.with_db(_assign, state, cid, body)
+
+
+def _assign(state: State, cid: str, body: AssignmentRequest) -> Assignment:
     with state.tx() as conn:
         run_id = body.run_id or runs.newest_running(conn)
         run = runs.get_run(conn, run_id)
@@ -61,7 +65,7 @@ async def assign(body: AssignmentRequest, cid: Contributor, state: StateDep) -> 
             .values(backend=body.backend, memory_bytes=body.memory_bytes, throughput=body.throughput)
         )
         a, keys = assignment.assign(conn, ctx, cid, body.memory_bytes, now(), body.stage)
-        reply = assignment_reply(conn, state, ctx, a)
+        reply = assignment_reply(conn, state.blobs, ctx, a)
     state.wake.notify(keys)
     return reply
 
@@ -69,28 +73,11 @@ async def assign(body: AssignmentRequest, cid: Contributor, state: StateDep) -> 
 @router.post("/heartbeat", response_model=HeartbeatReply)
 async def heartbeat(body: Heartbeat, cid: Contributor, state: StateDep) -> HeartbeatReply:
     """Renew the lease; learn the stage's weights epoch, merge rounds, moves and dropped samples."""
-    with state.tx() as conn:
-        ctx = runs.context(conn, body.run_id)
-        r = lease.beat(conn, ctx, cid, body.stage, body.step, body.epoch, body.tokens_per_s, now())
-        weights = weights_ref(conn, state, r["weights_key"])
-    m = r["merge"]
-    offer = None
-    if m is not None:
-        offer = MergeRound(
-            stage=m["stage"],
-            epoch=m["epoch"],
-            upload=upload_ref(state, m["key"], m["max_size"]),
-            deadline_s=round(m["deadline_s"], 3),
-        )
-    return HeartbeatReply(
-        lease_s=r["lease_s"],
-        epoch=r["epoch"],
-        weights=weights,
-        run_state=r["run_state"],
-        merge=offer,
-        reassign=r["reassign"],
-        drop=r["drop"],
-    )
+
+    def beat(conn: Connection) -> HeartbeatReply:
+        return lease.beat(conn, runs.context(conn, body.run_id), state.blobs, cid, body, now())
+
+    return await state.in_tx(beat)
 
 
 def _try_claim(
@@ -110,7 +97,7 @@ def _try_claim(
     if c is None:
         return None, keys, run.state
     _ensure_tokens(state, ctx, c)
-    return work_item(state, ctx, c), keys, run.state
+    return work_item(state.blobs, ctx, c), keys, run.state
 
 
 def _ensure_tokens(state: State, ctx: runs.RunCtx, c: scheduler.Claimed) -> None:
@@ -130,16 +117,17 @@ def _ensure_tokens(state: State, ctx: runs.RunCtx, c: scheduler.Claimed) -> None
 async def claim(body: ClaimRequest, cid: Contributor, state: StateDep) -> WorkItem | Response:
     """The next work item: routed backward work first, then forward work; 204 when there is none."""
     deadline = time.monotonic() + body.wait_s
-    item, keys, run_state = _try_claim(state, cid, body.run_id, body.claim_id)
+    item, keys, run_state = await state.with_db(_try_claim, state, cid, body.run_id, body.claim_id)
     while item is None and run_state == "running" and (left := deadline - time.monotonic()) > 0:
-        ev = state.wake.register(keys)
+        # Register before looking again, so work that comes while we look still wakes us.
+        watched, ev = keys, state.wake.register(keys)
         try:
-            item, keys, run_state = _try_claim(state, cid, body.run_id, body.claim_id)
+            item, keys, run_state = await state.with_db(_try_claim, state, cid, body.run_id, body.claim_id)
             if item is None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ev.wait(), timeout=left)
         finally:
-            state.wake.unregister(keys, ev)
+            state.wake.unregister(watched, ev)
     if item is None:
         return Response(status_code=204, headers={"Retry-After": RETRY_S, RUN_STATE_HEADER: run_state})
     return item
@@ -148,6 +136,10 @@ async def claim(body: ClaimRequest, cid: Contributor, state: StateDep) -> WorkIt
 @router.post("/work/{work_id}/complete", response_model=WorkCompleteReply)
 async def complete(work_id: str, body: WorkComplete, cid: Contributor, state: StateDep) -> WorkCompleteReply:
     """Report a finished item whose result is uploaded; credits it once, however often it is repeated."""
+    return await state.with_db(_complete, state, work_id, cid, body)
+
+
+def _complete(state: State, work_id: str, cid: str, body: WorkComplete) -> WorkCompleteReply:
     with state.tx() as conn:
         row = scheduler.load_item(conn, work_id, cid)
         ctx = runs.context(conn, row.run_id)
@@ -162,20 +154,22 @@ async def complete(work_id: str, body: WorkComplete, cid: Contributor, state: St
 @router.post("/work/{work_id}/abandon", response_model=Ok)
 async def abandon(work_id: str, cid: Contributor, state: StateDep) -> Ok:
     """Give an item back: forward work is re-queued for another worker, backward work is dropped."""
-    with state.tx() as conn:
+
+    def give_back(conn: Connection) -> set[str]:
         row = scheduler.load_item(conn, work_id, cid)
-        keys = scheduler.abandon(conn, runs.context(conn, row.run_id), row, now())
-    state.wake.notify(keys)
+        return scheduler.abandon(conn, runs.context(conn, row.run_id), row, now())
+
+    state.wake.notify(await state.in_tx(give_back))
     return Ok()
 
 
 @router.post("/merge/complete", response_model=MergeCompleteReply)
 async def merge_complete(body: MergeComplete, cid: Contributor, state: StateDep) -> MergeCompleteReply:
     """Report weights uploaded for the stage's open merge round (409 if the epoch moved on)."""
-    with state.tx() as conn:
-        ctx = runs.context(conn, body.run_id)
-        accepted, epoch = merge.contribute(
-            conn, ctx, state.blobs, cid, body.stage, body.epoch, body.sha256, body.size, body.weight, now()
-        )
+
+    def contribute(conn: Connection) -> MergeCompleteReply:
+        return merge.contribute(conn, runs.context(conn, body.run_id), state.blobs, cid, body, now())
+
+    reply = await state.in_tx(contribute)
     state.poke.set()
-    return MergeCompleteReply(accepted=accepted, epoch=epoch)
+    return reply

@@ -1,0 +1,50 @@
+"""Wakeups: a long-polling claim sleeps on the event loop until work may be there for it.
+
+Whoever makes work (a completed item, a requeue, a reaper tick) calls `notify(keys)`, from any thread;
+a claim registers for its keys, looks for work once more (so nothing made meanwhile is missed) and
+awaits the event. The waiter sets are only ever touched on the loop (notify hands the firing over
+with call_soon_threadsafe), so they need no lock.
+
+    wake = Wakeups(); wake.loop = asyncio.get_running_loop()
+    ev = wake.register(keys); ...look for work...; await ev.wait(); wake.unregister(keys, ev)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterable
+
+
+class Wakeups:
+    """Events for claims waiting on keys: register/unregister on the loop, notify from any thread."""
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+
+    def register(self, keys: Iterable[str]) -> asyncio.Event:
+        ev = asyncio.Event()
+        for k in keys:
+            self.waiters[k].add(ev)
+        return ev
+
+    def unregister(self, keys: Iterable[str], ev: asyncio.Event) -> None:
+        for k in keys:
+            s = self.waiters.get(k)
+            if s is not None:
+                s.discard(ev)
+                if not s:
+                    del self.waiters[k]
+
+    def notify(self, keys: Iterable[str]) -> None:
+        keys = list(keys)
+        if keys and self.loop is not None and not self.loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is waiting
+                self.loop.call_soon_threadsafe(self._fire, keys)
+
+    def _fire(self, keys: list[str]) -> None:
+        for k in keys:
+            for ev in self.waiters.pop(k, ()):
+                ev.set()
