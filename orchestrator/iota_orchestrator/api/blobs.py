@@ -9,6 +9,7 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from sqlalchemy import bindparam, insert, select, update
 
@@ -64,7 +65,10 @@ async def put_blob(
         async for chunk in request.stream():
             if chunk:
                 sink.write(chunk)
-        status = await state.with_db(_store, state, sink, key, sha256)
+        if sink.size <= SMALL and not state.blobs.fsync:
+            status = await state.with_db(_store, state, sink, key, sha256)  # a rename: stay on the loop
+        else:  # a large file's move or an fsync: a worker thread waits for it, not the loop
+            status = await run_in_threadpool(_store, state, sink, key, sha256)
     finally:
         sink.discard()
     return _stored(status, key, sha256, sink.size)
