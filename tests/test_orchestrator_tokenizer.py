@@ -123,7 +123,7 @@ def test_a_v1_database_gains_the_tokenizer_table(tmp_path):
         tables = [t for t in db.metadata.sorted_tables if t.name != "run_tokenizers"]
         db.metadata.create_all(conn, tables=tables)
         db.set_meta(conn, "schema_version", "1")
-    assert db.migrate(engine) == 2 and "run_tokenizers" in inspect(engine).get_table_names()
+    assert db.migrate(engine) == db.SCHEMA_VERSION and "run_tokenizers" in inspect(engine).get_table_names()
     engine.dispose()
 
 

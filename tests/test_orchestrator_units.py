@@ -3,12 +3,13 @@ migrations, credits, and the import boundary between the core and the orchestrat
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from iota_orchestrator import data, db, ledger, runs, weights
+from iota_orchestrator import data, db, integrity, ledger, runs, weights
 from iota_orchestrator.blobs import BlobStore, check_key
 from iota_orchestrator.errors import ApiError, BadRequest, Forbidden, TooLarge, Unauthorized
 from sqlalchemy import inspect, text
@@ -94,14 +95,23 @@ def test_average_is_weighted_and_skips_bad_contributions():
     assert weights.average([(nan, 1.0)], shapes) is None
 
 
-def test_check_tensors_names_the_problem(tmp_path):
+def test_uploads_are_checked_by_name_shape_dtype_and_value(tmp_path):
     p = tmp_path / "t.safetensors"
     p.write_bytes(encode({"grad": RawTensor("BF16", (2, 4, 3), bytes(48))}))
-    assert weights.check_tensors(p, {"grad": ("BF16", (2, 4, 3))}) is None
-    assert "expected F32" in weights.check_tensors(p, {"grad": ("F32", (2, 4, 3))})
-    assert "expected" in weights.check_tensors(p, {"activations": ("BF16", (2, 4, 3))})
+
+    def problem(want):
+        return integrity.check_file(p, want).problem
+
+    assert problem({"grad": ("BF16", (2, 4, 3))}) is None
+    assert integrity.check_file(p, {}).sha256 == hashlib.sha256(p.read_bytes()).hexdigest()
+    assert "expected F32" in problem({"grad": ("F32", (2, 4, 3))})
+    assert "expected" in problem({"activations": ("BF16", (2, 4, 3))})
+    nan = bytes(46) + b"\xc0\x7f"  # a bf16 NaN, little-endian
+    p.write_bytes(encode({"grad": RawTensor("BF16", (2, 4, 3), nan)}))
+    assert "NaN or infinite" in problem({"grad": ("BF16", (2, 4, 3))})
+    assert "NaN or infinite" in integrity.problem_in(p.read_bytes(), {"grad": ("BF16", (2, 4, 3))})
     p.write_bytes(p.read_bytes()[:-1])
-    assert "not a valid" in weights.check_tensors(p, {"grad": ("BF16", (2, 4, 3))})
+    assert "not a valid" in problem({"grad": ("BF16", (2, 4, 3))})
 
 
 @pytest.mark.parametrize(

@@ -213,7 +213,11 @@ def test_a_bad_input_is_given_back_and_the_loop_goes_on(orch, tmp_path, caplog, 
             assert r.thread.is_alive()
             if bad == "sha256 mismatch":
                 assert r.stage.forwards == [], "corrupt bytes never reach the stage"
-                uploaded(orch, item).write_bytes(good)
+                # The orchestrator's own copy fails its sha256 too: it is quarantined (never served
+                # again) and the sample dropped, since activations cannot be made again.
+                until(lambda: r.api.run_status(run_id).samples_dropped == 1, what="the sample's drop")
+                assert not uploaded(orch, item).exists() and r.thread.is_alive()
+                return
             until(lambda: r.worker.state.credits_seen > 0, what="the item to be done after all")
             assert len(r.stage.forwards) == 1
             # Given back, not left to time out: the orchestrator re-issued it within the 30 s deadline.

@@ -55,6 +55,13 @@ class TrainConfig:
     max_inflight_per_head: int = Field(
         default=4, ge=1, description="samples a head worker may have in the pipeline at once"
     )
+    max_claims_per_worker: int = Field(
+        default=2,
+        ge=1,
+        le=1024,
+        description="work items one contributor may hold claimed at once, on any stage (1 while its "
+        "claims lapse past their deadline more often than it completes them)",
+    )
 
     def __post_init__(self) -> None:
         if self.batch_size * (self.seq_len + 1) > 1 << 24:

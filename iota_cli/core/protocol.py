@@ -90,6 +90,7 @@ class WorkerStatus(Model):
     tokens_per_s: float
     throughput: float
     credits: float
+    faults: dict[str, int] = {}  # what the orchestrator counted against it: rejected, bad_output, expired
 
 
 class StageStatus(Model):
@@ -102,6 +103,7 @@ class StageStatus(Model):
     optimizer_steps: int  # sum over the stage's replicas, as they report in heartbeats
     forward_done: int
     backward_done: int
+    weights_ok: bool = True  # false: the current weights were damaged on disk and could not be rebuilt
 
 
 class CreditLine(Model):

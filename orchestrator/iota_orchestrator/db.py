@@ -25,12 +25,16 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    false,
     insert,
+    inspect,
     select,
+    text,
 )
 from sqlalchemy.pool import StaticPool
+from sqlalchemy.schema import CreateColumn, CreateIndex
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 metadata = MetaData()
 
 
@@ -121,6 +125,9 @@ assignments = Table(
     Column("tokens_per_s", Float, nullable=False, default=0.0),
     Column("reassign_to", Integer),
     Column("credits", Float, nullable=False, default=0.0),
+    # Claims that lapsed past their deadline, less completions since (never below 0): while above 0 the
+    # worker may hold only one claim at a time (v3).
+    Column("lapses", Integer, nullable=False, default=0, server_default="0"),
     Index("ix_assign_run_state", "run_id", "state", "last_seen"),
 )
 
@@ -163,12 +170,15 @@ work = Table(
     Column("completed", Float),
     Column("credits", Float),
     Column("notify_drop", Boolean, nullable=False, default=False),
+    Column("reason", String(16)),  # why an item came back unfinished: a give-back reason, expired, left (v3)
+    _id("avoid"),  # a re-issued item goes to others first: who gave it back or let it lapse (v3)
     Index("ix_work_queue", "run_id", "stage", "state", "kind"),
     Index("ix_work_route", "route", "state"),
     Index("ix_work_deadline", "state", "deadline"),
     Index("ix_work_sample", "run_id", "sample_id"),
     Index("ix_work_notify", "worker", "notify_drop"),
     Index("ix_work_claim_id", "worker", "claim_id"),
+    Index("ix_work_held", "worker", "state"),  # claims a worker holds (v3)
 )
 
 ledger = Table(
@@ -232,12 +242,49 @@ blobs = Table(
     # Sealed once accepted (a completed result, a recorded merge contribution, or made here): a sealed
     # blob never changes; an unsealed upload may be replaced by a corrected one.
     Column("sealed", Boolean, nullable=False, default=False),
+    # Its bytes on disk no longer hash to sha256: never served again (410), the file is gone (v3).
+    Column("quarantined", Boolean, nullable=False, default=False, server_default=false()),
+)
+
+# What each contributor did wrong in a run, by kind (rejected, bad_output, expired), for operators and for
+# the validation and credit work that follows (v3).
+faults = Table(
+    "faults",
+    metadata,
+    _id("run_id", primary_key=True),
+    _id("contributor_id", primary_key=True),
+    Column("kind", String(16), primary_key=True),
+    Column("count", Integer, nullable=False, default=0),
+    Column("last", Float, nullable=False),
+    Column("detail", Text),  # the latest one's
 )
 
 Migration = Callable[[Connection], None]
+
+
 # (version, what it does, how). Append only; never edit a released one.
+def _add_columns(conn: Connection, table: Table, names: Sequence[str]) -> None:
+    """ALTER TABLE ADD COLUMN for each named column of `table` it lacks (rendered by the dialect)."""
+    have = {c["name"] for c in inspect(conn).get_columns(table.name)}
+    for name in names:
+        if name not in have:
+            column = CreateColumn(table.c[name]).compile(dialect=conn.dialect)
+            conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column}"))
+
+
+def _v3(conn: Connection) -> None:
+    _add_columns(conn, assignments, ["lapses"])
+    _add_columns(conn, work, ["reason", "avoid"])
+    _add_columns(conn, blobs, ["quarantined"])
+    if "ix_work_held" not in {i["name"] for i in inspect(conn).get_indexes("work")}:
+        held = next(i for i in work.indexes if i.name == "ix_work_held")
+        conn.execute(CreateIndex(held))
+    faults.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (2, "run_tokenizers table", lambda conn: run_tokenizers.create(conn, checkfirst=True)),
+    (3, "fault records, claim lapses, item give-back reasons, blob quarantine", _v3),
 ]
 
 

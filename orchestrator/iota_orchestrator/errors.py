@@ -38,3 +38,7 @@ class TooLarge(ApiError):
 
 class Invalid(ApiError):
     status = 422
+
+
+class Gone(ApiError):
+    status = 410

@@ -13,9 +13,9 @@ from sqlalchemy import Connection, bindparam, select, update
 
 from iota_cli.core.manifest import RunManifest
 from iota_cli.core.protocol import Heartbeat, HeartbeatReply, RunState
-from iota_orchestrator import db, merge
+from iota_orchestrator import db, faults, merge
 from iota_orchestrator.blobs import BlobStore
-from iota_orchestrator.chains import A, W, assignment, drop_chain, requeue
+from iota_orchestrator.chains import A, W, assignment, drop_chain, give_back, work_id
 from iota_orchestrator.errors import Conflict
 from iota_orchestrator.runs import RunCtx
 
@@ -111,7 +111,7 @@ def release(conn: Connection, ctx: RunCtx, contributor_id: str, now: float, new_
             W.c.kind == "forward",
         )
     ).all():
-        keys |= requeue(conn, ctx, row, now)
+        keys |= give_back(conn, ctx, row, "left", now)
     for row in conn.execute(
         select(W.c.sample_id).where(
             W.c.run_id == ctx.run_id, W.c.route == contributor_id, W.c.state.in_(("queued", "claimed"))
@@ -127,7 +127,8 @@ def release(conn: Connection, ctx: RunCtx, contributor_id: str, now: float, new_
 
 
 def expire(conn: Connection, ctx: RunCtx, now: float) -> set[str]:
-    """Drop workers silent past their lease; re-issue (forward) or drop (backward) items past deadline."""
+    """Drop workers silent past their lease; give back items past their deadline (a lapse of their
+    worker's: see faults.py), to be re-issued (forward) or dropped (backward)."""
     keys: set[str] = set()
     lease = ctx.manifest.train.lease_s
     silent = conn.execute(
@@ -141,11 +142,8 @@ def expire(conn: Connection, ctx: RunCtx, now: float) -> set[str]:
         select(W).where(W.c.state == "claimed", W.c.deadline < now, W.c.run_id == ctx.run_id)
     ).all()
     for row in late:
-        keys |= (
-            requeue(conn, ctx, row, now)
-            if row.kind == "forward"
-            else drop_chain(conn, ctx, row.sample_id, now)
-        )
+        faults.lapse(conn, ctx.run_id, row.worker, f"{work_id(row.id)} passed its deadline", now)
+        keys |= give_back(conn, ctx, row, "expired", now)
     return keys
 
 

@@ -4,20 +4,26 @@ A round for (stage, epoch E) opens when a replica at E has stepped merge_interva
 Every live replica at E is then offered the round in its heartbeat, uploads its weights and reports them.
 The round closes when all have contributed or merge_timeout_s passes; the orchestrator averages the
 contributions (weighted by backward passes) with numpy and publishes them as epoch E+1. A contribution
-for an old epoch gets 409 and the worker just syncs; nobody is dropped for a phase race.
+for an old epoch gets 409 and the worker just syncs; nobody is dropped for a phase race. A contribution
+is read through before it is recorded (integrity.check_file): a bad one gets 422 and a fault. Weights
+damaged on disk are rebuilt from an earlier epoch or the init (rebuild), else failed until a merge.
 (Butterfly all-reduce, where workers average partitions among themselves, is future work.)
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 
 from iota_cli.core.protocol import BlobRef, MergeComplete, MergeCompleteReply, MergeRound
-from iota_orchestrator import db, runs, weights
+from iota_orchestrator import db, integrity, runs, weights
 from iota_orchestrator.blobs import BlobStore
-from iota_orchestrator.errors import BadRequest, Conflict, Forbidden, Invalid
+from iota_orchestrator.errors import BadRequest, Conflict, Forbidden
+from iota_orchestrator.faults import Rejected
+from iota_orchestrator.integrity import Checked
 from iota_orchestrator.runs import RunCtx
 
 R, MC, A, ST = db.merge_rounds, db.merge_contribs, db.assignments, db.stages
@@ -116,15 +122,26 @@ def offer(
     )
 
 
+def contribution_want(ctx: RunCtx, stage: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """What a contribution to a stage's round must hold: its parameters, F32."""
+    if not 0 <= stage < ctx.n_stages:
+        return {}
+    return {n: ("F32", shape) for n, shape in weights.expected(ctx.cfg, stage).items()}
+
+
 def contribute(
     conn: Connection,
     ctx: RunCtx,
     blobs: BlobStore,
     contributor_id: str,
     report: MergeComplete,
+    checked: Checked,
     now: float,
 ) -> MergeCompleteReply:
-    """Record a replica's uploaded weights for the open round (repeating it is accepted again)."""
+    """Record a replica's uploaded weights for the open round (repeating it is accepted again).
+
+    checked is the upload as integrity.check_file read it, outside the lock (weights can be large).
+    """
     stage, epoch = report.stage, report.epoch
     a = conn.execute(select(A).where(A.c.run_id == ctx.run_id, A.c.contributor_id == contributor_id)).first()
     if a is None or a.stage != stage:
@@ -145,10 +162,10 @@ def contribute(
         raise BadRequest("upload your weights to the round's upload URL first")
     if b.sha256 != report.sha256 or b.size != report.size:
         raise BadRequest("the uploaded weights do not match the sha256 and size you sent")
-    want = {n: ("F32", shape) for n, shape in weights.expected(ctx.cfg, stage).items()}
-    problem = weights.check_tensors(blobs.path(key), want)
-    if problem:
-        raise Invalid(f"weights rejected: {problem}")
+    if checked.sha256 != b.sha256:  # replaced while it was being read: read the new one
+        raise Conflict("the uploaded weights changed while they were checked; report them again")
+    if checked.problem:
+        raise Rejected(f"weights rejected: {checked.problem}", ctx.run_id)
     conn.execute(update(db.blobs).where(db.blobs.c.key == key).values(sealed=True))
     conn.execute(
         insert(MC).values(
@@ -252,3 +269,54 @@ def unsettled(conn: Connection, run_id: str) -> int:
     return conn.execute(
         select(func.count()).select_from(R).where(R.c.run_id == run_id, R.c.state.in_(("open", "closing")))
     ).scalar_one()
+
+
+# --- damaged weights ------------------------------------------------------------------------------------
+
+
+def current_weights(conn: Connection, run_id: str) -> Sequence[Any]:
+    """(stage, epoch, weights_key, sha256, quarantined) of every stage's current weights."""
+    B = db.blobs
+    return conn.execute(
+        select(ST.c.stage, ST.c.epoch, ST.c.weights_key, B.c.sha256, B.c.quarantined)
+        .select_from(ST.join(B, B.c.key == ST.c.weights_key))
+        .where(ST.c.run_id == run_id)
+        .order_by(ST.c.stage)
+    ).all()
+
+
+def rebuild(conn: Connection, ctx: RunCtx, blobs: BlobStore, stage: int, now: float) -> str:
+    """A stage's current weights no longer hash right on disk: say what was done about it.
+
+    Epoch 0 is made again from the model spec's init (the same bytes). A later epoch E is replaced by a
+    copy of E-1, if that is still kept and intact, published as E+1 so every replica loads it (the merge
+    that made E is lost, not the run). Else the weights are quarantined, the status shows them failed,
+    and a merge round opens so the replicas' next average replaces them.
+    """
+    st = stage_row(conn, ctx.run_id, stage)
+    key, epoch = st.weights_key, st.epoch
+    recorded = conn.execute(_BLOB, {"key": key}).one().sha256
+    if epoch == 0:
+        data = weights.init_stage(ctx.cfg, stage, ctx.manifest.seed)
+        if hashlib.sha256(data).hexdigest() == recorded:
+            blobs.write(key, data)
+            return "made epoch 0 again from the model spec's init"
+    prev = runs.weights_key(ctx.run_id, stage, epoch - 1) if epoch else None
+    prev_row = conn.execute(_BLOB, {"key": prev}).first() if prev else None
+    if prev and prev_row is not None and integrity.intact(blobs, prev, prev_row.sha256):
+        new = runs.weights_key(ctx.run_id, stage, epoch + 1)
+        b = blobs.write(new, blobs.read(prev))
+        conn.execute(insert(db.blobs).values(key=new, sha256=b.sha256, size=b.size, created=now, sealed=True))
+        conn.execute(
+            update(ST)
+            .where(ST.c.run_id == ctx.run_id, ST.c.stage == stage)
+            .values(epoch=epoch + 1, weights_key=new, updated=now)
+        )
+        integrity.quarantine(conn, blobs, key, f"stage {stage} epoch {epoch} weights damaged on disk")
+        conn.execute(delete(db.blobs).where(db.blobs.c.key == prev))
+        blobs.delete(prev)
+        return f"published a copy of epoch {epoch - 1} as epoch {epoch + 1}"
+    integrity.quarantine(conn, blobs, key, f"stage {stage} epoch {epoch} weights damaged on disk")
+    if get_round(conn, ctx.run_id, stage, epoch) is None:
+        open_round(conn, ctx, stage, epoch, now)
+    return "no intact copy to rebuild them from: failed until the replicas' next merge replaces them"

@@ -1,5 +1,6 @@
 """The orchestrator's clockwork: a thread that expires leases and deadlines, closes merge rounds,
-finishes drained runs and deletes blobs nobody needs any more.
+finishes drained runs (a stopped one drops what no live worker can drain), watches every stage's
+weights on disk and deletes blobs nobody needs any more.
 
 Every decision is taken from timestamps stored in the database, so a restart picks up where it stopped.
 """
@@ -7,17 +8,20 @@ Every decision is taken from timestamps stored in the database, so a restart pic
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
 from sqlalchemy import Connection, delete, select, tuple_, update
 
-from iota_orchestrator import assignment, chains, db, lease, merge, runs, weights
+from iota_orchestrator import assignment, chains, db, integrity, lease, merge, runs, weights
 from iota_orchestrator.runs import RunCtx
 from iota_orchestrator.state import State
 
 log = logging.getLogger("iota_orchestrator")
 GC_BATCH = 500
+# Weights files that hashed right, by key: (size, mtime_ns) then. A file is hashed again when it changes.
+_verified: dict[str, tuple[int, int]] = {}
 
 
 def tick(state: State, now: float | None = None) -> None:
@@ -28,16 +32,41 @@ def tick(state: State, now: float | None = None) -> None:
         with state.tx() as conn:
             ctx = runs.context(conn, run_id)
             keys = lease.expire(conn, ctx, now)
+            if runs.get_run(conn, run_id).stop_requested:
+                keys |= chains.drop_stranded(conn, ctx, now)
             assignment.rebalance(conn, ctx)
             due = merge.due(conn, ctx, now)
         state.wake.notify(keys)
         for stage, epoch in due:
             close_round(state, ctx, stage, epoch, now)
+        watch_weights(state, ctx, now)
         with state.tx() as conn:
             finished = finish_check(conn, ctx, now)
         if finished:
             state.wake.notify(chains.stage_key(run_id, s) for s in range(ctx.n_stages))
     collect_garbage(state)
+
+
+def watch_weights(state: State, ctx: RunCtx, now: float) -> None:
+    """Hash each stage's current weights when their file changed (outside the lock); rebuild damage."""
+    with state.tx() as conn:
+        current = merge.current_weights(conn, ctx.run_id)
+    for stage, epoch, key, sha, quarantined in current:
+        if quarantined:  # failed loudly already; the replicas' next merge replaces them
+            continue
+        try:
+            st = os.stat(state.blobs.path(key))
+            seen: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            seen = None
+        if seen is not None and (_verified.get(key) == seen or integrity.intact(state.blobs, key, sha)):
+            _verified[key] = seen
+            continue
+        with state.tx() as conn:
+            if merge.stage_row(conn, ctx.run_id, stage).weights_key != key:
+                continue  # a merge replaced them meanwhile
+            what = merge.rebuild(conn, ctx, state.blobs, stage, now)
+        log.error("run %s stage %d: weights of epoch %d damaged on disk; %s", ctx.run_id, stage, epoch, what)
 
 
 def close_round(state: State, ctx: RunCtx, stage: int, epoch: int, now: float) -> None:

@@ -1,7 +1,12 @@
 """Work: per-stage queues, claims with deadlines, and moving a sample's chain along as results arrive.
 
 Backward work is handed out before forward work, and only to the worker that ran the matching forward.
-Functions here run inside a State.tx() transaction and return wakeup keys for long-polling claims.
+Queues are fair: a worker holds at most `train.max_claims_per_worker` claims (1 while its claims lapse,
+see faults.py), an item given back goes to others first, and a head takes a sample, new or given back,
+only while fewer than `train.max_inflight_per_head` of its own are in flight, so claiming and giving back
+in a loop cannot swell the pipeline. Every result is read and checked before it is accepted
+(integrity.py). Functions here run inside a State.tx() transaction and return wakeup keys for
+long-polling claims.
 """
 
 from __future__ import annotations
@@ -11,10 +16,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, or_, select, update
 
-from iota_cli.core.tensors import RawTensor, encode
-from iota_orchestrator import data, db, ledger
+from iota_cli.core.protocol import Abandon
+from iota_orchestrator import chains, data, db, faults, integrity, ledger
 from iota_orchestrator.blobs import BlobStore
 from iota_orchestrator.chains import (
     C,
@@ -23,21 +28,14 @@ from iota_orchestrator.chains import (
     drop_chain,
     output_key,
     parse_work_id,
-    requeue,
     stage_key,
     tokens_key,
     work_id,
     worker_key,
 )
-from iota_orchestrator.errors import BadRequest, Conflict, Forbidden, Invalid, NotFound
+from iota_orchestrator.errors import Conflict, Forbidden, NotFound
+from iota_orchestrator.faults import Rejected
 from iota_orchestrator.runs import RunCtx
-from iota_orchestrator.weights import check_tensors
-
-
-def tokens_blob(ctx: RunCtx, index: int) -> bytes:
-    t = ctx.manifest.train
-    arr = data.sample_tokens(list(ctx.files), ctx.layout, index, t.batch_size, t.seq_len, ctx.cache)
-    return encode({"tokens": RawTensor("I32", tuple(arr.shape), arr.tobytes())})
 
 
 @dataclass(frozen=True)
@@ -54,22 +52,40 @@ class Claimed:
 _AGAIN = select(W).where(
     W.c.worker == bindparam("cid"), W.c.claim_id == bindparam("claim"), W.c.state == "claimed"
 )
+_HELD = select(func.count()).where(
+    W.c.worker == bindparam("cid"), W.c.state == "claimed", W.c.run_id == bindparam("run")
+)
 _ROUTED = (
     select(W)
     .where(W.c.route == bindparam("cid"), W.c.state == "queued", W.c.run_id == bindparam("run"))
     .order_by(W.c.id)
     .limit(1)
 )
+_WAITING = (
+    W.c.run_id == bindparam("run"),
+    W.c.stage == bindparam("stage"),
+    W.c.state == "queued",
+    W.c.kind == "forward",
+)
 _QUEUED = (
     select(W)
-    .where(
-        W.c.run_id == bindparam("run"),
-        W.c.stage == bindparam("stage"),
-        W.c.state == "queued",
-        W.c.kind == "forward",
-    )
+    .where(*_WAITING, or_(W.c.avoid.is_(None), W.c.avoid != bindparam("cid")))
     .order_by(W.c.id)
     .limit(1)
+)
+_AVOIDED = select(W).where(*_WAITING, W.c.avoid == bindparam("cid")).order_by(W.c.id).limit(1)
+_OTHERS = (
+    select(chains.A.c.contributor_id)
+    .where(
+        chains.A.c.run_id == bindparam("run"),
+        chains.A.c.stage == bindparam("stage"),
+        chains.A.c.state == "active",
+        chains.A.c.contributor_id != bindparam("cid"),
+    )
+    .limit(1)
+)
+_INFLIGHT = select(func.count()).where(
+    C.c.run_id == bindparam("run"), C.c.head_worker == bindparam("cid"), C.c.state == "active"
 )
 _TAKE = (
     update(W)
@@ -89,50 +105,57 @@ _BLOB = select(db.blobs).where(db.blobs.c.key == bindparam("key"))
 
 
 def claim(
-    conn: Connection,
-    ctx: RunCtx,
-    run: Any,
-    contributor_id: str,
-    stage: int,
-    now: float,
-    claim_id: str | None = None,
+    conn: Connection, ctx: RunCtx, run: Any, a: Any, now: float, claim_id: str | None = None
 ) -> Claimed | None:
-    """The next item for this worker: its routed backward work, then its stage's forward queue.
+    """The next item for the worker of assignment `a`: its routed backward work, then its stage's queue.
 
     A claim repeated with the same claim_id (a retry after a lost answer) gets the same item again.
     """
+    cid, stage = a.contributor_id, a.stage
     if claim_id:
-        again = conn.execute(_AGAIN, {"cid": contributor_id, "claim": claim_id}).first()
+        again = conn.execute(_AGAIN, {"cid": cid, "claim": claim_id}).first()
         if again is not None:
             return _claimed(conn, ctx, again, None)
     if run.state != "running":
         return None
-    row = conn.execute(_ROUTED, {"cid": contributor_id, "run": ctx.run_id}).first()
-    if row is None:
-        row = conn.execute(_QUEUED, {"run": ctx.run_id, "stage": stage}).first()
+    t = ctx.manifest.train
+    if conn.execute(_HELD, {"cid": cid, "run": ctx.run_id}).scalar_one() >= faults.claim_limit(t, a):
+        return None
+    row = conn.execute(_ROUTED, {"cid": cid, "run": ctx.run_id}).first()
+    room = stage != 0 or conn.execute(_INFLIGHT, {"run": ctx.run_id, "cid": cid}).scalar_one() < (
+        t.max_inflight_per_head
+    )
+    if row is None and room:
+        row = _queued(conn, ctx, cid, stage, now)
     new_tokens = None
-    if row is None and stage == 0:
-        row, new_tokens = _new_sample(conn, ctx, run, contributor_id, now)
+    if row is None and room and stage == 0:
+        row, new_tokens = _new_sample(conn, ctx, run, cid, now)
     if row is None:
         return None
     out_key = None if (row.kind == "backward" and row.stage == 0) else output_key(ctx.run_id, row, row.id)
-    deadline = now + ctx.manifest.train.work_timeout_s
-    args = {
-        "wid": row.id,
-        "cid": contributor_id,
-        "now": now,
-        "deadline": deadline,
-        "out": out_key,
-        "claim": claim_id,
-    }
+    deadline = now + t.work_timeout_s
+    args = {"wid": row.id, "cid": cid, "now": now, "deadline": deadline, "out": out_key, "claim": claim_id}
     conn.execute(_TAKE, args)
     if row.kind == "forward" and row.stage == 0:
         conn.execute(
-            update(C)
-            .where(C.c.run_id == ctx.run_id, C.c.sample_id == row.sample_id)
-            .values(head_worker=contributor_id)
+            update(C).where(C.c.run_id == ctx.run_id, C.c.sample_id == row.sample_id).values(head_worker=cid)
         )
     return _claimed(conn, ctx, conn.execute(_WORK, {"wid": row.id}).first(), new_tokens)
+
+
+def _queued(conn: Connection, ctx: RunCtx, cid: str, stage: int, now: float) -> Any:
+    """The oldest queued forward item of the stage; one this worker gave back or let lapse only when no
+    other live worker could take it, or it has waited a whole work timeout."""
+    args = {"run": ctx.run_id, "stage": stage, "cid": cid}
+    row = conn.execute(_QUEUED, args).first()
+    if row is not None:
+        return row
+    row = conn.execute(_AVOIDED, args).first()
+    if row is None:
+        return None
+    if row.created < now - ctx.manifest.train.work_timeout_s or conn.execute(_OTHERS, args).first() is None:
+        return row
+    return None
 
 
 def _claimed(conn: Connection, ctx: RunCtx, row: Any, new_tokens: bytes | None) -> Claimed:
@@ -145,19 +168,15 @@ def _claimed(conn: Connection, ctx: RunCtx, row: Any, new_tokens: bytes | None) 
 
 
 def _new_sample(conn: Connection, ctx: RunCtx, run: Any, head: str, now: float) -> tuple[Any, bytes | None]:
+    """A fresh sample for this head, unless one given back still waits for a head (take that first)."""
     t = ctx.manifest.train
     if run.stop_requested or (t.max_samples and run.samples_issued >= t.max_samples):
         return None, None
-    inflight = conn.execute(
-        select(func.count())
-        .select_from(C)
-        .where(C.c.run_id == ctx.run_id, C.c.head_worker == head, C.c.state == "active")
-    ).scalar_one()
-    if inflight >= t.max_inflight_per_head:
+    if chains.has_orphans(conn, ctx.run_id):
         return None, None
     sample_id = int(run.samples_issued)
     index = data.data_index(sample_id, ctx.layout.n_samples, ctx.manifest.seed)
-    blob = tokens_blob(ctx, index)
+    blob = chains.tokens_blob(ctx, index)
     key = tokens_key(ctx.run_id, sample_id)
     sha = hashlib.sha256(blob).hexdigest()
     conn.execute(update(db.runs).where(db.runs.c.run_id == ctx.run_id).values(samples_issued=sample_id + 1))
@@ -233,22 +252,16 @@ def complete(
     last = ctx.n_stages - 1
     is_tail = row.kind == "forward" and row.stage == last
     if row.output_key:
-        _check_output(
-            conn,
-            ctx,
-            blobs,
-            row,
-            sha,
-            size,
-            "activations" if row.kind == "forward" and not is_tail else "grad",
-        )
+        name = "activations" if row.kind == "forward" and not is_tail else "grad"
+        integrity.accept_result(conn, ctx, blobs, row.output_key, sha, size, ctx.expect(name))
     if is_tail and (loss is None or not math.isfinite(loss)):
-        raise Invalid("the tail must report a finite loss")
+        raise Rejected("the tail must report a finite loss", ctx.run_id)
     credits = ledger.work_credits(ctx.gflops[row.stage], ctx.tokens_per_sample, row.kind, is_tail)
     conn.execute(update(W).where(W.c.id == row.id).values(state="done", completed=now, credits=credits))
     ledger.record(
         conn, ctx.run_id, contributor_id, wid, row.kind, row.stage, ctx.tokens_per_sample, credits, now
     )
+    faults.delivered(conn, ctx.run_id, contributor_id)
     keys: set[str] = set()
     R = db.runs
     if row.kind == "forward" and not is_tail:
@@ -284,22 +297,6 @@ def complete(
         )
         keys.add(worker_key(contributor_id))
     return credits, keys
-
-
-def _check_output(
-    conn: Connection, ctx: RunCtx, blobs: BlobStore, row: Any, sha: str | None, size: int, name: str
-) -> None:
-    if sha is None:
-        raise BadRequest("sha256 of the uploaded result is required")
-    b = conn.execute(_BLOB, {"key": row.output_key}).first()
-    if b is None:
-        raise BadRequest("no result uploaded yet: PUT it to the item's upload URL first")
-    if b.sha256 != sha or b.size != size:
-        raise BadRequest(f"the uploaded result has sha256 {b.sha256} and {b.size} bytes, not what you sent")
-    problem = check_tensors(blobs.path(row.output_key), ctx.expect(name))
-    if problem:
-        raise Invalid(f"result rejected: {problem}")
-    conn.execute(update(db.blobs).where(db.blobs.c.key == row.output_key).values(sealed=True))
 
 
 def _route_backward(
@@ -338,9 +335,20 @@ def _route_backward(
     return {worker_key(fwd.worker)}
 
 
-def abandon(conn: Connection, ctx: RunCtx, row: Any, now: float) -> set[str]:
+def abandon(conn: Connection, ctx: RunCtx, blobs: BlobStore, row: Any, why: Abandon, now: float) -> set[str]:
+    """A worker gives an item back, saying why (see chains.give_back for what happens to it).
+
+    `bad_input` is charged to whoever produced the input; `unverified` makes the orchestrator re-hash its
+    own copies of the inputs, and a damaged one is quarantined rather than handed out again.
+    """
     if row.state != "claimed":
         return set()
-    if row.kind == "forward":
-        return requeue(conn, ctx, row, now)
-    return drop_chain(conn, ctx, row.sample_id, now)
+    if why.reason == "bad_input" and (sender := chains.producer(conn, ctx.run_id, row)) is not None:
+        detail = f"{work_id(row.id)} refused its input: {why.detail}"
+        faults.charge(conn, ctx.run_id, sender, "bad_output", detail, now)
+    if why.reason == "unverified":
+        dropped = integrity.recheck_inputs(conn, ctx, blobs, row, now)
+        if dropped is not None:
+            conn.execute(update(W).where(W.c.id == row.id).values(reason=why.reason))
+            return dropped
+    return chains.give_back(conn, ctx, row, why.reason, now)

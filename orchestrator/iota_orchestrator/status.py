@@ -1,4 +1,5 @@
-"""What a run looks like right now: workers per stage, queues, epochs, tokens, losses, credits."""
+"""What a run looks like right now: workers per stage (and the faults counted against them), queues,
+epochs (and whether the weights are intact), tokens, losses, credits."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select
 
-from iota_orchestrator import chains, db, runs
+from iota_orchestrator import chains, db, faults, merge, runs
 from iota_orchestrator.runs import RunCtx
 
 LOSS_WINDOW = 5  # first_loss / last_loss average this many tail losses
@@ -54,11 +55,8 @@ def run_status(conn: Connection, ctx: RunCtx) -> dict[str, Any]:
             .group_by(W.c.stage, W.c.kind)
         )
     )
-    epochs = dict(
-        conn.execute(
-            select(db.stages.c.stage, db.stages.c.epoch).where(db.stages.c.run_id == ctx.run_id)
-        ).all()
-    )
+    weights = {w.stage: w for w in merge.current_weights(conn, ctx.run_id)}
+    charged = faults.by_contributor(conn, ctx.run_id)
     stages = []
     for s in range(ctx.n_stages):
         mine = [w for w in workers if w.stage == s]
@@ -77,12 +75,14 @@ def run_status(conn: Connection, ctx: RunCtx) -> dict[str, Any]:
                         "tokens_per_s": float(w.tokens_per_s),
                         "throughput": float(w.throughput),
                         "credits": round(float(w.credits), 6),
+                        "faults": charged.get(w.contributor_id, {}),
                     }
                     for w in mine
                 ],
                 "queue_forward": depths.get((s, "forward"), 0),
                 "queue_backward": depths.get((s, "backward"), 0),
-                "epoch": int(epochs.get(s, 0)),
+                "epoch": int(weights[s].epoch) if s in weights else 0,
+                "weights_ok": not (s in weights and weights[s].quarantined),
                 "optimizer_steps": sum(int(w.steps) for w in mine),
                 "forward_done": done.get((s, "forward"), 0),
                 "backward_done": done.get((s, "backward"), 0),

@@ -1,4 +1,4 @@
-"""Stage weights on the orchestrator: epoch 0 from the model spec's init, checks of uploads, averaging.
+"""Stage weights on the orchestrator: epoch 0 from the model spec's init, their expected shapes, averaging.
 
 Weights travel as safetensors (iota_cli/core/tensors.py) in float32 under modelspec's names, so what a torch
 worker uploads, an MLX worker loads.
@@ -7,12 +7,11 @@ worker uploads, an MLX worker loads.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 import numpy as np
 
 from iota_cli.core.modelspec import ModelConfig, initial_weights, stage_params, stage_spec
-from iota_cli.core.tensors import RawTensor, TensorFormatError, decode, encode, mismatch, read_header
+from iota_cli.core.tensors import RawTensor, TensorFormatError, decode, encode
 
 HEADER_SLACK = 4096
 
@@ -34,14 +33,6 @@ def expected(cfg: ModelConfig, stage: int) -> dict[str, tuple[int, ...]]:
 def max_weights_size(cfg: ModelConfig, stage: int) -> int:
     params = stage_params(cfg, stage_spec(cfg, stage))
     return sum(p.numel for p in params) * 4 + 256 * len(params) + HEADER_SLACK
-
-
-def check_tensors(path: Path, want: dict[str, tuple[str, tuple[int, ...]]]) -> str | None:
-    """Why the file does not hold exactly the wanted tensors (None when it does), by the one header parser."""
-    try:
-        return mismatch(read_header(path), want)
-    except (TensorFormatError, OSError) as e:
-        return f"not a valid safetensors file: {e}"
 
 
 def average(contributions: Iterable[tuple[bytes, float]], shapes: dict[str, tuple[int, ...]]) -> bytes | None:

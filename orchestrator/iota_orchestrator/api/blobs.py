@@ -17,7 +17,7 @@ from iota_cli.core.protocol import SHA256_HEADER, Problem
 from iota_orchestrator import db
 from iota_orchestrator.api.deps import StateDep
 from iota_orchestrator.blobs import UploadSink, check_key
-from iota_orchestrator.errors import BadRequest, Conflict, NotFound, TooLarge
+from iota_orchestrator.errors import BadRequest, Conflict, Gone, NotFound, TooLarge
 from iota_orchestrator.state import State
 
 router = APIRouter(
@@ -29,6 +29,7 @@ router = APIRouter(
         403: {"model": Problem},
         404: {"model": Problem},
         409: {"model": Problem},
+        410: {"model": Problem},
         413: {"model": Problem},
     },
 )
@@ -84,10 +85,13 @@ def _store(state: State, sink: UploadSink, key: str, sha256: str) -> int:
     B = db.blobs
     with state.tx() as conn:
         row = conn.execute(_LOOKUP, {"key": key}).first()
-        if row is not None and (row.sha256, row.size) == (sha256, sink.size):
+        same = row is not None and (row.sha256, row.size) == (sha256, sink.size)
+        if same and state.blobs.exists(key):
             return 200
-        if row is not None and row.sealed:
+        if row is not None and row.sealed and not same:
             raise Conflict(f"blob {key} is sealed (already accepted) with different content")
+        if row is not None and row.quarantined:
+            raise Gone(f"blob {key} is quarantined")
         sink.finish(key, sha256)
         values = {"sha256": sha256, "size": sink.size, "created": time.time()}
         if row is None:
@@ -102,7 +106,7 @@ def _stored(status: int, key: str, sha: str, size: int) -> Response:
     return Response(body, status_code=status, media_type="application/json", headers={SHA256_HEADER: sha})
 
 
-_LOOKUP = select(db.blobs.c.sha256, db.blobs.c.size, db.blobs.c.sealed).where(
+_LOOKUP = select(db.blobs.c.sha256, db.blobs.c.size, db.blobs.c.sealed, db.blobs.c.quarantined).where(
     db.blobs.c.key == bindparam("key")
 )
 
@@ -116,7 +120,8 @@ _LOOKUP = select(db.blobs.c.sha256, db.blobs.c.size, db.blobs.c.sealed).where(
     },
 )
 async def get_blob(key: str, request: Request, state: StateDep, exp: Exp = None, sig: Sig = None) -> Response:
-    """The blob's bytes, with its sha256 as ETag; `Range: bytes=N-` resumes a download (206)."""
+    """The blob's bytes, with its sha256 as ETag; `Range: bytes=N-` resumes a download (206); 410 for a
+    blob that was quarantined (its bytes on disk no longer matched its sha256)."""
     check_key(key)
     state.blobs.verify("get", key, exp, sig)
     whole = "range" not in request.headers and request.method == "GET"
@@ -132,6 +137,8 @@ def _serve(state: State, key: str, whole: bool) -> Response:
         st = os.stat(path)
     except OSError:
         st = None
+    if found is not None and found.quarantined:
+        raise Gone(f"blob {key} failed its sha256 check on the orchestrator's disk and is quarantined")
     if found is None or st is None:
         raise NotFound(f"no blob {key}")
     sha = found.sha256

@@ -1,4 +1,8 @@
-"""The worker's loop over HTTP: assignment, heartbeat, claim, complete, abandon, merge contributions."""
+"""The worker's loop over HTTP: assignment, heartbeat, claim, complete, abandon, merge contributions.
+
+A refused result or contribution (422) is charged to its sender in a transaction of its own, after the
+request's transaction has rolled back (faults.py).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from sqlalchemy import Connection
 
 from iota_cli.core.protocol import (
     RUN_STATE_HEADER,
+    Abandon,
     Assignment,
     AssignmentRequest,
     ClaimRequest,
@@ -24,10 +29,11 @@ from iota_cli.core.protocol import (
     WorkCompleteReply,
     WorkItem,
 )
-from iota_orchestrator import assignment, chains, db, lease, ledger, merge, runs, scheduler
+from iota_orchestrator import assignment, chains, db, faults, integrity, lease, ledger, merge, runs, scheduler
 from iota_orchestrator.api.deps import Contributor, StateDep, now
 from iota_orchestrator.api.urls import assignment_reply, work_item
 from iota_orchestrator.errors import Conflict
+from iota_orchestrator.faults import Rejected
 from iota_orchestrator.state import State
 
 router = APIRouter(
@@ -39,6 +45,7 @@ router = APIRouter(
         403: {"model": Problem},
         404: {"model": Problem},
         409: {"model": Problem},
+        422: {"model": Problem},
     },
 )
 RETRY_S = "1"
@@ -92,7 +99,7 @@ def _try_claim(
             raise Conflict(f"you have no assignment in run {run_id}; POST /v1/assignment first")
         if a.state != "active" or t - a.last_seen > TOUCH_EVERY_S:  # spare a write on every poll
             lease.touch(conn, run_id, cid, t)
-        c = scheduler.claim(conn, ctx, run, cid, a.stage, t, claim_id)
+        c = scheduler.claim(conn, ctx, run, a, t, claim_id)
         keys = [chains.worker_key(cid), chains.stage_key(run_id, a.stage)]
     if c is None:
         return None, keys, run.state
@@ -106,7 +113,7 @@ def _ensure_tokens(state: State, ctx: runs.RunCtx, c: scheduler.Claimed) -> None
     if c.new_tokens is not None:
         state.blobs.write(c.chain.tokens_key, c.new_tokens)
     elif needs and not state.blobs.exists(c.chain.tokens_key):
-        state.blobs.write(c.chain.tokens_key, scheduler.tokens_blob(ctx, c.chain.data_index))
+        state.blobs.write(c.chain.tokens_key, chains.tokens_blob(ctx, c.chain.data_index))
 
 
 @router.post(
@@ -140,24 +147,35 @@ async def complete(work_id: str, body: WorkComplete, cid: Contributor, state: St
 
 
 def _complete(state: State, work_id: str, cid: str, body: WorkComplete) -> WorkCompleteReply:
-    with state.tx() as conn:
-        row = scheduler.load_item(conn, work_id, cid)
-        ctx = runs.context(conn, row.run_id)
-        credits, keys = scheduler.complete(
-            conn, ctx, state.blobs, row, cid, body.sha256, body.size, body.loss, now()
-        )
-        total = ledger.total(conn, cid)
+    try:
+        with state.tx() as conn:
+            row = scheduler.load_item(conn, work_id, cid)
+            ctx = runs.context(conn, row.run_id)
+            credits, keys = scheduler.complete(
+                conn, ctx, state.blobs, row, cid, body.sha256, body.size, body.loss, now()
+            )
+            total = ledger.total(conn, cid)
+    except Rejected as e:
+        _charge(state, e, cid)
+        raise
     state.wake.notify(keys)
     return WorkCompleteReply(credits=credits, total_credits=round(total, 6))
 
 
+def _charge(state: State, e: Rejected, cid: str) -> None:
+    with state.tx() as conn:
+        faults.charge(conn, e.run_id, cid, "rejected", e.detail, now())
+
+
 @router.post("/work/{work_id}/abandon", response_model=Ok)
-async def abandon(work_id: str, cid: Contributor, state: StateDep) -> Ok:
-    """Give an item back: forward work is re-queued for another worker, backward work is dropped."""
+async def abandon(work_id: str, cid: Contributor, state: StateDep, body: Abandon | None = None) -> Ok:
+    """Give an item back, saying why (no body: `stopping`); forward work is re-queued for another worker
+    until it has failed MAX_ITEM_FAILURES times, backward work drops its sample."""
+    why = body or Abandon()
 
     def give_back(conn: Connection) -> set[str]:
         row = scheduler.load_item(conn, work_id, cid)
-        return scheduler.abandon(conn, runs.context(conn, row.run_id), row, now())
+        return scheduler.abandon(conn, runs.context(conn, row.run_id), state.blobs, row, why, now())
 
     state.wake.notify(await state.in_tx(give_back))
     return Ok()
@@ -165,11 +183,20 @@ async def abandon(work_id: str, cid: Contributor, state: StateDep) -> Ok:
 
 @router.post("/merge/complete", response_model=MergeCompleteReply)
 async def merge_complete(body: MergeComplete, cid: Contributor, state: StateDep) -> MergeCompleteReply:
-    """Report weights uploaded for the stage's open merge round (409 if the epoch moved on)."""
+    """Report weights uploaded for the stage's open merge round (409 if the epoch moved on, 422 if they
+    are not the stage's parameters, all finite)."""
+    ctx = await state.in_tx(lambda conn: runs.context(conn, body.run_id))
+    path = state.blobs.path(merge.contrib_key(body.run_id, body.stage, body.epoch, cid))
+    # Read through outside the lock and off the loop: a stage's weights can be gigabytes.
+    checked = await asyncio.to_thread(integrity.check_file, path, merge.contribution_want(ctx, body.stage))
 
     def contribute(conn: Connection) -> MergeCompleteReply:
-        return merge.contribute(conn, runs.context(conn, body.run_id), state.blobs, cid, body, now())
+        return merge.contribute(conn, ctx, state.blobs, cid, body, checked, now())
 
-    reply = await state.in_tx(contribute)
+    try:
+        reply = await state.in_tx(contribute)
+    except Rejected as e:
+        await state.with_db(_charge, state, e, cid)
+        raise
     state.poke.set()
     return reply

@@ -1,0 +1,78 @@
+"""Who did what wrong: per-contributor fault counts in a run, and the claim limit they earn.
+
+Kinds: `rejected` (a result or merge contribution the server refused), `bad_output` (a later stage
+reported this contributor's output as bad input), `expired` (a claim lapsed past its deadline). A lapse
+also raises the assignment's `lapses` balance, which each completion lowers again; while it is above 0
+the contributor may hold one claim at a time instead of `train.max_claims_per_worker`.
+
+A refusal is an error the request answers with, so its fault must be recorded in a transaction of its
+own (the request's transaction rolls back): raise Rejected, and the endpoint charges it (see api/work.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, insert, select, update
+
+from iota_cli.core.manifest import TrainConfig
+from iota_orchestrator import db
+from iota_orchestrator.errors import Invalid
+
+F, A = db.faults, db.assignments
+DETAIL_CHARS = 300
+
+
+class Rejected(Invalid):
+    """A contributor's upload or report was refused (422); `charge` it to them once the request ends."""
+
+    def __init__(self, detail: str, run_id: str) -> None:
+        super().__init__(detail)
+        self.run_id = run_id
+
+
+def charge(conn: Connection, run_id: str, contributor_id: str, kind: str, detail: str, now: float) -> None:
+    """Count one fault of this kind against a contributor in a run."""
+    key = (F.c.run_id == run_id, F.c.contributor_id == contributor_id, F.c.kind == kind)
+    values = {"last": now, "detail": detail[:DETAIL_CHARS]}
+    if conn.execute(update(F).where(*key).values(count=F.c.count + 1, **values)).rowcount == 0:
+        conn.execute(
+            insert(F).values(run_id=run_id, contributor_id=contributor_id, kind=kind, count=1, **values)
+        )
+
+
+def lapse(conn: Connection, run_id: str, contributor_id: str, detail: str, now: float) -> None:
+    """A claim of this contributor passed its deadline: a fault, and one claim at a time until it delivers."""
+    charge(conn, run_id, contributor_id, "expired", detail, now)
+    conn.execute(
+        update(A)
+        .where(A.c.run_id == run_id, A.c.contributor_id == contributor_id)
+        .values(lapses=A.c.lapses + 1)
+    )
+
+
+_DELIVERED = (
+    update(A)
+    .where(A.c.run_id == bindparam("run"), A.c.contributor_id == bindparam("cid"), A.c.lapses > 0)
+    .values(lapses=A.c.lapses - 1)
+)
+
+
+def delivered(conn: Connection, run_id: str, contributor_id: str) -> None:
+    """A completed item earns back one lapse."""
+    conn.execute(_DELIVERED, {"run": run_id, "cid": contributor_id})
+
+
+def claim_limit(train: TrainConfig, assignment: Any) -> int:
+    """How many claims this worker may hold at once: fewer while its claims lapse more than it delivers."""
+    return 1 if assignment.lapses > 0 else train.max_claims_per_worker
+
+
+def by_contributor(conn: Connection, run_id: str) -> dict[str, dict[str, int]]:
+    """{contributor_id: {kind: count}} for a run."""
+    out: dict[str, dict[str, int]] = {}
+    for cid, kind, count in conn.execute(
+        select(F.c.contributor_id, F.c.kind, F.c.count).where(F.c.run_id == run_id)
+    ):
+        out.setdefault(cid, {})[kind] = int(count)
+    return out
