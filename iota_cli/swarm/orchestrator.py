@@ -5,6 +5,9 @@ never imports the server (it needs the [orchestrator] extra installed, not impor
 
     with OrchestratorProcess(tmp_dir, admin_token="t") as orch:
         print(SwarmApi.connect(orch.url).health())
+
+Without admin_token the server makes one and writes it to `<data-dir>/admin-token`; `admin_token_file`
+says where, for a caller that needs it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from iota_cli.core.protocol import LISTENING
@@ -31,10 +34,11 @@ class OrchestratorProcess:
         sync: str = "normal",
         host: str = "127.0.0.1",
         extra_env: dict[str, str] | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.data_dir, self.port, self.host = Path(data_dir), port, host
         self.admin_token, self.tick_s, self.sync = admin_token, tick_s, sync
-        self.extra_env = extra_env or {}
+        self.extra_env, self.extra_args = extra_env or {}, tuple(extra_args)
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
         self.lines: list[str] = []
@@ -56,10 +60,13 @@ class OrchestratorProcess:
             str(self.tick_s),
             "--sync",
             self.sync,
+            *self.extra_args,
         ]
 
     def start(self, timeout: float = 60.0) -> OrchestratorProcess:
-        env = {**os.environ, **self.extra_env}
+        # Without admin_token the server makes one and writes it to <data-dir>/admin-token (it never
+        # prints it); an IOTA_ADMIN_TOKEN of our own environment is not passed on by accident.
+        env = {k: v for k, v in os.environ.items() if k != "IOTA_ADMIN_TOKEN"} | self.extra_env
         if self.admin_token:
             env["IOTA_ADMIN_TOKEN"] = self.admin_token
         self.proc = subprocess.Popen(
@@ -82,6 +89,11 @@ class OrchestratorProcess:
             raise RuntimeError("orchestrator did not start:\n" + "\n".join(self.lines[-30:]))
         self.port = int(self.url.rsplit(":", 1)[1])
         return self
+
+    @property
+    def admin_token_file(self) -> Path:
+        """Where the server writes the admin token it makes (when none was given)."""
+        return self.data_dir / "admin-token"  # datadir.ADMIN_TOKEN_FILE; iota_cli never imports the server
 
     @property
     def pid(self) -> int:

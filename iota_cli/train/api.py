@@ -124,6 +124,10 @@ class SwarmApi:
         """Admin: issue no new samples; the run finishes once the work in flight drains."""
         return self._call(RunInfo, "POST", f"/v1/runs/{_segment(run_id)}/stop", wait=wait)
 
+    def abort_run(self, run_id: str, wait: bool = True) -> RunInfo:
+        """Admin: finish the run now; work in flight is dropped and workers see it finished."""
+        return self._call(RunInfo, "POST", f"/v1/runs/{_segment(run_id)}/abort", wait=wait)
+
     # --- contributors ----------------------------------------------------------------------------------
 
     def register(self, request: RegisterRequest) -> RegisterReply:

@@ -21,14 +21,15 @@ from iota_cli.core.files import atomic_writer, commit
 from iota_cli.core.protocol import BlobRef, UploadRef
 from iota_orchestrator.errors import BadRequest, Forbidden, TooLarge, Unauthorized
 
-KEY_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+KEY_RE = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")
+SIG_RE = re.compile(r"[0-9a-f]{40}")
 MAX_KEY = 400
 URL_PREFIX = "/v1/blobs/"
 
 
 def check_key(key: str) -> str:
     """Accept `[A-Za-z0-9._/-]` keys without empty, `.` or `..` segments (no path traversal)."""
-    if not key or len(key) > MAX_KEY or not KEY_RE.match(key):
+    if not key or len(key) > MAX_KEY or not KEY_RE.fullmatch(key):  # fullmatch: `$` lets "\n" through
         raise BadRequest(f"invalid blob key {key[:80]!r}")
     if any(part in (".", "..") for part in key.split("/")):
         raise BadRequest(f"invalid blob key {key[:80]!r}")
@@ -45,9 +46,9 @@ class Stored:
 class BlobStore:
     def __init__(self, root: Path, secret: bytes, fsync: bool = False, ttl_s: float = 6 * 3600) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.tmp = self.root / ".tmp"
-        self.tmp.mkdir(exist_ok=True)
+        self.tmp.mkdir(mode=0o700, exist_ok=True)
         self.secret = secret
         self.fsync = fsync
         self.ttl_s = ttl_s
@@ -85,6 +86,8 @@ class BlobStore:
             exp_i, max_i = int(exp), int(max_size or 0)
         except ValueError:
             raise Forbidden("malformed blob URL signature") from None
+        if not SIG_RE.fullmatch(sig):  # compare_digest refuses non-ASCII text (a TypeError, not a no)
+            raise Forbidden("malformed blob URL signature")
         if not hmac.compare_digest(sig, self._sig(op, key, exp_i, max_i)):
             raise Forbidden("bad blob URL signature")
         if exp_i < time.time():

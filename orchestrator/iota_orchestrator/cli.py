@@ -1,10 +1,12 @@
-"""`iota orchestrator serve|status|run create|run stop`: run the reference orchestrator and drive it.
+"""`iota orchestrator serve|status|run create|stop|abort`: run the reference orchestrator and drive it.
 
 This package adds the group to `iota` through the `iota.commands` entry point (`register`), so the
 contributor CLI never imports the server. Importing this module loads Typer only: `serve` imports the
 [orchestrator] extra (`pip install 'iota-cli[orchestrator]'`) when it runs, and the other commands are
 HTTP calls through the contributor's one client. They find a local orchestrator through
-`<data-dir>/server.json`, or take --url. Try it: `iota orchestrator serve --port 0 --data-dir /tmp/o`.
+`<data-dir>/server.json`, or take --url; the admin token comes from --admin-token, IOTA_ADMIN_TOKEN or,
+for the local orchestrator only, `<data-dir>/admin-token`.
+Try it: `iota orchestrator serve --port 0 --data-dir /tmp/o`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ if TYPE_CHECKING:  # the typed API and its models load only when a command runs
 orch_app = typer.Typer(
     help="Run the reference orchestrator that coordinates a swarm (operators only).", no_args_is_help=True
 )
-run_app = typer.Typer(help="Create and stop training runs (needs the admin token).", no_args_is_help=True)
+run_app = typer.Typer(
+    help="Create, stop and abort training runs (needs the admin token).", no_args_is_help=True
+)
 orch_app.add_typer(run_app, name="run")
 
 DataDirOption = Annotated[
@@ -46,7 +50,8 @@ AdminOption = Annotated[
         envvar="IOTA_ADMIN_TOKEN",
         metavar="TOKEN",
         show_default=False,
-        help="The admin token printed at first start (or set IOTA_ADMIN_TOKEN).",
+        help="The admin token (or set IOTA_ADMIN_TOKEN; default for the local orchestrator: "
+        "<data-dir>/admin-token).",
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
@@ -77,13 +82,15 @@ def serve(
         float, typer.Option(help="Seconds between lease and deadline checks.", hidden=True)
     ] = 1.0,
     new_admin_token: Annotated[
-        bool, typer.Option(help="Replace the admin token and print the new one.")
+        bool, typer.Option(help="Replace the admin token (written to <data-dir>/admin-token).")
     ] = False,
 ) -> None:
     """Serve the orchestrator until Ctrl-C or SIGTERM.
 
-    Prints the admin token once at first start (unless IOTA_ADMIN_TOKEN is set), then
-    `iota orchestrator listening on http://HOST:PORT`.
+    At first start writes a new admin token to <data-dir>/admin-token (mode 0600) and prints that
+    path, never the token (unless IOTA_ADMIN_TOKEN is set: then that is the token), then prints
+    `iota orchestrator listening on http://HOST:PORT`. A data dir it cannot use (read-only, not a
+    directory, not writable) is one error line and exit code 78; a full disk, 69.
 
     \b
     Examples:
@@ -96,6 +103,7 @@ def serve(
         import fastapi  # noqa: F401  (the extra's packages, checked up front for a clear message)
         import uvicorn  # noqa: F401
 
+        from iota_orchestrator.datadir import DataDirError
         from iota_orchestrator.serve import serve as run_server
         from iota_orchestrator.state import ServerConfig
     except ImportError as e:
@@ -109,6 +117,8 @@ def serve(
     config = ServerConfig(data_dir=_data_dir(data_dir), sync=sync, tick_s=max(tick, 0.05))
     try:
         code = run_server(config, host, port, new_admin_token)
+    except DataDirError as e:  # restarting helps only when the disk was full
+        output.fail(str(e), code=output.EXIT_UNAVAILABLE if e.transient else output.EXIT_CONFIG)
     except OSError as e:
         output.fail(f"cannot serve on {host}:{port}: {e.strerror or e}", code=output.EXIT_UNAVAILABLE)
     raise typer.Exit(code)
@@ -149,15 +159,19 @@ def _api(url: str, token: str | None = None) -> Iterator[SwarmApi]:
             raise Unreachable(f"{url}: {e}") from None  # the URL may be a stale server.json
 
 
-def _require(admin_token: str | None) -> None:
+def _admin(flag: str | None, url: str | None, data_dir: Path | None) -> str:
+    """The admin token: given, or the local orchestrator's <data-dir>/admin-token (never sent elsewhere)."""
     from iota_cli import output
+    from iota_orchestrator.datadir import read_admin_token
 
-    if not admin_token:
+    token = flag or (None if url else read_admin_token(_data_dir(data_dir)))
+    if not token:
         output.fail(
             "the admin token is required",
             hint="pass --admin-token or set IOTA_ADMIN_TOKEN",
             code=output.EXIT_CONFIG,
         )
+    return token
 
 
 @run_app.command("create")
@@ -179,12 +193,12 @@ def create_run(
     from iota_cli import output
     from iota_cli.core.manifest import RunManifest
 
-    _require(admin_token)
+    token = _admin(admin_token, url, data_dir)
     try:
         m = RunManifest.load(manifest)
     except (OSError, ValueError, TypeError) as e:
         output.fail(f"{manifest}: {e}", code=output.EXIT_CONFIG)
-    with _api(_url(url, data_dir), admin_token) as api:
+    with _api(_url(url, data_dir), token) as api:
         reply = api.create_run(_rebase(m, manifest.resolve().parent), wait=False)
     if as_json:
         output.print_json(reply.model_dump(mode="json"))
@@ -218,10 +232,28 @@ def stop_run(
     """Issue no new samples; the run finishes once the work in flight drains."""
     from iota_cli import output
 
-    _require(admin_token)
-    with _api(_url(url, data_dir), admin_token) as api:
+    with _api(_url(url, data_dir), _admin(admin_token, url, data_dir)) as api:
         api.stop_run(run_id, wait=False)
     output.echo(f"run {run_id} is stopping")
+
+
+@run_app.command("abort")
+def abort_run(
+    run_id: Annotated[str, typer.Argument(help="The run to abort.")],
+    admin_token: AdminOption = None,
+    url: UrlOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Finish a run now: work in flight is dropped and every worker is told the run has finished.
+
+    The weights merged so far are kept; samples in the pipeline are counted as dropped. For a run
+    that will not drain (a stopped run with no workers left, say).
+    """
+    from iota_cli import output
+
+    with _api(_url(url, data_dir), _admin(admin_token, url, data_dir)) as api:
+        info = api.abort_run(run_id, wait=False)
+    output.echo(f"run {run_id} is {info.state} (aborted)")
 
 
 @orch_app.command()

@@ -1,6 +1,19 @@
-"""Errors the core raises and the API turns into `{"detail": ...}` with a 4xx status."""
+"""Errors the core raises and the API turns into `{"detail": ...}` with a 4xx status, and which
+OSErrors mean the orchestrator's own storage is in trouble (answered 503, see app.py)."""
 
 from __future__ import annotations
+
+import errno
+
+# The server's storage cannot take this now (full, read-only, failing, out of handles): retry later.
+STORAGE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM}
+)
+
+
+def storage_trouble(e: OSError) -> bool:
+    """Whether e is the orchestrator's storage failing, not a bad path someone sent."""
+    return e.errno in STORAGE_ERRNOS
 
 
 class ApiError(Exception):

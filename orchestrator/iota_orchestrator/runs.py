@@ -165,12 +165,25 @@ def prepare(blobs: BlobStore, m: RunManifest, data_dir: Path) -> Prepared:
     if ctx.layout.n_samples < 1:
         shutil.rmtree(run_dir(data_dir, run_id), ignore_errors=True)
         raise Invalid(f"data.source {m.data.source!r} yields no sample (no text files, or too little text)")
-    stored = []
-    for s in range(m.model.n_stages):
-        key = weights_key(run_id, s, 0)
-        b = blobs.write(key, weights.init_stage(m.model, s, m.seed))
-        stored.append((key, b.sha256, b.size))
+    stored: list[tuple[str, str, int]] = []
+    try:
+        for s in range(m.model.n_stages):
+            key = weights_key(run_id, s, 0)
+            b = blobs.write(key, weights.init_stage(m.model, s, m.seed))
+            stored.append((key, b.sha256, b.size))
+    except BaseException:  # a full disk mid-way, say: a run never recorded leaves nothing behind
+        discard(blobs, data_dir, Prepared(ctx, tuple(stored), tok))
+        raise
     return Prepared(ctx, tuple(stored), tok)
+
+
+def discard(blobs: BlobStore, data_dir: Path, p: Prepared) -> None:
+    """Delete what prepare wrote for a run that will not be recorded (its weights, its token cache)."""
+    for key, _, _ in p.weights:
+        blobs.delete(key)
+    # Its blob folders too (weights_key's layout), which blobs.write made and nothing else uses yet.
+    shutil.rmtree(blobs.path(f"runs/{p.ctx.run_id}"), ignore_errors=True)
+    shutil.rmtree(run_dir(data_dir, p.ctx.run_id), ignore_errors=True)
 
 
 def record(conn: Connection, p: Prepared, now: float) -> str:

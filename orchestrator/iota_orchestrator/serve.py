@@ -1,7 +1,10 @@
 """Run the orchestrator in this process: what `iota orchestrator serve` calls (see iota_orchestrator/cli.py).
 
-Prints `iota orchestrator listening on http://HOST:PORT` once it accepts requests and writes
+At first start (or with --new-admin-token) it writes the admin token to `<data-dir>/admin-token` (0600)
+and prints that path, never the token: under systemd stdout goes to the journal. Prints
+`iota orchestrator listening on http://HOST:PORT` once it accepts requests and writes
 `<data-dir>/server.json` ({url, pid}) for scripts; SIGTERM or Ctrl-C shut it down cleanly (exit 0).
+A data dir it cannot use raises DataDirError before anything listens.
 """
 
 from __future__ import annotations
@@ -56,9 +59,12 @@ def serve(
     logging.basicConfig(
         level=getattr(logging, log_level.upper(), logging.WARNING), format="%(levelname)s %(message)s"
     )
+    # Everything made from here on (database, blobs, caches) is the owner's only: the database holds
+    # the key that signs blob URLs.
+    os.umask(0o077)
     opened = open_state(config, os.environ.get("IOTA_ADMIN_TOKEN") or None, rotate_admin)
-    if opened.admin_token:
-        print(f"admin token (shown once, keep it safe): {opened.admin_token}", flush=True)
+    if opened.admin_token_file:
+        print(f"admin token written to {opened.admin_token_file} (readable by this user only)", flush=True)
     sock = bind(host, port)
     bound_port = sock.getsockname()[1]
     url = url_for(host, bound_port)
@@ -93,6 +99,9 @@ async def _run(server: object, sock: socket.socket, url: str, info: Path) -> Non
     while not server.started and not task.done():  # type: ignore[attr-defined]
         await asyncio.sleep(0.02)
     if server.started:  # type: ignore[attr-defined]
-        atomic_write(info, json.dumps({"url": url, "pid": os.getpid()}).encode(), mode=0o644)
+        try:
+            atomic_write(info, json.dumps({"url": url, "pid": os.getpid()}).encode(), mode=0o600)
+        except OSError as e:  # only scripts read it; the server itself is up
+            logging.getLogger("iota_orchestrator").warning("cannot write %s: %s", info, e.strerror or e)
         print(f"{LISTENING} {url}", flush=True)
     await task

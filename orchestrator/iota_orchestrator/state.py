@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import TypeVar, TypeVarTuple
 
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import OperationalError
 
-from iota_orchestrator import auth, db
+from iota_orchestrator import auth, datadir, db
 from iota_orchestrator.blobs import BlobStore
 from iota_orchestrator.wakeups import Wakeups
 
@@ -130,21 +131,46 @@ class State:
 @dataclass(frozen=True)
 class Opened:
     state: State
-    admin_token: str | None  # set when it was generated now (print it once)
+    admin_token_file: Path | None  # where the admin token made at this start was written (print the path)
 
 
 def open_state(config: ServerConfig, admin_from_env: str | None = None, rotate_admin: bool = False) -> Opened:
-    """Open (or create) the data dir: migrate the database, set up secrets, give live workers grace."""
-    config.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = db.open_engine(config.data_dir / "orchestrator.sqlite3", config.sync)
-    db.migrate(engine)
-    with engine.begin() as conn:
-        token = auth.ensure_admin(conn, admin_from_env, rotate_admin)
-        secret = auth.ensure_secret(conn)
-    blobs = BlobStore(config.data_dir / "blobs", secret, fsync=config.sync == "full", ttl_s=config.url_ttl_s)
-    state = State(config, engine, blobs)
-    from iota_orchestrator import lease
+    """Open (or create) the data dir: migrate the database, set up secrets, give live workers grace.
 
-    with state.tx() as conn:
-        lease.grant_restart_grace(conn, time.time())
-    return Opened(state, token)
+    Raises DataDirError (one line, no traceback) when the data dir or its database cannot be used.
+    """
+    datadir.prepare(config.data_dir)
+    engine = db.open_engine(config.data_dir / datadir.DATABASE, config.sync)
+    token_file = None
+    try:
+        db.migrate(engine)
+        with engine.begin() as conn:
+            changes = rotate_admin or db.get_meta(conn, auth.ADMIN_KEY) is None
+            token = auth.ensure_admin(conn, admin_from_env, rotate_admin)
+            secret = auth.ensure_secret(conn)
+            if token is not None:  # in the transaction: a token nobody could read is never stored
+                token_file = datadir.write_admin_token(config.data_dir, token)
+            elif changes:  # set from IOTA_ADMIN_TOKEN: a file from before would hold a stale token
+                datadir.forget_admin_token(config.data_dir)
+        datadir.secure_files(config.data_dir)
+        blobs = BlobStore(
+            config.data_dir / "blobs", secret, fsync=config.sync == "full", ttl_s=config.url_ttl_s
+        )
+        state = State(config, engine, blobs)
+        from iota_orchestrator import lease
+
+        with state.tx() as conn:
+            lease.grant_restart_grace(conn, time.time())
+    except (OperationalError, db.SchemaError, OSError, datadir.DataDirError) as e:
+        engine.dispose()
+        raise _unusable(config.data_dir, e) from None
+    return Opened(state, token_file)
+
+
+def _unusable(data_dir: Path, e: Exception) -> datadir.DataDirError:
+    if isinstance(e, datadir.DataDirError):
+        return e
+    if isinstance(e, OSError):
+        return datadir.failure(data_dir, "open the database", e)
+    reason = str(e.orig) if isinstance(e, OperationalError) else str(e)
+    return datadir.DataDirError(f"data dir {data_dir}: cannot open the database: {reason}", "full" in reason)
