@@ -34,26 +34,28 @@ class OptimConfig:
 
 @dataclass(frozen=True, config=PLAIN)
 class TrainConfig:
-    batch_size: int = Field(default=8, ge=1, description="sequences per work item (microbatch)")
-    seq_len: int = Field(default=128, ge=1, description="tokens per sequence; at most model.context")
+    batch_size: int = Field(default=8, ge=1, le=1 << 16, description="sequences per work item (microbatch)")
+    seq_len: int = Field(
+        default=128, ge=1, le=1 << 20, description="tokens per sequence; at most model.context"
+    )
     backward_per_step: int = Field(
-        default=4, ge=1, description="local optimizer step every k backward passes"
+        default=4, ge=1, le=1 << 20, description="local optimizer step every k backward passes"
     )
     merge_interval: int = Field(
-        default=10, ge=1, description="local optimizer steps between merges of a stage's replicas"
+        default=10, ge=1, le=1 << 31, description="local optimizer steps between merges of a stage's replicas"
     )
     merge_timeout_s: float = Field(
         default=60.0, ge=0.1, le=86400, description="a merge round closes with whoever contributed by then"
     )
     max_samples: int = Field(
-        default=0, ge=0, description="stop issuing new samples after this many (0: until stopped)"
+        default=0, ge=0, le=1 << 53, description="stop issuing new samples after this many (0: until stopped)"
     )
     lease_s: float = Field(default=30.0, ge=0.1, le=86400, description="a worker silent this long is dropped")
     work_timeout_s: float = Field(
         default=60.0, ge=0.1, le=86400, description="a claimed item not completed by then is re-issued"
     )
     max_inflight_per_head: int = Field(
-        default=4, ge=1, description="samples a head worker may have in the pipeline at once"
+        default=4, ge=1, le=1024, description="samples a head worker may have in the pipeline at once"
     )
     max_claims_per_worker: int = Field(
         default=2,
@@ -78,7 +80,9 @@ class DataConfig:
     source: str = Field(
         default="", description="a directory or glob of text files on the orchestrator's machine"
     )
-    shard_bytes: int = Field(default=1 << 20, ge=1, description="bytes of corpus a data shard covers")
+    shard_bytes: int = Field(
+        default=1 << 20, ge=1, le=1 << 40, description="bytes of corpus a data shard covers"
+    )
 
 
 @dataclass(frozen=True, config=PLAIN)

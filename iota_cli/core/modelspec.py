@@ -35,20 +35,28 @@ class ModelConfig:
     """
 
     vocab_size: int = Field(
-        default=BYTE_VOCAB + len(SPECIAL_TOKENS), description="token ids the model embeds"
+        default=BYTE_VOCAB + len(SPECIAL_TOKENS), ge=1, le=1 << 24, description="token ids the model embeds"
     )
-    d_model: int = Field(default=512, description="width of the residual stream")
-    n_layers: int = Field(default=8, description="transformer blocks in the whole model")
-    n_heads: int = Field(default=8, description="query heads per block")
-    n_kv_heads: int = Field(default=4, description="key/value heads per block (grouped-query attention)")
-    ffn_dim: int = Field(default=1408, description="hidden width of the SwiGLU feed-forward")
-    context: int = Field(default=256, description="longest sequence the model is built for")
+    d_model: int = Field(default=512, ge=1, le=1 << 16, description="width of the residual stream")
+    n_layers: int = Field(default=8, ge=0, le=1024, description="transformer blocks in the whole model")
+    n_heads: int = Field(default=8, ge=1, le=1024, description="query heads per block")
+    n_kv_heads: int = Field(
+        default=4, ge=1, le=1024, description="key/value heads per block (grouped-query attention)"
+    )
+    ffn_dim: int = Field(
+        default=1408, ge=1, le=1 << 18, description="hidden width of the SwiGLU feed-forward"
+    )
+    context: int = Field(default=256, ge=1, le=1 << 20, description="longest sequence the model is built for")
     bottleneck_dim: int = Field(
         default=8,
+        ge=1,
+        le=1 << 16,
         description="width of what crosses a stage boundary; d_model / bottleneck_dim is the compression",
     )
-    rope_theta: float = Field(default=10000.0, description="base of the rotary embedding angles")
-    norm_eps: float = Field(default=1e-5, description="RMSNorm epsilon")
+    rope_theta: float = Field(
+        default=10000.0, gt=1.0, le=1e12, description="base of the rotary embedding angles"
+    )
+    norm_eps: float = Field(default=1e-5, gt=0.0, lt=1.0, description="RMSNorm epsilon")
     dtype: str = Field(
         default="float32",
         description="compute dtype (float32, bfloat16, float16); master weights are float32",
@@ -58,7 +66,7 @@ class ModelConfig:
     stages: tuple[int, ...] = Field(
         default=(), description="layers per stage: head, body..., tail (empty: split_layers(n_layers, 3))"
     )
-    init_std: float = Field(default=0.02, description="standard deviation of the normal init")
+    init_std: float = Field(default=0.02, gt=0.0, le=1.0, description="standard deviation of the normal init")
 
     def __post_init__(self) -> None:
         if not self.stages:
