@@ -275,11 +275,12 @@ def unsettled(conn: Connection, run_id: str) -> int:
 
 
 def current_weights(conn: Connection, run_id: str) -> Sequence[Any]:
-    """(stage, epoch, weights_key, sha256, quarantined) of every stage's current weights."""
+    """(stage, epoch, weights_key, sha256, quarantined) of every stage's current weights (sha256 None: no
+    blob row)."""
     B = db.blobs
     return conn.execute(
         select(ST.c.stage, ST.c.epoch, ST.c.weights_key, B.c.sha256, B.c.quarantined)
-        .select_from(ST.join(B, B.c.key == ST.c.weights_key))
+        .select_from(ST.outerjoin(B, B.c.key == ST.c.weights_key))
         .where(ST.c.run_id == run_id)
         .order_by(ST.c.stage)
     ).all()

@@ -52,7 +52,7 @@ def watch_weights(state: State, ctx: RunCtx, now: float) -> None:
     with state.tx() as conn:
         current = merge.current_weights(conn, ctx.run_id)
     for stage, epoch, key, sha, quarantined in current:
-        if quarantined:  # failed loudly already; the replicas' next merge replaces them
+        if quarantined or sha is None:  # failed loudly already; the replicas' next merge replaces them
             continue
         try:
             st = os.stat(state.blobs.path(key))

@@ -82,7 +82,7 @@ def run_status(conn: Connection, ctx: RunCtx) -> dict[str, Any]:
                 "queue_forward": depths.get((s, "forward"), 0),
                 "queue_backward": depths.get((s, "backward"), 0),
                 "epoch": int(weights[s].epoch) if s in weights else 0,
-                "weights_ok": not (s in weights and weights[s].quarantined),
+                "weights_ok": not (s in weights and bool(weights[s].quarantined)),
                 "optimizer_steps": sum(int(w.steps) for w in mine),
                 "forward_done": done.get((s, "forward"), 0),
                 "backward_done": done.get((s, "backward"), 0),
