@@ -240,14 +240,18 @@ def test_an_item_that_keeps_expiring_is_dropped(orch):
 
 
 def test_a_worker_whose_claims_lapse_gets_fewer(orch):
-    run_id = make_run(orch, work_timeout_s=0.4, max_inflight_per_head=4)
+    run_id = make_run(orch, work_timeout_s=1.5, max_inflight_per_head=4)
     head, body = pinned(orch, run_id, 0, "head"), pinned(orch, run_id, 1, "body")
     for _ in range(4):
         head.do(head.claim())
-    assert body.claim() and body.claim() and body.claim() is None, "two claims at once by default"
+    first = body.claim()
+    assert first and body.claim() is None, "a newcomer holds one claim until it delivers"
+    body.do(first)
+    assert body.claim() and body.claim() and body.claim() is None, "then two claims at once"
     until(lambda: faults_of(body).get("expired") == 2, what="both claims to lapse")
-    held = body.claim()
-    assert held is not None and body.claim() is None, "one claim at a time while claims lapse"
+    assert body.claim() is None, "two lapses: no claim at all for a back-off after the latest"
+    held = until(body.claim, what="the back-off to end by itself")
+    assert body.claim() is None, "then one claim at a time while claims lapse"
     body.do(held)
     assert body.claim() is not None and body.claim() is None, "one lapse is still not made up for"
     with SwarmApi.connect(orch.url, ADMIN) as admin:
@@ -336,11 +340,14 @@ def test_a_contributor_cannot_hoard_claims_on_a_stage(orch):
     run_id = make_run(orch, max_inflight_per_head=5)
     head = pinned(orch, run_id, 0, "head")
     hoarder, honest = pinned(orch, run_id, 1, "hoarder"), pinned(orch, run_id, 1, "honest")
-    for _ in range(4):
+    for _ in range(5):
         head.do(head.claim())
+    first = hoarder.claim()
+    assert first and hoarder.claim() is None, "a newcomer holds one claim until it delivers"
+    hoarder.do(first)  # proven: from now on max_claims_per_worker = 2
     held = [hoarder.claim() for _ in range(4)]
     assert [h is not None for h in held] == [True, True, False, False], "max_claims_per_worker = 2"
-    taken = [honest.claim(), honest.claim()]
+    taken = [honest.claim()]
     assert all(taken), "the rest goes to others"
     assert {i["sample_id"] for i in taken}.isdisjoint({i["sample_id"] for i in held if i})
 

@@ -3,7 +3,8 @@
 Kinds: `rejected` (a result or merge contribution the server refused), `bad_output` (a later stage
 reported this contributor's output as bad input), `expired` (a claim lapsed past its deadline). A lapse
 also raises the assignment's `lapses` balance, which each completion lowers again; while it is above 0
-the contributor may hold one claim at a time instead of `train.max_claims_per_worker`.
+the contributor may hold one claim at a time instead of `train.max_claims_per_worker`, and from 2 up none
+for a back-off after its latest lapse (see claim_limit).
 
 A refusal is an error the request answers with, so its fault must be recorded in a transaction of its
 own (the request's transaction rolls back): raise Rejected, and the endpoint charges it (see api/work.py).
@@ -63,9 +64,29 @@ def delivered(conn: Connection, run_id: str, contributor_id: str) -> None:
     conn.execute(_DELIVERED, {"run": run_id, "cid": contributor_id})
 
 
-def claim_limit(train: TrainConfig, assignment: Any) -> int:
-    """How many claims this worker may hold at once: fewer while its claims lapse more than it delivers."""
-    return 1 if assignment.lapses > 0 else train.max_claims_per_worker
+_LAST_LAPSE = select(F.c.last).where(
+    F.c.run_id == bindparam("run"), F.c.contributor_id == bindparam("cid"), F.c.kind == "expired"
+)
+
+
+def claim_limit(conn: Connection, train: TrainConfig, assignment: Any, now: float) -> int:
+    """How many claims this worker may hold at once: fewer while its claims lapse more than it delivers.
+
+    A newcomer holds one claim until it has delivered something (a hoarder's first grab is then one item).
+    One lapse too many: one claim at a time. Two or more (one, before any delivery): none at all for a
+    while after the latest, doubling with each (a hoarder would otherwise hold an item per deadline
+    forever); the wait ends by itself, so an honest machine that slept gets work again.
+    """
+    proven = assignment.credits > 0
+    if assignment.lapses <= 0:
+        return train.max_claims_per_worker if proven else 1
+    if assignment.lapses >= (2 if proven else 1):
+        args = {"run": assignment.run_id, "cid": assignment.contributor_id}
+        last = conn.execute(_LAST_LAPSE, args).scalar()
+        bench = train.work_timeout_s * 2 ** min(assignment.lapses - 1, 6)
+        if last is not None and now - last < bench:
+            return 0
+    return 1
 
 
 def by_contributor(conn: Connection, run_id: str) -> dict[str, dict[str, int]]:

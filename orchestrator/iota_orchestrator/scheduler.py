@@ -119,7 +119,9 @@ def claim(
     if run.state != "running":
         return None
     t = ctx.manifest.train
-    if conn.execute(_HELD, {"cid": cid, "run": ctx.run_id}).scalar_one() >= faults.claim_limit(t, a):
+    if conn.execute(_HELD, {"cid": cid, "run": ctx.run_id}).scalar_one() >= faults.claim_limit(
+        conn, t, a, now
+    ):
         return None
     row = conn.execute(_ROUTED, {"cid": cid, "run": ctx.run_id}).first()
     room = stage != 0 or conn.execute(_INFLIGHT, {"run": ctx.run_id, "cid": cid}).scalar_one() < (
