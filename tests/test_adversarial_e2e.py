@@ -334,8 +334,15 @@ def test_malformed_safetensors_headers_are_refused_and_cost_the_swarm_little(cle
     run = play(clean, tmp_path, "malformed headers", factory)
     c = cheated(run)
     tried = set(c.tried) | {e.split(": ", 1)[1] for e in c.events if e.startswith("upload refused: ")}
-    unsent = set(MALFORMED) - tried
-    check(run, clean, *([f"malformed variants never sent: {unsent}"] if unsent else []))
+    # The server benches a contributor whose results it refuses, so the cheater may not get to send every
+    # variant here; each one is refused on its own in tests/test_orchestrator_fuzz.py and test_tensors.py.
+    refused = c.replies.get(("complete", 422), 0) + sum(e.startswith("upload refused: ") for e in c.events)
+    problems = (
+        []
+        if tried and refused >= len(tried & set(MALFORMED))
+        else [f"variants sent {tried}, refused {refused}"]
+    )
+    check(run, clean, *problems)
 
 
 def test_non_finite_activations_from_the_head_are_dropped(clean, tmp_path):

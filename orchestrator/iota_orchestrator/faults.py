@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 
 from iota_cli.core.manifest import TrainConfig
 from iota_orchestrator import db
 from iota_orchestrator.errors import Invalid
 
 F, A = db.faults, db.assignments
+LAPSES = ("expired", "rejected")  # faults that cost claims: a lapsed claim, a refused result
 DETAIL_CHARS = 300
 
 
@@ -42,9 +43,12 @@ def charge(conn: Connection, run_id: str, contributor_id: str, kind: str, detail
         )
 
 
-def lapse(conn: Connection, run_id: str, contributor_id: str, detail: str, now: float) -> None:
-    """A claim of this contributor passed its deadline: a fault, and one claim at a time until it delivers."""
-    charge(conn, run_id, contributor_id, "expired", detail, now)
+def lapse(
+    conn: Connection, run_id: str, contributor_id: str, detail: str, now: float, kind: str = "expired"
+) -> None:
+    """A claim of this contributor passed its deadline (or its result was refused: kind "rejected"): a
+    fault, and fewer claims until it delivers (see claim_limit)."""
+    charge(conn, run_id, contributor_id, kind, detail, now)
     conn.execute(
         update(A)
         .where(A.c.run_id == run_id, A.c.contributor_id == contributor_id)
@@ -64,8 +68,8 @@ def delivered(conn: Connection, run_id: str, contributor_id: str) -> None:
     conn.execute(_DELIVERED, {"run": run_id, "cid": contributor_id})
 
 
-_LAST_LAPSE = select(F.c.last).where(
-    F.c.run_id == bindparam("run"), F.c.contributor_id == bindparam("cid"), F.c.kind == "expired"
+_LAST_LAPSE = select(func.max(F.c.last)).where(
+    F.c.run_id == bindparam("run"), F.c.contributor_id == bindparam("cid"), F.c.kind.in_(LAPSES)
 )
 
 

@@ -164,7 +164,7 @@ def _complete(state: State, work_id: str, cid: str, body: WorkComplete) -> WorkC
 
 def _charge(state: State, e: Rejected, cid: str) -> None:
     with state.tx() as conn:
-        faults.charge(conn, e.run_id, cid, "rejected", e.detail, now())
+        faults.lapse(conn, e.run_id, cid, e.detail, now(), kind="rejected")
 
 
 @router.post("/work/{work_id}/abandon", response_model=Ok)
