@@ -80,3 +80,13 @@ class InProcessOrchestrator:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def until(predicate, timeout: float = 15.0, what: str = "condition"):
+    """Poll predicate until it returns something truthy (and return that), or fail the test."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import math
 import struct
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pytest
-from inprocess_orchestrator import InProcessOrchestrator
+from inprocess_orchestrator import InProcessOrchestrator, until
 from iota_orchestrator import chains, db
 from simworker import SimWorker
 from sqlalchemy import func, inspect, select, text
@@ -63,15 +62,6 @@ def status(w: SimWorker):
 def faults_of(w: SimWorker) -> dict[str, int]:
     found = [ws for s in status(w).stages for ws in s.workers if ws.contributor_id == w.contributor_id]
     return found[0].faults
-
-
-def until(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def stored(orch: InProcessOrchestrator, ref: dict):

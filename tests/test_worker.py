@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 import pytest
 from fake_stage import FakeStage
-from inprocess_orchestrator import InProcessOrchestrator
+from inprocess_orchestrator import InProcessOrchestrator, until
 from simworker import SimWorker
 
 from iota_cli.core.manifest import tiny_manifest
@@ -118,15 +118,6 @@ def alive(*sims: SimWorker) -> Iterator[None]:
     finally:
         done.set()
         th.join(5)
-
-
-def until(predicate, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def stage_status(orch: InProcessOrchestrator, run_id: str):
