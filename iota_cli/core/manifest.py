@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
@@ -41,12 +41,6 @@ class TrainConfig:
     backward_per_step: int = Field(
         default=4, ge=1, le=1 << 20, description="local optimizer step every k backward passes"
     )
-    merge_interval: int = Field(
-        default=10, ge=1, le=1 << 31, description="local optimizer steps between merges of a stage's replicas"
-    )
-    merge_timeout_s: float = Field(
-        default=60.0, ge=0.1, le=86400, description="a merge round closes with whoever contributed by then"
-    )
     max_samples: int = Field(
         default=0, ge=0, le=1 << 53, description="stop issuing new samples after this many (0: until stopped)"
     )
@@ -76,6 +70,38 @@ class TrainConfig:
 
 
 @dataclass(frozen=True, config=PLAIN)
+class MergeConfig:
+    """How a stage's replicas merge (docs/protocol.md, "Merging"): rounds of butterfly all-reduce among
+    the replicas, then an outer optimizer step on the mean of their pseudo-gradients."""
+
+    strategy: Literal["diloco", "average"] = Field(
+        default="diloco",
+        description="diloco: outer Nesterov step on the mean pseudo-gradient; average: weight averaging",
+    )
+    interval: int = Field(
+        default=10, ge=1, le=1 << 31, description="local optimizer steps between a replica's contributions"
+    )
+    timeout_s: float = Field(
+        default=60.0,
+        ge=0.1,
+        le=86400,
+        description="a round's contribute phase closes with whoever is in by then",
+    )
+    wire_dtype: Literal["BF16", "F32"] = Field(
+        default="BF16",
+        description="dtype of the pseudo-gradients and the outer momentum on the wire and at rest",
+    )
+    outer_lr: float = Field(default=0.7, gt=0, le=10, description="outer learning rate (diloco)")
+    outer_momentum: float = Field(default=0.9, ge=0, lt=1, description="outer Nesterov momentum (diloco)")
+    momentum_start: float = Field(
+        default=0.5, ge=0, lt=1, description="the momentum of the first round, warming up to outer_momentum"
+    )
+    momentum_warmup: int = Field(
+        default=20, ge=0, le=1 << 31, description="rounds over which the momentum warms up (0: none)"
+    )
+
+
+@dataclass(frozen=True, config=PLAIN)
 class DataConfig:
     source: str = Field(
         default="", description="a directory or glob of text files on the orchestrator's machine"
@@ -93,6 +119,7 @@ class RunManifest:
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     seed: int = Field(
         default=0, ge=0, le=2**63 - 1, description="seeds the epoch-0 weights (modelspec.initial_weights)"
@@ -138,8 +165,6 @@ def tiny_manifest(data_source: str, max_samples: int = 0) -> RunManifest:
         batch_size=8,
         seq_len=64,
         backward_per_step=2,
-        merge_interval=10,
-        merge_timeout_s=20.0,
         max_samples=max_samples,
         lease_s=20.0,
         work_timeout_s=30.0,
@@ -150,5 +175,6 @@ def tiny_manifest(data_source: str, max_samples: int = 0) -> RunManifest:
         model=ModelConfig.from_dict({**TINY_MODEL.to_dict(), "wire_dtype": "float32"}),
         train=train,
         optim=OptimConfig(lr=3e-3, weight_decay=0.01),
+        merge=MergeConfig(interval=10, timeout_s=20.0, wire_dtype="F32"),
         data=DataConfig(source=data_source, shard_bytes=256 * 1024),
     )

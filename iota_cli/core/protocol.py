@@ -194,9 +194,12 @@ class Heartbeat(Model):
 
 
 class MergeRound(Model):
+    """A merge round this replica has a part in (see MergePlan for the whole of it)."""
+
     stage: int
     epoch: int
-    upload: UploadRef
+    phase: Literal["contribute", "reduce"]
+    upload: UploadRef | None = None  # contribute: where this replica's update blob goes
     deadline_s: float
 
 
@@ -211,17 +214,74 @@ class HeartbeatReply(Model):
 
 
 class MergeComplete(Model):
+    """A replica's update (pseudo-gradient) for the round, uploaded to MergeRound.upload."""
+
     run_id: Id
     stage: Stage
     epoch: Count
     sha256: Sha256
     size: Count
-    weight: Real = 1.0  # backward passes since the last merge
+    step: Count = 0  # the replica's local optimizer step when it took the update (paces the next round)
 
 
 class MergeCompleteReply(Model):
     accepted: bool
     epoch: int  # the stage's current weights epoch
+
+
+class MergeSlice(Model):
+    """Bytes [offset, offset + length) of the blob at url (an HTTP Range), hashing to sha256."""
+
+    url: str
+    offset: int
+    length: int
+    sha256: str
+
+
+class MergePart(Model):
+    """One partition [start, stop) of a stage's flat parameter vector, in a round."""
+
+    part: int
+    start: int
+    stop: int
+    owned: bool = False  # the caller is one of its two owners
+    # Reducing, for an owner: every contribution's slice (contributors in a fixed order, the same for
+    # every owner), the work the orchestrator counted for each, and where the epoch-E momentum is.
+    sources: list[MergeSlice] = []
+    weights: list[float] = []
+    mine: int | None = None  # which of sources is the caller's own upload (it may use its local copy)
+    momentum: MergeSlice | None = None  # None: zeros (first round) or a strategy without momentum
+    upload: UploadRef | None = None  # where the owner puts its part blob
+    # Closed: where this partition's merged weights lie inside the published weights blob.
+    result: MergeSlice | None = None
+
+
+class MergePlan(Model):
+    """GET /v1/merge/plan: the round of (stage, epoch) as the caller should see it."""
+
+    stage: int
+    epoch: int
+    state: Literal["open", "reducing", "closed", "gone"]  # gone: no such round (superseded or forgotten)
+    size: int  # elements in the stage's flat parameter vector
+    round_index: int  # what the outer momentum warm-up counts (the epoch being merged)
+    parts: list[MergePart] = []
+    weights: BlobRef | None = None  # closed: the published weights of epoch + 1
+
+
+class MergePartDone(Model):
+    """An owner's result for one partition, uploaded to MergePart.upload."""
+
+    run_id: Id
+    stage: Stage
+    epoch: Count
+    part: Count
+    sha256: Sha256
+    size: Count
+
+
+class MergePartReply(Model):
+    accepted: bool  # this result is (or equals) the partition's result
+    state: Literal["open", "reducing", "closed", "gone"]
 
 
 # --- work ----------------------------------------------------------------------------------------------
