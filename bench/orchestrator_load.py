@@ -9,7 +9,9 @@ heartbeat_s (10 s at the default 30 s lease). Claims long-poll (`wait_s`, 2 s li
 `claim` is the time until an item arrived (waiting included) and `claim_204` a wait that ended empty;
 with --claim-wait 0 workers poll instead and pause 0.5-1 s after a 204. The workers are asyncio tasks over
 keep-alive connections with a minimal HTTP/1.1 client, so a thousand of them cost little CPU next to the
-server. Prints, per endpoint: requests, requests/s, p50 and p99 latency in ms.
+server. Prints, per endpoint: requests, requests/s, p50 and p99 latency in ms; last, one JSON line
+(requests_per_s, items_per_s, tokens_per_s, errors, server_cpu_share, endpoints: {name: requests_per_s,
+p50_ms, p99_ms}).
 """
 
 from __future__ import annotations
@@ -177,7 +179,8 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def report(n: int, res: dict, status: dict) -> None:
+def report(n: int, res: dict, status: dict) -> dict:
+    """Print the table; return the figures the JSON line carries."""
     elapsed = res["elapsed"]
     total = sum(len(v) for v in LAT.values())
     rps, ips = total / elapsed, res["items"] / elapsed
@@ -187,12 +190,26 @@ def report(n: int, res: dict, status: dict) -> None:
         f"errors {dict(ERRORS) or 0}"
     )
     print(f"{'endpoint':12s} {'requests':>9s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s}")
+    endpoints = {}
     for name in ("claim", "claim_204", "complete", "heartbeat", "blob_put", "blob_get"):
         xs = sorted(LAT.get(name, []))
         if not xs:
             continue
         p50, p99 = statistics.median(xs) * 1e3, xs[min(len(xs) - 1, int(0.99 * len(xs)))] * 1e3
         print(f"{name:12s} {len(xs):9d} {len(xs) / elapsed:8.0f} {p50:8.1f} {p99:8.1f}")
+        endpoints[name] = {
+            "requests_per_s": round(len(xs) / elapsed, 1),
+            "p50_ms": round(p50, 2),
+            "p99_ms": round(p99, 2),
+        }
+    return {
+        "workers": n,
+        "requests_per_s": round(rps, 1),
+        "items_per_s": round(ips, 1),
+        "tokens_per_s": round(status["tokens_processed"] / elapsed, 1),
+        "errors": sum(ERRORS.values()),
+        "endpoints": endpoints,
+    }
 
 
 def main() -> None:
@@ -209,7 +226,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         corpus = write_corpus(Path(tmp) / "text", files=8, words=20000)
         m = tiny_manifest(str(corpus))
-        m = replace(m, train=replace(m.train, lease_s=30.0, work_timeout_s=60.0, merge_interval=1_000_000))
+        m = replace(
+            m,
+            train=replace(m.train, lease_s=30.0, work_timeout_s=60.0),
+            merge=replace(m.merge, interval=1_000_000),
+        )
         orch = None
         if a.url is None:
             orch = OrchestratorProcess(Path(tmp) / "data", admin_token=a.admin_token, sync=a.sync).start()
@@ -229,13 +250,15 @@ def main() -> None:
             res = asyncio.run(drive(url, run_id, a.workers, a.duration, a.claim_wait))
             status = requests.get(f"{url}/v1/runs/{run_id}/status", timeout=60).json()
             print(f"orchestrator {url} (sync={a.sync}), run {run_id}")
-            report(a.workers, res, status)
+            figures = report(a.workers, res, status)
             if cpu0 is not None:
                 used = cpu_seconds(orch.pid) - cpu0
                 share = 100 * used / res["elapsed"]
+                figures["server_cpu_share"] = round(share / 100, 3)
                 print(
                     f"server process CPU: {used:.1f} s over {res['elapsed']:.1f} s ({share:.0f}% of a core)"
                 )
+            print(json.dumps(figures))
         finally:
             if orch is not None:
                 orch.stop()
