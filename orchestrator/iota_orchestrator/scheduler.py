@@ -3,10 +3,10 @@
 Backward work is handed out before forward work, and only to the worker that ran the matching forward.
 Queues are fair: a worker holds at most `train.max_claims_per_worker` claims (1 while its claims lapse,
 see faults.py), an item given back goes to others first, and a head takes a sample, new or given back,
-only while fewer than `train.max_inflight_per_head` of its own are in flight, so claiming and giving back
-in a loop cannot swell the pipeline. Every result is read and checked before it is accepted
-(integrity.py). Functions here run inside a State.tx() transaction and return wakeup keys for
-long-polling claims.
+only while fewer than `train.max_inflight_per_head` of its own are in flight (not counting chains stalled
+behind another worker's long-held claim), so claiming and giving back in a loop cannot swell the pipeline.
+Every result is read and checked before it is accepted (integrity.py). Functions here run inside a
+State.tx() transaction and return wakeup keys for long-polling claims.
 """
 
 from __future__ import annotations
@@ -84,8 +84,23 @@ _OTHERS = (
     )
     .limit(1)
 )
+# A chain stuck behind an item another worker has held past STALLED_SHARE of the work timeout stops
+# counting toward its head's pipeline depth, so one slow or hoarding worker costs the swarm a slot for
+# that long, not for the whole timeout. Bounded: each such chain is pinned by a claim, and claims are few.
+STALLED_SHARE = 0.25
+_STALLED = (
+    select(W.c.id)
+    .where(
+        W.c.run_id == C.c.run_id,
+        W.c.sample_id == C.c.sample_id,
+        W.c.state == "claimed",
+        W.c.worker != bindparam("cid"),
+        W.c.claimed < bindparam("stalled"),
+    )
+    .exists()
+)
 _INFLIGHT = select(func.count()).where(
-    C.c.run_id == bindparam("run"), C.c.head_worker == bindparam("cid"), C.c.state == "active"
+    C.c.run_id == bindparam("run"), C.c.head_worker == bindparam("cid"), C.c.state == "active", ~_STALLED
 )
 _TAKE = (
     update(W)
@@ -124,9 +139,10 @@ def claim(
     ):
         return None
     row = conn.execute(_ROUTED, {"cid": cid, "run": ctx.run_id}).first()
-    room = stage != 0 or conn.execute(_INFLIGHT, {"run": ctx.run_id, "cid": cid}).scalar_one() < (
-        t.max_inflight_per_head
-    )
+    stalled = now - STALLED_SHARE * t.work_timeout_s
+    room = stage != 0 or conn.execute(
+        _INFLIGHT, {"run": ctx.run_id, "cid": cid, "stalled": stalled}
+    ).scalar_one() < (t.max_inflight_per_head)
     if row is None and room:
         row = _queued(conn, ctx, cid, stage, now)
     new_tokens = None
