@@ -1,9 +1,10 @@
 """A simulated worker: drives a real orchestrator through the worker's own SwarmApi, without a backend.
 
 It plays every protocol step `iota join` plays (register, assignment, heartbeat, claim, download, upload,
-complete, merge) with stand-in tensors of the right names and shapes, so the API tests exercise the
-same request code as the real worker. Each reply is parsed into its protocol model (a reply that does
-not fit fails the test) and handed back as the JSON the server sent, since the tests assert on the wire.
+complete, merge: contribute an update, reduce the partitions it owns) with stand-in tensors of the right
+names and shapes, so the API tests exercise the same request code as the real worker. Each reply is
+parsed into its protocol model (a reply that does not fit fails the test) and handed back as the JSON
+the server sent, since the tests assert on the wire.
 `request()` is raw HTTP, for the tests that check how the server refuses what a correct client never
 sends. The sim never waits for a server that is down: a test sees every failure as it happens.
 
@@ -15,11 +16,14 @@ sends. The sim never waits for a server that is down: a test sees every failure 
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import requests
 
+from iota_cli.core import flat, outer
 from iota_cli.core.protocol import (
     PROTOCOL_HEADER,
     PROTOCOL_VERSION,
@@ -29,6 +33,8 @@ from iota_cli.core.protocol import (
     ClaimRequest,
     Heartbeat,
     MergeComplete,
+    MergePartDone,
+    MergePlan,
     MergeRound,
     RegisterRequest,
     UploadRef,
@@ -158,9 +164,12 @@ class SimWorker:
         self.epoch = beat["epoch"]
         return tensors
 
-    def contribute(self, merge: JSON, tensors: dict[str, RawTensor], weight: float) -> JSON:
+    def contribute(self, merge: JSON, update: np.ndarray | bytes) -> JSON:
+        """Upload an update (a flat vector in the run's wire dtype, or raw blob bytes) and report it."""
         offer = MergeRound.model_validate(merge)
-        data = encode(tensors)
+        assert offer.upload is not None, "not a contribute offer"
+        m = self.assigned.manifest.merge
+        data = update if isinstance(update, bytes) else flat.update_blob(update, m.wire_dtype)
         sha = self.api.upload(offer.upload, data)
         contribution = MergeComplete(
             run_id=self.run_id,
@@ -168,6 +177,51 @@ class SimWorker:
             epoch=offer.epoch,
             sha256=sha,
             size=len(data),
-            weight=weight,
+            step=self.step,
         )
         return self.api.contribute(contribution).model_dump(mode="json")
+
+    def plan(self, epoch: int, wait_s: float = 0.0) -> MergePlan:
+        q = f"run_id={self.run_id}&stage={self.stage}&epoch={epoch}&wait_s={wait_s}"
+        return MergePlan.model_validate(self.call("GET", f"/v1/merge/plan?{q}"))
+
+    def read_slice(self, url: str, offset: int, length: int) -> bytes:
+        r = self.request("GET", url, headers={"Range": f"bytes={offset}-{offset + length - 1}"})
+        assert r.status_code == 206, r.status_code
+        return r.content
+
+    def reduce(self, epoch: int, base: np.ndarray, timeout: float = 20.0) -> int:
+        """Reduce every partition this replica owns in the round of epoch (base: its epoch-E weights,
+        flat), as an owner does; return how many it reported."""
+        m = self.assigned.manifest.merge
+        deadline, done = time.monotonic() + timeout, 0
+        while time.monotonic() < deadline:
+            plan = self.plan(epoch, wait_s=2.0)
+            todo = [p for p in plan.parts if p.upload is not None]
+            if plan.state in ("closed", "gone") or (plan.state == "reducing" and not todo):
+                return done
+            for p in todo:
+                ups = [
+                    flat.from_wire(self.read_slice(s.url, s.offset, s.length), m.wire_dtype)
+                    for s in p.sources
+                ]
+                mom = None
+                if p.momentum is not None:
+                    raw = self.read_slice(p.momentum.url, p.momentum.offset, p.momentum.length)
+                    mom = flat.from_wire(raw, m.wire_dtype)
+                new, new_m = outer.reduce_partition(m, base[p.start : p.stop], ups, p.weights, mom, epoch)
+                assert p.upload is not None
+                data = flat.part_blob(new, new_m, m.wire_dtype)
+                sha = self.api.upload(p.upload, data)
+                body = MergePartDone(
+                    run_id=self.run_id, stage=self.stage, epoch=epoch, part=p.part, sha256=sha, size=len(data)
+                )
+                self.call("POST", "/v1/merge/part", json=body.model_dump(mode="json"))
+                done += 1
+        raise AssertionError(f"round {epoch} still {plan.state} after {timeout}s")
+
+    def merge(self, merge: JSON, update: np.ndarray) -> int:
+        """A whole round as one replica plays it: contribute, then reduce what it owns."""
+        base = flat.FlatLayout.of(self.assigned.manifest.model, self.stage).flatten(self.weights())
+        self.contribute(merge, update)
+        return self.reduce(merge["epoch"], base)

@@ -36,7 +36,7 @@ def orch(tmp_path_factory):
 
 def make_run(orch: InProcessOrchestrator, **train) -> str:
     m = tiny_manifest(str(orch.corpus))
-    m = replace(m, train=replace(m.train, **{"lease_s": 3.0, "merge_interval": 1000, **train}))
+    m = replace(m, train=replace(m.train, **{"lease_s": 3.0, **train}), merge=replace(m.merge, interval=1000))
     with SwarmApi.connect(orch.url, ADMIN) as admin:
         return admin.create_run(m).run_id
 

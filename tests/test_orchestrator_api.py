@@ -15,6 +15,7 @@ import pytest
 import requests
 from simworker import SimWorker
 
+from iota_cli.core.flat import FlatLayout
 from iota_cli.core.manifest import tiny_manifest
 from iota_cli.core.tensors import RawTensor, decode, encode
 from iota_cli.swarm.corpus import write_corpus
@@ -39,9 +40,9 @@ def post(orch, path, token=None, **kw):
     return requests.post(orch.url + path, headers=headers, timeout=30, **kw)
 
 
-def make_run(orch, max_samples=0, **train):
+def make_run(orch, max_samples=0, merge=None, **train):
     m = tiny_manifest(str(orch.corpus), max_samples=max_samples)
-    m = replace(m, train=replace(m.train, **train))
+    m = replace(m, train=replace(m.train, **train), merge=replace(m.merge, **(merge or {})))
     r = post(orch, "/v1/runs", ADMIN, json={"manifest": m.to_dict()})
     assert r.status_code == 201, r.text
     return r.json()["run_id"]
@@ -283,39 +284,41 @@ def test_item_past_its_deadline_is_reissued(orch):
     assert quick.do(again)["credits"] > 0
 
 
-def test_merge_round_averages_replicas_weighted(orch):
-    run_id = make_run(orch, merge_interval=2)
+def test_merge_round_averages_replicas_updates(orch):
+    run_id = make_run(orch, merge={"interval": 2, "strategy": "average"})
     r1, r2 = pinned(orch, run_id, 1, "r1"), pinned(orch, run_id, 1, "r2")
     head = pinned(orch, run_id, 0, "head")
     assert r1.heartbeat()["merge"] is None and r2.heartbeat()["merge"] is None
     r1.step = 2
     offer = r1.heartbeat()["merge"]
-    assert offer and offer["epoch"] == 0 and offer["stage"] == 1
+    assert offer and offer["epoch"] == 0 and offer["stage"] == 1 and offer["phase"] == "contribute"
     assert r2.heartbeat()["merge"]["epoch"] == 0, "every live replica is asked once a round is open"
-    base = r1.weights()
-    shift = {n: np.frombuffer(t.data, np.float32).reshape(t.shape) for n, t in base.items()}
-    plus = {n: RawTensor("F32", a.shape, (a + 1).tobytes()) for n, a in shift.items()}
-    minus = {n: RawTensor("F32", a.shape, (a - 1).tobytes()) for n, a in shift.items()}
-    bad = dict(plus)
-    bad.pop(next(iter(bad)))
+    layout = FlatLayout.of(r1.assigned.manifest.model, 1)
+    base = layout.flatten(r1.weights())
     with pytest.raises(Exception, match="422"):
-        r1.contribute(offer, bad, 1.0)
-    fake = {"run_id": run_id, "stage": 1, "epoch": 0, "sha256": "0" * 64, "size": 1, "weight": 1.0}
+        r1.contribute(offer, np.ones(layout.size - 1, np.float32))  # one element short
+    fake = {"run_id": run_id, "stage": 1, "epoch": 0, "sha256": "0" * 64, "size": 1}
     assert head.request("POST", "/v1/merge/complete", json=fake).status_code == 403
-    assert r1.contribute(offer, plus, 3.0)["accepted"]
-    assert r2.contribute(r2.heartbeat()["merge"], minus, 1.0)["accepted"]
+    assert r1.contribute(offer, np.full(layout.size, 1.0, np.float32))["accepted"]
+    r2.contribute(r2.heartbeat()["merge"], np.full(layout.size, -3.0, np.float32))
+    assert r1.heartbeat()["merge"] is None, "a contributor is not offered the round again"
+    done = []
+    threads = [threading.Thread(target=lambda w=w: done.append(w.reduce(0, base))) for w in (r1, r2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(30)
+    assert sum(done) == 4, "each of the two partitions is reported by both its owners"
     assert wait_until(lambda: r1.heartbeat()["epoch"] == 1, timeout=10)
-    merged = r2.weights()
-    for n, a in shift.items():
-        got = np.frombuffer(merged[n].data, np.float32).reshape(a.shape)
-        np.testing.assert_allclose(got, a + 0.5, atol=1e-5)
+    merged = layout.flatten(r2.weights())
+    np.testing.assert_allclose(merged, base + 1.0, atol=1e-6)  # base - mean(1, -3): no work counted, equal
     with pytest.raises(Exception, match="409"):
-        r1.contribute(offer, plus, 1.0)
+        r1.contribute(offer, np.zeros(layout.size, np.float32))
     assert r1.heartbeat()["merge"] is None, "nobody is kicked; the next round waits for the interval"
 
 
 def test_run_finishes_with_losses_tokens_steps_and_credits(orch):
-    run_id = make_run(orch, max_samples=3, merge_timeout_s=0.5)
+    run_id = make_run(orch, max_samples=3, merge={"timeout_s": 0.5})
     workers = [pinned(orch, run_id, s, f"s{s}") for s in range(3)]
     for _ in range(40):
         busy = False
@@ -393,7 +396,7 @@ def test_an_empty_stage_pulls_a_replica_from_a_crowded_one(orch):
 
 
 def test_stop_drains_and_finishes_the_run(orch):
-    run_id = make_run(orch, merge_timeout_s=0.5)
+    run_id = make_run(orch, merge={"timeout_s": 0.5})
     workers = [pinned(orch, run_id, s, f"s{s}") for s in range(3)]
     workers[0].do(workers[0].claim())
     r = post(orch, f"/v1/runs/{run_id}/stop", ADMIN)

@@ -101,7 +101,11 @@ def test_a_full_disk_is_503_and_the_swarm_resumes_when_space_returns(small_disk,
         admin = SwarmApi.connect(orch.url, ADMIN, retries=0)
         m = tiny_manifest(str(corpus), max_samples=SAMPLES)
         # Leases and deadlines outlast the outage: nobody is dropped for the server's trouble.
-        m = replace(m, train=replace(m.train, lease_s=60.0, work_timeout_s=60.0, merge_timeout_s=1.0))
+        m = replace(
+            m,
+            train=replace(m.train, lease_s=60.0, work_timeout_s=60.0),
+            merge=replace(m.merge, timeout_s=1.0),
+        )
         run_id = admin.create_run(m).run_id
         stop, waits = threading.Event(), []
         stages = (0, 0, 1, 2)

@@ -123,8 +123,8 @@ def target(tmp_path_factory):
     with OrchestratorProcess(base / "data", admin_token=ADMIN, tick_s=0.2) as orch:
         m = tiny_manifest(str(corpus))
         # Room for every hostile upload to be accepted (were one not refused) without filling the pipeline.
-        train = replace(m.train, lease_s=30.0, merge_interval=1, max_inflight_per_head=64)
-        orch.manifest = replace(m, train=train)
+        train = replace(m.train, lease_s=30.0, max_inflight_per_head=64)
+        orch.manifest = replace(m, train=train, merge=replace(m.merge, interval=1))
         orch.run_id = make_run(orch)
         orch.victim = make_run(orch)  # admin routes (stop, abort) act on this one
         yield orch
@@ -344,11 +344,11 @@ def test_hostile_safetensors_uploads_get_no_5xx(target):
     w.step += 10
     offer = w.heartbeat()["merge"]
     assert offer is not None, "a merge round opens"
-    for data in hostile_tensors("layers.0.attn.wq", [4, 4], "F32"):
+    for data in hostile_tensors("update", [16], "F32"):
 
         def contribute(sha: str, size: int) -> None:
             body = {"run_id": w.run_id, "stage": 0, "epoch": offer["epoch"], "sha256": sha, "size": size}
-            probe.send("POST", "/v1/merge/complete", w.token, json.dumps({**body, "weight": 1.0}).encode())
+            probe.send("POST", "/v1/merge/complete", w.token, json.dumps(body).encode())
 
         upload_and_report(probe, offer["upload"]["url"], data, contribute)
     probe.check()

@@ -23,6 +23,8 @@ from iota_orchestrator import chains, db
 from simworker import SimWorker
 from sqlalchemy import func, inspect, select, text
 
+from iota_cli.core import flat, tensors
+from iota_cli.core.flat import FlatLayout
 from iota_cli.core.manifest import tiny_manifest
 from iota_cli.core.protocol import Abandon
 from iota_cli.core.tensors import RawTensor, encode
@@ -42,9 +44,9 @@ def orch(tmp_path_factory) -> Iterator[InProcessOrchestrator]:
         yield o
 
 
-def make_run(orch: InProcessOrchestrator, **train) -> str:
+def make_run(orch: InProcessOrchestrator, merge: dict | None = None, **train) -> str:
     m = tiny_manifest(str(orch.corpus))
-    m = replace(m, train=replace(m.train, **train))
+    m = replace(m, train=replace(m.train, **train), merge=replace(m.merge, **(merge or {})))
     with SwarmApi.connect(orch.url, ADMIN) as admin:
         return admin.create_run(m).run_id
 
@@ -166,23 +168,39 @@ def test_a_non_finite_gradient_and_loss_from_the_tail_are_refused(orch):
     assert send(tail, item, tail.boundary_tensor("grad"), loss=3.0).status_code == 200
 
 
-def test_non_finite_merge_weights_are_refused(orch):
-    run_id = make_run(orch, merge_interval=1)
+def test_non_finite_merge_updates_and_parts_are_refused(orch):
+    run_id = make_run(orch, merge={"interval": 1})
     r1 = pinned(orch, run_id, 1, "r1")
     r1.heartbeat()
     r1.step = 1
     offer = r1.heartbeat()["merge"]
-    weights = r1.weights()
-    name = sorted(weights)[0]
-    t = weights[name]
-    a = np.frombuffer(t.data, "<f4").copy()
-    a[0] = math.inf
-    poisoned = {**weights, name: RawTensor("F32", t.shape, a.tobytes())}
+    layout = FlatLayout.of(r1.assigned.manifest.model, 1)
+    base = layout.flatten(r1.weights())
+    update = np.zeros(layout.size, np.float32)
+    update[0] = math.inf
     with pytest.raises(ApiError) as e:
-        r1.contribute(offer, poisoned, 1.0)
+        r1.contribute(offer, update)
     assert e.value.status == 422 and "NaN or infinite" in e.value.detail
     assert faults_of(r1) == {"rejected": 1}
-    assert r1.contribute(offer, weights, 1.0)["accepted"]
+    wrong = flat.update_blob(np.zeros(layout.size, np.float32), "BF16")  # the run's wire dtype is F32
+    with pytest.raises(ApiError) as e:
+        r1.contribute(offer, wrong)
+    assert e.value.status == 422 and faults_of(r1) == {"rejected": 2}
+    assert r1.contribute(offer, np.zeros(layout.size, np.float32))["accepted"]
+    plan = until(lambda: (p := r1.plan(0, wait_s=1.0)).state == "reducing" and p, what="the reducing phase")
+    (part,) = plan.parts
+    assert part.owned and part.upload is not None and part.start == 0 and part.stop == layout.size
+    n = part.stop - part.start
+    bad = np.zeros(n, np.float32)
+    bad[3] = math.nan
+    for data in (flat.part_blob(bad, np.zeros(n, np.float32), "F32"), flat.part_blob(base, None, "F32")):
+        sha = r1.api.upload(part.upload, data)
+        body = {"run_id": run_id, "stage": 1, "epoch": 0, "part": 0, "sha256": sha, "size": len(data)}
+        r = r1.request("POST", "/v1/merge/part", json=body)
+        assert r.status_code == 422, r.text  # a NaN; then no momentum, which diloco needs
+    assert faults_of(r1) == {"rejected": 4}
+    assert r1.reduce(0, base) == 1
+    until(lambda: r1.heartbeat()["epoch"] == 1, what="epoch 1")
 
 
 # --- no fault loops forever ----------------------------------------------------------------------------
@@ -293,7 +311,7 @@ def test_an_intact_blob_given_back_unverified_is_only_retried(orch):
 
 
 def test_damaged_weights_are_rebuilt_or_failed_loudly(orch):
-    run_id = make_run(orch, merge_interval=1, merge_timeout_s=0.5)
+    run_id = make_run(orch, merge={"interval": 1, "timeout_s": 0.5})
     r1 = pinned(orch, run_id, 1, "r1")
     beat = r1.heartbeat()
     epoch0 = r1.download(beat["weights"])
@@ -302,8 +320,8 @@ def test_damaged_weights_are_rebuilt_or_failed_loudly(orch):
     until(lambda: path0.read_bytes() == epoch0, what="epoch 0 to be made again from the init")
     # A merge makes epoch 1; damaged, it is replaced by a copy of epoch 0 published as epoch 2.
     r1.step = 1
-    weights = r1.weights()
-    assert r1.contribute(r1.heartbeat()["merge"], weights, 1.0)["accepted"]
+    zeros = np.zeros(FlatLayout.of(r1.assigned.manifest.model, 1).size, np.float32)
+    assert r1.merge(r1.heartbeat()["merge"], zeros) == 1
     until(lambda: r1.heartbeat()["epoch"] == 1, what="epoch 1")
     beat = r1.heartbeat()
     path1 = stored(orch, beat["weights"])
@@ -312,14 +330,17 @@ def test_damaged_weights_are_rebuilt_or_failed_loudly(orch):
     assert r1.download(r1.heartbeat()["weights"]) == epoch0
     assert r1.request("GET", beat["weights"]["url"]).status_code == 410
     assert status(r1).stages[1].weights_ok
-    # With no intact copy left, the stage's weights fail loudly and a merge round opens to replace them.
+    # With no intact copy left, the stage's weights fail loudly and a merge round opens to replace them:
+    # its owner reduces from its own copy of epoch 2 (the orchestrator's is gone).
     path2 = stored(orch, r1.heartbeat()["weights"])
     path2.write_bytes(b"junk")
     until(lambda: not status(r1).stages[1].weights_ok, what="the weights to fail in the status")
     r1.epoch = 2
     offer = r1.heartbeat()["merge"]
     assert offer is not None and offer["epoch"] == 2
-    assert r1.contribute(offer, weights, 1.0)["accepted"]
+    base = FlatLayout.of(r1.assigned.manifest.model, 1).flatten(tensors.decode(epoch0)[0])
+    r1.contribute(offer, zeros)
+    assert r1.reduce(2, base) == 1
     until(lambda: status(r1).stages[1].weights_ok and r1.heartbeat()["epoch"] == 3, what="epoch 3")
 
 
@@ -385,7 +406,7 @@ def test_a_stopped_run_with_no_workers_finishes(orch):
 
 
 def test_a_stopped_run_drops_what_no_live_worker_can_drain(orch):
-    run_id = make_run(orch, merge_timeout_s=0.5)
+    run_id = make_run(orch, merge={"timeout_s": 0.5})
     head = pinned(orch, run_id, 0, "head")  # no body or tail ever comes
     head.do(head.claim())
     with SwarmApi.connect(orch.url, ADMIN) as admin:
@@ -407,7 +428,7 @@ def test_a_v2_database_gains_faults_lapses_reasons_and_quarantine(tmp_path):
         row = "INSERT INTO blobs (key, sha256, size, created, sealed) VALUES ('k', 's', 1, 0, 1)"
         conn.execute(text(row))
         db.set_meta(conn, "schema_version", "2")
-    assert db.migrate(engine) == db.SCHEMA_VERSION == 3
+    assert db.migrate(engine) == db.SCHEMA_VERSION == 4
     found = inspect(engine)
     for table, column in added:
         assert column in {c["name"] for c in found.get_columns(table)}

@@ -58,7 +58,11 @@ def test_sigkill_mid_run_loses_nothing_acknowledged(tmp_path):
     orch = OrchestratorProcess(data, admin_token=ADMIN, tick_s=0.2).start()
     try:
         m = tiny_manifest(str(corpus), max_samples=40)
-        m = replace(m, train=replace(m.train, lease_s=10.0, work_timeout_s=30.0, merge_timeout_s=1.0))
+        m = replace(
+            m,
+            train=replace(m.train, lease_s=10.0, work_timeout_s=30.0),
+            merge=replace(m.merge, timeout_s=1.0),
+        )
         r = requests.post(
             orch.url + "/v1/runs",
             json={"manifest": m.to_dict()},

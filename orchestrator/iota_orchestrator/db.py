@@ -30,11 +30,12 @@ from sqlalchemy import (
     inspect,
     select,
     text,
+    tuple_,
 )
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.schema import CreateColumn, CreateIndex
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 metadata = MetaData()
 
 
@@ -213,13 +214,17 @@ merge_rounds = Table(
     _id("run_id", primary_key=True),
     Column("stage", Integer, primary_key=True),
     Column("epoch", Integer, primary_key=True),  # contributions are at this epoch; the result is epoch + 1
-    Column("state", String(8), nullable=False),  # open | closing | closed
+    Column("state", String(8), nullable=False),  # open | reducing | closed (v4; v3 had closing)
     Column("opened", Float, nullable=False),
-    Column("deadline", Float, nullable=False),
+    Column("deadline", Float, nullable=False),  # the contribute phase closes with whoever is in by then
     Column("closed", Float),
     Column("contributions", Integer, nullable=False, default=0),
+    Column("reducing", Float),  # when the partitions were fixed; fallback past reducing + timeout_s (v4)
+    Column("momentum_key", Text),  # closed (diloco): the outer momentum blob as of epoch + 1 (v4)
 )
 
+# A replica's update (pseudo-gradient) for a round: weight = the backward work the orchestrator counted
+# for it on the stage since its previous contribution (ledger rows after ledger_mark of that one).
 merge_contribs = Table(
     "merge_contribs",
     metadata,
@@ -230,6 +235,32 @@ merge_contribs = Table(
     Column("blob_key", Text, nullable=False),
     Column("weight", Float, nullable=False),
     Column("t", Float, nullable=False),
+    Column("sha256", String(64)),  # of the update blob (v4)
+    Column("step", BigInteger),  # the replica's optimizer step when it took the update (v4)
+    Column("ledger_mark", BigInteger),  # the largest ledger id counted into weight (v4)
+    Column("slices", Text),  # JSON: sha256 of the blob's byte range of each partition, once fixed (v4)
+)
+
+# The partitions of a reducing or closed round (v4): two owners each, the first valid result wins and the
+# second is compared with it (agreed; issue 13 acts on a disagreement).
+merge_parts = Table(
+    "merge_parts",
+    metadata,
+    _id("run_id", primary_key=True),
+    Column("stage", Integer, primary_key=True),
+    Column("epoch", Integer, primary_key=True),
+    Column("part", Integer, primary_key=True),
+    Column("start", BigInteger, nullable=False),
+    Column("stop", BigInteger, nullable=False),
+    Column("owners", Text, nullable=False),  # JSON list of contributor ids
+    Column("momentum_sha", String(64)),  # of this range of the epoch-E momentum blob (None: zeros)
+    Column("result_key", Text),  # the accepted part blob, sent by first_by ("orchestrator": fallback)
+    Column("result_sha", String(64)),
+    _id("first_by"),
+    _id("second_by"),
+    Column("second_sha", String(64)),
+    Column("agreed", Boolean),  # None until a second result came
+    Column("published_sha", String(64)),  # of this range of the published epoch E+1 weights
 )
 
 blobs = Table(
@@ -282,9 +313,21 @@ def _v3(conn: Connection) -> None:
     faults.create(conn, checkfirst=True)
 
 
+def _v4(conn: Connection) -> None:
+    _add_columns(conn, merge_rounds, ["reducing", "momentum_key"])
+    _add_columns(conn, merge_contribs, ["sha256", "step", "ledger_mark", "slices"])
+    merge_parts.create(conn, checkfirst=True)
+    # A v3 round in flight holds full weights, which v4 does not merge: forget it (the next one opens).
+    R, C = merge_rounds, merge_contribs
+    live = select(R.c.run_id, R.c.stage, R.c.epoch).where(R.c.state != "closed")
+    conn.execute(C.delete().where(tuple_(C.c.run_id, C.c.stage, C.c.epoch).in_(live)))
+    conn.execute(R.delete().where(R.c.state != "closed"))
+
+
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (2, "run_tokenizers table", lambda conn: run_tokenizers.create(conn, checkfirst=True)),
     (3, "fault records, claim lapses, item give-back reasons, blob quarantine", _v3),
+    (4, "butterfly merge: partitions, outer momentum, counted contribution weights", _v4),
 ]
 
 

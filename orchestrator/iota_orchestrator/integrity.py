@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,10 +66,16 @@ class Checked:
 
 def check_file(path: Path, want: Want) -> Checked:
     """problem_in for a file; a large one is read a tensor at a time (weights need not fit in memory)."""
+    return check_with(path, lambda header: mismatch(header, want))
+
+
+def check_with(path: Path, wrong: Callable[[Header], str | None]) -> Checked:
+    """A file read through: a valid container, `wrong(header)` None (its names, dtypes, shapes), every
+    value finite. A merge update is checked with core.flat.check_update this way."""
     try:
         if path.stat().st_size <= SMALL:  # activations, gradients: one read
             data = path.read_bytes()
-            return Checked(hashlib.sha256(data).hexdigest(), len(data), problem_in(data, want))
+            return Checked(hashlib.sha256(data).hexdigest(), len(data), _problem(data, wrong))
         sha, size = hash_file(path)
     except OSError as e:
         return Checked("", 0, f"cannot be read: {e}")
@@ -77,7 +83,7 @@ def check_file(path: Path, want: Want) -> Checked:
         header = read_header(path)
     except (OSError, TensorFormatError) as e:
         return Checked(sha, size, f"not a valid safetensors file: {e}")
-    problem = mismatch(header, want)
+    problem = wrong(header)
     if problem is None:
         with open(path, "rb") as f:
 
@@ -87,6 +93,14 @@ def check_file(path: Path, want: Want) -> Checked:
 
             problem = _non_finite(header, read)
     return Checked(sha, size, problem)
+
+
+def _problem(data: bytes, wrong: Callable[[Header], str | None]) -> str | None:
+    try:
+        header = parse_header(data, len(data))
+    except TensorFormatError as e:
+        return f"not a valid safetensors file: {e}"
+    return wrong(header) or _non_finite(header, lambda lo, hi: data[lo:hi])
 
 
 def _non_finite(header: Header, read: Any) -> str | None:

@@ -1,7 +1,8 @@
 """Leases: heartbeats renew them, silence past lease_s drops a worker, and a restart grants grace.
 
-The reply carries the stage's current weights epoch (newer than the worker's: load them), a merge round
-to contribute to, whether the orchestrator wants it to move stage, and samples whose chains were dropped.
+The reply carries the stage's current weights epoch (newer than the worker's: load them), what to do
+for the stage's merge round (contribute an update, or reduce partitions it owns: rounds.offer), whether
+the orchestrator wants it to move stage, and samples whose chains were dropped.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from sqlalchemy import Connection, bindparam, select, update
 
 from iota_cli.core.manifest import RunManifest
 from iota_cli.core.protocol import Heartbeat, HeartbeatReply, RunState
-from iota_orchestrator import db, faults, merge
+from iota_orchestrator import db, faults, merge, rounds
 from iota_orchestrator.blobs import BlobStore
 from iota_orchestrator.chains import A, W, assignment, drop_chain, give_back, work_id
 from iota_orchestrator.errors import Conflict
@@ -56,8 +57,9 @@ def beat(
     st = merge.stage_row(conn, ctx.run_id, hb.stage)
     values: dict[str, Any] = {"steps": hb.step, "epoch": hb.epoch, "tokens_per_s": hb.tokens_per_s}
     sync_epoch, sync_step = a.sync_epoch, a.sync_step
-    if hb.epoch == st.epoch and sync_epoch != st.epoch:
-        # The worker now holds this epoch's weights: count its steps toward the next merge from here.
+    if hb.epoch == st.epoch and sync_epoch < st.epoch:
+        # The worker now holds this epoch's weights: count its steps toward the next merge from here,
+        # unless it contributed to the round that made them (rounds.contribute paces it from then).
         sync_epoch, sync_step = st.epoch, hb.step
         values.update(sync_epoch=sync_epoch, sync_step=sync_step)
     if (a.steps, a.epoch, a.tokens_per_s, a.sync_epoch) != (hb.step, hb.epoch, hb.tokens_per_s, sync_epoch):
@@ -69,7 +71,7 @@ def beat(
     steps_since = hb.step - sync_step if sync_epoch == st.epoch else None
     offer = None
     if state == "running":
-        offer = merge.offer(conn, ctx, blobs, st, contributor_id, hb.epoch, steps_since, now)
+        offer = rounds.offer(conn, ctx, blobs, st, contributor_id, hb.epoch, steps_since, now)
     return HeartbeatReply(
         lease_s=ctx.manifest.train.lease_s,
         epoch=st.epoch,
@@ -85,8 +87,8 @@ def grant_restart_grace(conn: Connection, now: float) -> None:
     """After a restart, give live workers a full lease and claimed items a full timeout from now."""
     conn.execute(update(A).where(A.c.state == "active", A.c.last_seen < now).values(last_seen=now))
     for run in conn.execute(select(db.runs.c.run_id, db.runs.c.manifest).where(db.runs.c.state == "running")):
-        t = RunManifest.from_dict(json.loads(run.manifest)).train
-        timeout, merge_s = t.work_timeout_s, t.merge_timeout_s
+        m = RunManifest.from_dict(json.loads(run.manifest))
+        timeout, merge_s = m.train.work_timeout_s, m.merge.timeout_s
         conn.execute(
             update(W)
             .where(W.c.run_id == run.run_id, W.c.state == "claimed", W.c.deadline < now + timeout)
@@ -97,6 +99,12 @@ def grant_restart_grace(conn: Connection, now: float) -> None:
             update(R)
             .where(R.c.run_id == run.run_id, R.c.state == "open", R.c.deadline < now + merge_s)
             .values(deadline=now + merge_s)
+        )
+        # Owners re-poll their plan after a restart: give them a whole reducing phase before the fallback.
+        conn.execute(
+            update(R)
+            .where(R.c.run_id == run.run_id, R.c.state == "reducing", R.c.reducing < now)
+            .values(reducing=now)
         )
 
 

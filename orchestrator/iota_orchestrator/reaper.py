@@ -1,4 +1,5 @@
-"""The orchestrator's clockwork: a thread that expires leases and deadlines, closes merge rounds,
+"""The orchestrator's clockwork: a thread that expires leases and deadlines, moves merge rounds along
+(publish.advance: partitions, fallback reductions, publishing),
 finishes drained runs (a stopped one drops what no live worker can drain), watches every stage's
 weights on disk and deletes blobs nobody needs any more.
 
@@ -14,7 +15,7 @@ import time
 
 from sqlalchemy import Connection, delete, select, tuple_, update
 
-from iota_orchestrator import assignment, chains, db, integrity, lease, merge, runs, weights
+from iota_orchestrator import assignment, chains, db, integrity, lease, merge, publish, rounds, runs
 from iota_orchestrator.runs import RunCtx
 from iota_orchestrator.state import State
 
@@ -35,10 +36,8 @@ def tick(state: State, now: float | None = None) -> None:
             if runs.get_run(conn, run_id).stop_requested:
                 keys |= chains.drop_stranded(conn, ctx, now)
             assignment.rebalance(conn, ctx)
-            due = merge.due(conn, ctx, now)
         state.wake.notify(keys)
-        for stage, epoch in due:
-            close_round(state, ctx, stage, epoch, now)
+        publish.advance(state, ctx, now)
         watch_weights(state, ctx, now)
         with state.tx() as conn:
             finished = finish_check(conn, ctx, now)
@@ -69,28 +68,6 @@ def watch_weights(state: State, ctx: RunCtx, now: float) -> None:
         log.error("run %s stage %d: weights of epoch %d damaged on disk; %s", ctx.run_id, stage, epoch, what)
 
 
-def close_round(state: State, ctx: RunCtx, stage: int, epoch: int, now: float) -> None:
-    """Average a round's contributions outside the write lock, then publish epoch+1 inside it."""
-    with state.tx() as conn:
-        contribs = merge.contributions(conn, ctx.run_id, stage, epoch)
-    blobs = state.blobs
-    shapes = weights.expected(ctx.cfg, stage)
-    data = weights.average(((blobs.read(k), w) for k, w in contribs if blobs.exists(k)), shapes)
-    stored = None
-    if data is not None:
-        key = runs.weights_key(ctx.run_id, stage, epoch + 1)
-        b = blobs.write(key, data)
-        stored = (key, b.sha256, b.size)
-    with state.tx() as conn:
-        dead = merge.publish(conn, ctx, stage, epoch, stored, now)
-    for k in dead:
-        blobs.delete(k)
-    if stored:
-        log.info(
-            "run %s stage %d merged %d replicas into epoch %d", ctx.run_id, stage, len(contribs), epoch + 1
-        )
-
-
 def finish_check(conn: Connection, ctx: RunCtx, now: float) -> bool:
     """Finish a run once no sample will be issued and none is in flight (after a closing merge)."""
     run = runs.get_run(conn, ctx.run_id)
@@ -100,9 +77,10 @@ def finish_check(conn: Connection, ctx: RunCtx, now: float) -> bool:
         return False
     if run.final_merge is None:
         conn.execute(update(db.runs).where(db.runs.c.run_id == ctx.run_id).values(final_merge=now))
-        if merge.open_final(conn, ctx, now):
+        if rounds.open_final(conn, ctx, now):
             return False
-    elif merge.unsettled(conn, ctx.run_id) and now < run.final_merge + 2 * t.merge_timeout_s + 5:
+    # A round takes up to timeout_s to collect updates and timeout_s more before the fallback reduces it.
+    elif rounds.unsettled(conn, ctx.run_id) and now < run.final_merge + 3 * ctx.manifest.merge.timeout_s + 5:
         return False
     conn.execute(update(db.runs).where(db.runs.c.run_id == ctx.run_id).values(state="finished", finished=now))
     log.info("run %s finished", ctx.run_id)

@@ -1,1 +1,1 @@
-"""HTTP routes, one module per concept: runs, contributors, work (assignment, heartbeat, merge), blobs."""
+"""HTTP routes, one module per concept: runs, contributors, work (assignment, heartbeat), merge, blobs."""

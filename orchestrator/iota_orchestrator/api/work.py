@@ -1,4 +1,4 @@
-"""The worker's loop over HTTP: assignment, heartbeat, claim, complete, abandon, merge contributions.
+"""The worker's loop over HTTP: assignment, heartbeat, claim, complete, abandon (merging: api/merge.py).
 
 A refused result or contribution (422) is charged to its sender in a transaction of its own, after the
 request's transaction has rolled back (faults.py).
@@ -21,15 +21,13 @@ from iota_cli.core.protocol import (
     ClaimRequest,
     Heartbeat,
     HeartbeatReply,
-    MergeComplete,
-    MergeCompleteReply,
     Ok,
     Problem,
     WorkComplete,
     WorkCompleteReply,
     WorkItem,
 )
-from iota_orchestrator import assignment, chains, db, faults, integrity, lease, ledger, merge, runs, scheduler
+from iota_orchestrator import assignment, chains, db, faults, lease, ledger, runs, scheduler
 from iota_orchestrator.api.deps import Contributor, StateDep, now
 from iota_orchestrator.api.urls import assignment_reply, work_item
 from iota_orchestrator.errors import Conflict
@@ -179,24 +177,3 @@ async def abandon(work_id: str, cid: Contributor, state: StateDep, body: Abandon
 
     state.wake.notify(await state.in_tx(give_back))
     return Ok()
-
-
-@router.post("/merge/complete", response_model=MergeCompleteReply)
-async def merge_complete(body: MergeComplete, cid: Contributor, state: StateDep) -> MergeCompleteReply:
-    """Report weights uploaded for the stage's open merge round (409 if the epoch moved on, 422 if they
-    are not the stage's parameters, all finite)."""
-    ctx = await state.in_tx(lambda conn: runs.context(conn, body.run_id))
-    path = state.blobs.path(merge.contrib_key(body.run_id, body.stage, body.epoch, cid))
-    # Read through outside the lock and off the loop: a stage's weights can be gigabytes.
-    checked = await asyncio.to_thread(integrity.check_file, path, merge.contribution_want(ctx, body.stage))
-
-    def contribute(conn: Connection) -> MergeCompleteReply:
-        return merge.contribute(conn, ctx, state.blobs, cid, body, checked, now())
-
-    try:
-        reply = await state.in_tx(contribute)
-    except Rejected as e:
-        await state.with_db(_charge, state, e, cid)
-        raise
-    state.poke.set()
-    return reply

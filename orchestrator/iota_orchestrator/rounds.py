@@ -1,0 +1,311 @@
+"""Merge rounds of a stage, their lifecycle: open (contribute) -> reducing -> closed.
+
+A round for (stage, epoch E) opens when a replica holding E has taken `merge.interval` optimizer steps
+since its last contribution (or since it synced to E). While it is open every live replica at E is
+offered it in its heartbeat (phase "contribute"), uploads its update (the pseudo-gradient base_E - local,
+a flat "update" blob in the wire dtype) and reports it; the orchestrator reads it through and records it
+with the weight it counted itself: the backward work of that replica on the stage since its previous
+contribution (ledger rows). The contribute phase ends when every live replica at E is in, or at the
+deadline with at least one (an empty expired round is forgotten). butterfly.py then fixes the
+partitions and the owners reduce them; publish.py makes epoch E+1. See docs/protocol.md, "Merging".
+
+    python -c "from iota_orchestrator import rounds; print(rounds.update_key('r', 0, 3, 'c'))"
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, func, insert, or_, select, update
+
+from iota_cli.core.flat import WIRE_SIZES, FlatLayout
+from iota_cli.core.protocol import MergeComplete, MergeCompleteReply, MergeRound
+from iota_orchestrator import db
+from iota_orchestrator.blobs import BlobStore
+from iota_orchestrator.errors import BadRequest, Conflict, Forbidden
+from iota_orchestrator.faults import Rejected
+from iota_orchestrator.integrity import Checked
+from iota_orchestrator.runs import RunCtx
+
+R, MC, MP, A, ST, L = db.merge_rounds, db.merge_contribs, db.merge_parts, db.assignments, db.stages, db.ledger
+HEADER_SLACK = 4096
+
+_ROUND = select(R).where(
+    R.c.run_id == bindparam("run"), R.c.stage == bindparam("stage"), R.c.epoch == bindparam("epoch")
+)
+_EPOCH = select(ST.c.epoch).where(ST.c.run_id == bindparam("run"), ST.c.stage == bindparam("stage"))
+
+
+# --- names ------------------------------------------------------------------------------------------
+
+
+def wake_key(run_id: str, stage: int, epoch: int) -> str:
+    """What a long-polling GET /v1/merge/plan waits on: the round changed state or got a result."""
+    return f"merge:{run_id}:{stage}:{epoch}"
+
+
+def _dir(run_id: str, stage: int, epoch: int) -> str:
+    return f"runs/{run_id}/merge/s{stage}/e{epoch}"
+
+
+def update_key(run_id: str, stage: int, epoch: int, contributor_id: str) -> str:
+    return f"{_dir(run_id, stage, epoch)}/{contributor_id}.update.safetensors"
+
+
+def part_key(run_id: str, stage: int, epoch: int, part: int, by: str) -> str:
+    return f"{_dir(run_id, stage, epoch)}/part{part}.{by}.safetensors"
+
+
+def momentum_key(run_id: str, stage: int, epoch: int) -> str:
+    """The stage's outer momentum as of `epoch` (written when round epoch - 1 is published)."""
+    return f"runs/{run_id}/merge/s{stage}/momentum-e{epoch}.safetensors"
+
+
+# --- sizes ------------------------------------------------------------------------------------------
+
+
+def flat_size(ctx: RunCtx, stage: int) -> int:
+    """Elements in a stage's flat parameter vector (0 for a stage the run does not have)."""
+    return FlatLayout.of(ctx.cfg, stage).size if 0 <= stage < ctx.n_stages else 0
+
+
+def update_max_size(ctx: RunCtx, stage: int) -> int:
+    return flat_size(ctx, stage) * WIRE_SIZES[ctx.manifest.merge.wire_dtype] + HEADER_SLACK
+
+
+def part_max_size(ctx: RunCtx, n: int) -> int:
+    return n * (4 + WIRE_SIZES[ctx.manifest.merge.wire_dtype]) + HEADER_SLACK
+
+
+# --- rows -------------------------------------------------------------------------------------------
+
+
+def get_round(conn: Connection, run_id: str, stage: int, epoch: int) -> Any:
+    return conn.execute(_ROUND, {"run": run_id, "stage": stage, "epoch": epoch}).first()
+
+
+def _where(t: Any, run_id: str, stage: int, epoch: int) -> tuple[Any, ...]:
+    return (t.c.run_id == run_id, t.c.stage == stage, t.c.epoch == epoch)
+
+
+def contributions(conn: Connection, run_id: str, stage: int, epoch: int) -> list[Any]:
+    """A round's contributions in the fixed order every party reduces them in: by contributor id."""
+    q = select(MC).where(*_where(MC, run_id, stage, epoch)).order_by(MC.c.contributor_id)
+    return list(conn.execute(q).all())
+
+
+def parts(conn: Connection, run_id: str, stage: int, epoch: int) -> list[Any]:
+    return list(conn.execute(select(MP).where(*_where(MP, run_id, stage, epoch)).order_by(MP.c.part)).all())
+
+
+def owners(part: Any) -> list[str]:
+    return list(json.loads(part.owners))
+
+
+def round_weights(contribs: list[Any]) -> list[float]:
+    """The weights of a round's mean: the counted work, or all equal when none was counted."""
+    w = [float(c.weight) for c in contribs]
+    return w if sum(w) > 0 else [1.0] * len(w)
+
+
+def open_round(conn: Connection, ctx: RunCtx, stage: int, epoch: int, now: float) -> Any:
+    deadline = now + ctx.manifest.merge.timeout_s
+    conn.execute(
+        insert(R).values(
+            run_id=ctx.run_id, stage=stage, epoch=epoch, state="open", opened=now, deadline=deadline
+        )
+    )
+    return get_round(conn, ctx.run_id, stage, epoch)
+
+
+# --- the heartbeat's offer --------------------------------------------------------------------------
+
+
+def offer(
+    conn: Connection,
+    ctx: RunCtx,
+    blobs: BlobStore,
+    st: Any,
+    contributor_id: str,
+    epoch: int,
+    steps_since: int | None,
+    now: float,
+) -> MergeRound | None:
+    """What a heartbeating replica should do for its stage's round at its epoch, opening one when due.
+
+    st is the stage's row; steps_since counts the replica's optimizer steps since it last contributed or
+    synced to st.epoch (None when neither happened at this epoch).
+    """
+    if epoch != st.epoch:
+        return None
+    rnd = get_round(conn, ctx.run_id, st.stage, epoch)
+    if rnd is None:
+        if steps_since is None or steps_since < ctx.manifest.merge.interval:
+            return None
+        rnd = open_round(conn, ctx, st.stage, epoch, now)
+    if rnd.state == "open":
+        if _has_contributed(conn, ctx.run_id, st.stage, epoch, contributor_id):
+            return None
+        key = update_key(ctx.run_id, st.stage, epoch, contributor_id)
+        return MergeRound(
+            stage=st.stage,
+            epoch=epoch,
+            phase="contribute",
+            upload=blobs.upload_ref(key, update_max_size(ctx, st.stage)),
+            deadline_s=round(max(rnd.deadline - now, 0.0), 3),
+        )
+    if rnd.state == "reducing" and to_reduce(conn, ctx.run_id, st.stage, epoch, contributor_id):
+        left = rnd.reducing + ctx.manifest.merge.timeout_s - now
+        return MergeRound(stage=st.stage, epoch=epoch, phase="reduce", deadline_s=round(max(left, 0.0), 3))
+    return None
+
+
+def to_reduce(conn: Connection, run_id: str, stage: int, epoch: int, contributor_id: str) -> list[Any]:
+    """The partitions this contributor owns and has not reported a result for yet."""
+    return [
+        p
+        for p in parts(conn, run_id, stage, epoch)
+        if contributor_id in owners(p) and contributor_id not in (p.first_by, p.second_by)
+    ]
+
+
+def _has_contributed(conn: Connection, run_id: str, stage: int, epoch: int, contributor_id: str) -> bool:
+    q = select(MC.c.contributor_id).where(
+        *_where(MC, run_id, stage, epoch), MC.c.contributor_id == contributor_id
+    )
+    return conn.execute(q).first() is not None
+
+
+# --- contributions ----------------------------------------------------------------------------------
+
+
+def counted_work(conn: Connection, ctx: RunCtx, contributor_id: str, stage: int) -> tuple[float, int]:
+    """(tokens of backward passes this contributor did on the stage since its previous contribution, the
+    ledger id that count runs to). The tail's forward item holds its backward, so it counts there."""
+    prev = conn.execute(
+        select(func.max(MC.c.ledger_mark)).where(
+            MC.c.run_id == ctx.run_id, MC.c.stage == stage, MC.c.contributor_id == contributor_id
+        )
+    ).scalar_one()
+    mark = conn.execute(select(func.max(L.c.id))).scalar_one() or 0
+    kinds = or_(L.c.kind == "backward", L.c.stage == ctx.n_stages - 1)
+    tokens = conn.execute(
+        select(func.coalesce(func.sum(L.c.tokens), 0)).where(
+            L.c.run_id == ctx.run_id,
+            L.c.contributor_id == contributor_id,
+            L.c.stage == stage,
+            kinds,
+            L.c.id > (prev or 0),
+            L.c.id <= mark,
+        )
+    ).scalar_one()
+    return float(tokens), int(mark)
+
+
+def contribute(
+    conn: Connection, ctx: RunCtx, contributor_id: str, report: MergeComplete, checked: Checked, now: float
+) -> MergeCompleteReply:
+    """Record a replica's update for the open round (repeating it is accepted again).
+
+    checked is the upload as integrity.check_with read it, outside the lock (updates can be large).
+    """
+    stage, epoch = report.stage, report.epoch
+    a = conn.execute(select(A).where(A.c.run_id == ctx.run_id, A.c.contributor_id == contributor_id)).first()
+    if a is None or a.stage != stage:
+        raise Forbidden(f"you are not a replica of stage {stage} in this run")
+    current = conn.execute(_EPOCH, {"run": ctx.run_id, "stage": stage}).scalar_one()
+    if epoch != current:
+        raise Conflict(
+            f"stage {stage} is at epoch {current}, not {epoch}: load the current weights and carry on"
+        )
+    rnd = get_round(conn, ctx.run_id, stage, epoch)
+    if _has_contributed(conn, ctx.run_id, stage, epoch, contributor_id):
+        return MergeCompleteReply(accepted=True, epoch=current)
+    if rnd is None or rnd.state != "open":
+        raise Conflict(f"no merge round is taking updates for stage {stage} at epoch {epoch}")
+    key = update_key(ctx.run_id, stage, epoch, contributor_id)
+    b = conn.execute(select(db.blobs).where(db.blobs.c.key == key)).first()
+    if b is None:
+        raise BadRequest("upload your update to the round's upload URL first")
+    if b.sha256 != report.sha256 or b.size != report.size:
+        raise BadRequest("the uploaded update does not match the sha256 and size you sent")
+    if checked.sha256 != b.sha256:  # replaced while it was being read: read the new one
+        raise Conflict("the uploaded update changed while it was checked; report it again")
+    if checked.problem:
+        raise Rejected(f"update rejected: {checked.problem}", ctx.run_id)
+    weight, mark = counted_work(conn, ctx, contributor_id, stage)
+    step = report.step or a.steps
+    conn.execute(update(db.blobs).where(db.blobs.c.key == key).values(sealed=True))
+    conn.execute(
+        insert(MC).values(
+            run_id=ctx.run_id,
+            stage=stage,
+            epoch=epoch,
+            contributor_id=contributor_id,
+            blob_key=key,
+            weight=weight,
+            t=now,
+            sha256=b.sha256,
+            step=step,
+            ledger_mark=mark,
+        )
+    )
+    conn.execute(
+        update(R).where(*_where(R, ctx.run_id, stage, epoch)).values(contributions=R.c.contributions + 1)
+    )
+    # The next round is paced from this step, at the epoch this round will publish (see lease.beat).
+    conn.execute(
+        update(A)
+        .where(A.c.run_id == ctx.run_id, A.c.contributor_id == contributor_id)
+        .values(sync_epoch=epoch + 1, sync_step=step)
+    )
+    return MergeCompleteReply(accepted=True, epoch=current)
+
+
+# --- the end of the contribute phase ----------------------------------------------------------------
+
+
+def due(conn: Connection, ctx: RunCtx, now: float) -> list[tuple[int, int]]:
+    """Open rounds whose contribute phase is over: every live replica at E is in, or the deadline passed
+    with at least one contribution. An expired round with none is forgotten (it may open again)."""
+    out = []
+    for rnd in conn.execute(select(R).where(R.c.run_id == ctx.run_id, R.c.state == "open")).all():
+        live = conn.execute(
+            select(A.c.contributor_id).where(
+                A.c.run_id == ctx.run_id,
+                A.c.stage == rnd.stage,
+                A.c.state == "active",
+                A.c.epoch == rnd.epoch,
+            )
+        ).scalars()
+        got = {c.contributor_id for c in contributions(conn, ctx.run_id, rnd.stage, rnd.epoch)}
+        if rnd.deadline > now and (set(live) - got or not got):
+            continue
+        if got:
+            out.append((rnd.stage, rnd.epoch))
+        else:
+            conn.execute(R.delete().where(*_where(R, ctx.run_id, rnd.stage, rnd.epoch)))
+    return out
+
+
+def open_final(conn: Connection, ctx: RunCtx, now: float) -> int:
+    """Open a last round on every stage with live replicas (the run has drained); return how many."""
+    opened = 0
+    for s in range(ctx.n_stages):
+        epoch = conn.execute(_EPOCH, {"run": ctx.run_id, "stage": s}).scalar_one()
+        live = conn.execute(
+            select(func.count())
+            .select_from(A)
+            .where(A.c.run_id == ctx.run_id, A.c.stage == s, A.c.state == "active")
+        ).scalar_one()
+        if live and get_round(conn, ctx.run_id, s, epoch) is None:
+            open_round(conn, ctx, s, epoch, now)
+            opened += 1
+    return opened
+
+
+def unsettled(conn: Connection, run_id: str) -> int:
+    return conn.execute(
+        select(func.count()).select_from(R).where(R.c.run_id == run_id, R.c.state.in_(("open", "reducing")))
+    ).scalar_one()
