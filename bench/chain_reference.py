@@ -26,6 +26,26 @@ def start(m: RunManifest, backend: str) -> list[StageBackend]:
     return [factory.create(m.model, i, m.optim, seed=m.seed) for i in range(m.model.n_stages)]
 
 
+def train_sample(stages: list[StageBackend], tokens: np.ndarray, work_id: str = "w") -> float:
+    """One sample through the chain: forward, the tail's loss, backward into every stage's accumulators.
+
+    tokens is (batch, seq + 1) int32: inputs and the targets one position later. Returns the tail's loss.
+    """
+    b, t = tokens.shape[0], tokens.shape[1] - 1
+    x = {"tokens": RawTensor("I32", (b, t), np.ascontiguousarray(tokens[:, :-1], dtype=np.int32).tobytes())}
+    for s in stages[:-1]:
+        x = s.forward(work_id, x)
+    stages[-1].forward(work_id, x)
+    targets = RawTensor("I32", (b, t), np.ascontiguousarray(tokens[:, 1:], dtype=np.int32).tobytes())
+    r = stages[-1].backward(work_id, {"targets": targets})
+    grads = r.grads
+    for s in reversed(stages[:-1]):
+        assert grads is not None  # the tail and body return the gradient toward the stage before
+        grads = s.backward(work_id, grads).grads
+    assert r.loss is not None
+    return r.loss
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=600)
@@ -43,17 +63,7 @@ def main() -> None:
     losses = []
     for i in range(1, args.samples + 1):
         off = int(rng.integers(0, len(data) - b * (t + 1)))
-        tok = data[off : off + b * (t + 1)].reshape(b, t + 1)
-        x = {"tokens": RawTensor("I32", (b, t), np.ascontiguousarray(tok[:, :-1]).tobytes())}
-        for s in stages[:-1]:
-            x = s.forward("w", x)
-        stages[-1].forward("w", x)
-        targets = RawTensor("I32", (b, t), np.ascontiguousarray(tok[:, 1:]).tobytes())
-        r = stages[-1].backward("w", {"targets": targets})
-        grads = r.grads
-        for s in reversed(stages[:-1]):
-            grads = s.backward("w", grads).grads
-        losses.append(r.loss)
+        losses.append(train_sample(stages, data[off : off + b * (t + 1)].reshape(b, t + 1)))
         if i % train.backward_per_step == 0:
             for s in stages:
                 s.step()
