@@ -436,3 +436,39 @@ def test_a_v2_database_gains_faults_lapses_reasons_and_quarantine(tmp_path):
     with engine.connect() as conn:
         assert conn.execute(select(db.blobs.c.quarantined)).scalar_one() is False
     engine.dispose()
+
+
+def test_a_v3_database_loses_only_its_rounds_in_flight(tmp_path):
+    engine = db.open_engine(tmp_path / "v3.sqlite3")
+    added = [
+        ("merge_rounds", "reducing"),
+        ("merge_rounds", "momentum_key"),
+        *(("merge_contribs", c) for c in ("sha256", "step", "ledger_mark", "slices")),
+    ]
+    with engine.begin() as conn:
+        db.metadata.create_all(conn, tables=[t for t in db.metadata.sorted_tables if t.name != "merge_parts"])
+        for table, column in added:
+            conn.execute(text(f"ALTER TABLE {table} DROP COLUMN {column}"))
+        for epoch, state in ((0, "closed"), (1, "open")):
+            conn.execute(
+                text(
+                    "INSERT INTO merge_rounds (run_id, stage, epoch, state, opened, deadline, contributions)"
+                    f" VALUES ('r', 0, {epoch}, '{state}', 0, 0, 1)"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO merge_contribs (run_id, stage, epoch, contributor_id, blob_key, weight, t)"
+                    f" VALUES ('r', 0, {epoch}, 'c', 'k{epoch}', 1, 0)"
+                )
+            )
+        db.set_meta(conn, "schema_version", "3")
+    assert db.migrate(engine) == db.SCHEMA_VERSION == 4
+    found = inspect(engine)
+    for table, column in added:
+        assert column in {c["name"] for c in found.get_columns(table)}
+    assert "merge_parts" in found.get_table_names()
+    with engine.connect() as conn:
+        assert conn.execute(select(db.merge_rounds.c.epoch, db.merge_rounds.c.state)).all() == [(0, "closed")]
+        assert conn.execute(select(db.merge_contribs.c.blob_key)).scalars().all() == ["k0"]
+    engine.dispose()

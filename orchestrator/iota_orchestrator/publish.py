@@ -207,7 +207,7 @@ def publish(state: State, ctx: RunCtx, stage: int, epoch: int, now: float) -> bo
         rnd = rounds.get_round(conn, ctx.run_id, stage, epoch)
         if rnd is None or rnd.state != "reducing":  # aborted while the blobs were written
             return False
-        old_momentum = butterfly.momentum_of(conn, ctx.run_id, stage, epoch)
+        old_momentum = butterfly.momentum_of(conn, ctx.run_id, stage, epoch - 1)
         for b in stored:
             conn.execute(insert(B).values(key=b.key, sha256=b.sha256, size=b.size, created=now, sealed=True))
         conn.execute(
@@ -220,7 +220,9 @@ def publish(state: State, ctx: RunCtx, stage: int, epoch: int, now: float) -> bo
         for p, sha in zip(parts, shas, strict=True):
             pw = (MP.c.run_id == ctx.run_id, MP.c.stage == stage, MP.c.epoch == epoch, MP.c.part == p.part)
             conn.execute(update(MP).where(*pw).values(published_sha=sha))
-        dead = _spent(conn, ctx, stage, epoch)
+        # Round E's own uploads, parts and momentum stay until E+1 publishes: an owner still reducing
+        # when the round closed finishes, and its result is compared (butterfly.report_part).
+        dead = _spent(conn, ctx, stage, epoch - 1)
         if old_momentum:
             dead.append(old_momentum)
         if epoch >= 1:  # keep the previous epoch for replicas still downloading it

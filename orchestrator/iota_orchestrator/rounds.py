@@ -268,7 +268,11 @@ def contribute(
 
 def due(conn: Connection, ctx: RunCtx, now: float) -> list[tuple[int, int]]:
     """Open rounds whose contribute phase is over: every live replica at E is in, or the deadline passed
-    with at least one contribution. An expired round with none is forgotten (it may open again)."""
+    with at least one contribution. An expired round with none is forgotten (it may open again).
+
+    A live replica still reporting E-1 counts as one at E: it is loading E (every replica gets it as the
+    round before closes) and has not said so yet; one further behind is a straggler that waits for E+1.
+    """
     out = []
     for rnd in conn.execute(select(R).where(R.c.run_id == ctx.run_id, R.c.state == "open")).all():
         live = conn.execute(
@@ -276,7 +280,7 @@ def due(conn: Connection, ctx: RunCtx, now: float) -> list[tuple[int, int]]:
                 A.c.run_id == ctx.run_id,
                 A.c.stage == rnd.stage,
                 A.c.state == "active",
-                A.c.epoch == rnd.epoch,
+                A.c.epoch >= rnd.epoch - 1,
             )
         ).scalars()
         got = {c.contributor_id for c in contributions(conn, ctx.run_id, rnd.stage, rnd.epoch)}
