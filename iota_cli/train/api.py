@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
@@ -35,6 +35,10 @@ from iota_cli.core.protocol import (
     HeartbeatReply,
     MergeComplete,
     MergeCompleteReply,
+    MergePartDone,
+    MergePartReply,
+    MergePlan,
+    MergeSlice,
     Ok,
     RegisterReply,
     RegisterRequest,
@@ -180,6 +184,17 @@ class SwarmApi:
         """Report the weights uploaded for a merge round (409 when the round's epoch has moved on)."""
         return self._call(MergeCompleteReply, "POST", "/v1/merge/complete", contribution)
 
+    def merge_plan(self, run_id: str, stage: int, epoch: int, wait_s: float = 0.0) -> MergePlan:
+        """The merge round of (stage, epoch) as this replica should see it, long-polling up to wait_s
+        for it to move on (parts to reduce, results published)."""
+        query = urlencode({"run_id": run_id, "stage": stage, "epoch": epoch, "wait_s": f"{wait_s:g}"})
+        timeout = (5.0, wait_s + CLAIM_SLACK_S)
+        return self._call(MergePlan, "GET", f"/v1/merge/plan?{query}", timeout=timeout)
+
+    def merge_part(self, done: MergePartDone) -> MergePartReply:
+        """Report an owner's result for one partition, uploaded to its MergePart.upload."""
+        return self._call(MergePartReply, "POST", "/v1/merge/part", done)
+
     # --- blobs -----------------------------------------------------------------------------------------
 
     def upload(self, ref: UploadRef, data: bytes) -> str:
@@ -189,6 +204,10 @@ class SwarmApi:
     def download(self, ref: BlobRef, dest: Path, on_progress: OnProgress | None = None) -> Path:
         """Fetch a blob into dest, resuming and verifying its sha256 and size; a verified dest is a hit."""
         return self.client.download(ref.url, dest, ref.sha256, ref.size, on_progress=on_progress)
+
+    def read_slice(self, piece: MergeSlice) -> bytes:
+        """A merge slice's bytes (one HTTP Range), verified against its sha256 (IntegrityError if not)."""
+        return self.client.read_range(piece.url, piece.offset, piece.length, piece.sha256)
 
     # --- plumbing --------------------------------------------------------------------------------------
 

@@ -191,6 +191,49 @@ class Client:
                     self.on_wait(f"{dest.name}: sha256 mismatch ({n} bytes), fetching again", 0.0)
         raise IntegrityError(f"{url}: sha256 mismatch {self.integrity_retries} times (want {sha256})")
 
+    def read_range(self, url: str, offset: int, length: int, sha256: str) -> bytes:
+        """Bytes [offset, offset + length) of the blob at url (one Range GET), checked against sha256.
+
+        A server that ignores Range (200) is cut down to the span. Bytes that keep failing their sha256
+        (integrity_retries times) raise IntegrityError; waiting for a busy server is as in request().
+        """
+        if length <= 0:
+            if hashlib.sha256(b"").hexdigest() != sha256:
+                raise IntegrityError(f"{url}: an empty range cannot hash to {sha256}")
+            return b""
+        headers = {"Accept-Encoding": "identity", "Range": f"bytes={offset}-{offset + length - 1}"}
+        for failures in range(1, self.integrity_retries + 1):
+            data = self._range_once(url, headers, offset, length)
+            if hashlib.sha256(data).hexdigest() == sha256:
+                return data
+            if self.on_wait is not None and failures < self.integrity_retries:
+                self.on_wait(f"{self._who(url)}: sha256 mismatch on bytes {offset}+{length}, again", 0.0)
+        raise IntegrityError(f"{url} bytes {offset}+{length}: sha256 mismatch {self.integrity_retries} times")
+
+    def _range_once(self, url: str, headers: dict[str, str], offset: int, length: int) -> bytes:
+        patience = Patience(self, True)
+        while True:
+            try:
+                r = self._send("GET", url, headers=headers)
+            except _transient_errors() as e:
+                patience.wait(f"{self._who(url)} unreachable ({_describe(e, self.timeout)})")
+                continue
+            with r:
+                status, body = r.status_code, r.content
+                span = parse_content_range(r.headers.get("Content-Range"))
+                hint = _retry_after(r)
+                detail = _detail(r) if status >= 400 else ""
+            if status in WAIT_STATUSES or (status >= 500 and patience.server_errors < self.retries):
+                patience.server_errors += 0 if status in WAIT_STATUSES else 1
+                patience.wait(f"{self._who(url)} answered HTTP {status}", hint)
+                continue
+            if status >= 400:
+                raise ApiError(status, detail)
+            if status == 206:
+                # Another span than the one asked for hashes wrong below and is fetched again.
+                return body if span is not None and span[0] == offset else b""
+            return body[offset : offset + length]  # 200: the server ignored Range and sent everything
+
     def _fetch(self, url: str, part: Path, size: int | None, on_progress: OnProgress | None) -> Any:
         """Bring part up to the whole body (resuming what is there); return its running sha256."""
         hasher, have = hash_file(part)

@@ -18,8 +18,8 @@ from iota_cli.config.settings import Paths
 from iota_cli.core.backend import BackendFactory, StageBackend, StageInputError
 from iota_cli.core.manifest import RunManifest
 from iota_cli.core.modelspec import forward_flops_per_token, stage_spec
-from iota_cli.core.protocol import Assignment, AssignmentRequest, RegisterRequest
-from iota_cli.core.tensors import RawTensor, TensorFormatError, decode
+from iota_cli.core.protocol import Assignment, AssignmentRequest, BlobRef, RegisterRequest
+from iota_cli.core.tensors import RawTensor, TensorDict, TensorFormatError, decode
 from iota_cli.machine.hardware import HardwareReport
 from iota_cli.machine.requirements import Check
 from iota_cli.train.api import SwarmApi
@@ -127,6 +127,22 @@ def pick_run(api: SwarmApi, run_id: str | None) -> RunManifest:
     return max(running, key=lambda r: r.created).manifest
 
 
+def weights_file(cache_dir: Path, run_id: str, stage: int, ref: BlobRef) -> Path:
+    """Where a stage's published weights are cached on this machine (a verified file there is a hit)."""
+    return cache_dir / "weights" / run_id / f"stage-{stage}-{ref.sha256[:16]}.safetensors"
+
+
+def published_weights(api: SwarmApi, cache_dir: Path, run_id: str, stage: int, ref: BlobRef) -> TensorDict:
+    """A stage's published weights through the cache: IntegrityError when they keep failing their sha256,
+    TensorFormatError when they are no tensor file (then dropped from the cache)."""
+    path = api.download(ref, weights_file(cache_dir, run_id, stage, ref))
+    try:
+        return decode(path.read_bytes())[0]
+    except TensorFormatError:
+        path.unlink(missing_ok=True)
+        raise
+
+
 def restore(
     backend: StageBackend,
     assignment: Assignment,
@@ -147,12 +163,10 @@ def restore(
         )
         return LoopState(**{**ck.state.to_dict(), "contributor_id": contributor_id, "backend": backend_name})
     ref = assignment.weights
-    dest = (
-        cache_dir / "weights" / assignment.run_id / f"stage-{assignment.stage}-{ref.sha256[:16]}.safetensors"
-    )
+    dest = weights_file(cache_dir, assignment.run_id, assignment.stage, ref)
     same_stage = ck is not None and ck.state.stage == assignment.stage
     try:
-        weights, _ = decode(api.download(ref, dest).read_bytes())
+        weights = published_weights(api, cache_dir, assignment.run_id, assignment.stage, ref)
         backend.load(weights, ck.optimizer if ck is not None and same_stage else None)
     except (IntegrityError, TensorFormatError, StageInputError) as e:
         dest.unlink(missing_ok=True)  # never trusted again from the cache

@@ -1,8 +1,10 @@
 """The contributor's training loop: pull work, run it on the backend, upload the result, checkpoint.
 
 `iota join` builds a Worker (see join.py) and calls run(). One thread runs the loop and owns the backend;
-a heartbeat thread keeps the lease and brings news (merged weights, merge rounds, dropped samples, the
-run's end). Shutdown (stop event) finishes or abandons the item in flight, checkpoints and leaves.
+a heartbeat thread keeps the lease and brings news (the stage's epoch, merge offers, dropped samples, the
+run's end); a merge round runs on its own thread (merging.py) and its weights land between steps, keeping
+the steps taken since the contribution. Shutdown (stop event) finishes or abandons the item in flight,
+checkpoints and leaves.
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
+from iota_cli.core import outer
 from iota_cli.core.backend import StageBackend, StageInputError, UnknownWorkId
+from iota_cli.core.flat import FlatLayout
 from iota_cli.core.modelspec import stage_spec
 from iota_cli.core.protocol import (
     Abandon,
@@ -24,7 +30,6 @@ from iota_cli.core.protocol import (
     ClaimRequest,
     Heartbeat,
     HeartbeatReply,
-    MergeComplete,
     WorkComplete,
     WorkItem,
 )
@@ -35,6 +40,8 @@ from iota_cli.machine.power import PowerGuard
 from iota_cli.train.api import SwarmApi
 from iota_cli.train.checkpoint import CheckpointStore, LoopState
 from iota_cli.train.errors import ApiError, ClientError, IntegrityError, Stopped
+from iota_cli.train.join import published_weights
+from iota_cli.train.merging import Merger
 
 log = logging.getLogger("iota.worker")
 
@@ -74,7 +81,7 @@ class Worker:
         self._display_lock = threading.Lock()
         self._since_step = 0
         self._saved: dict[str, tuple[float, int]] = {}  # backend work id -> (when its forward ran, sample)
-        self._merged_epoch = -1  # the last epoch whose merge round we contributed to
+        self._idle = False  # the last claim brought no work
         self._refused_weights: set[str] = set()  # sha256 of merged weights that failed to load
         self._last_checkpoint = time.monotonic()
         self._loss: float | None = None
@@ -82,6 +89,9 @@ class Worker:
         self.reassign = False
         self._loop_thread: int | None = None
         self._done = threading.Event()  # ends the heartbeat thread (stop is the user's)
+        self.merger = Merger(
+            api, state.run_id, self.spec.index, self.manifest, self._epoch_base(), state.epoch
+        )
 
     # --- the loop ------------------------------------------------------------------------------------
 
@@ -110,6 +120,7 @@ class Worker:
         finally:
             self._done.set()
             beat.join(timeout=2.0)
+            self.merger.close()
             self._shutdown()
 
     def _reached_max_steps(self) -> bool:
@@ -121,6 +132,7 @@ class Worker:
             run_id=self.state.run_id, wait_s=self.options.claim_wait_s, claim_id=uuid.uuid4().hex
         )
         claim = self.api.claim(request)
+        self._idle = claim.item is None
         if claim.item is None:
             if claim.run_state == "finished":
                 self.finished = True
@@ -271,6 +283,8 @@ class Worker:
             self._done.wait(interval)
 
     def _apply_news(self) -> None:
+        if self._since_step == 0 or self._idle:  # merged weights land between optimizer steps
+            self._land()
         with self._news_lock:
             news, self._news = self._news, None
         if news is None:
@@ -278,54 +292,66 @@ class Worker:
         dropped = set(news.drop)
         for key in [k for k, (_, sample) in self._saved.items() if sample in dropped]:
             self._forget(key)
-        if news.epoch > self.state.epoch:
-            self._load_merged(news)
-        elif news.merge is not None and news.merge.epoch == self.state.epoch:
-            self._contribute(news)
+        offer = news.merge
+        # The round in flight brings exactly epoch + 1; anything newer, or no round, is a catch-up.
+        if news.epoch > self.state.epoch and self.merger.in_flight != news.epoch - 1:
+            self._catch_up(news)
+        elif offer is not None and offer.phase == "contribute" and offer.epoch == self.state.epoch:
+            self._show(state=f"merging (epoch {offer.epoch})")
+            self.merger.begin(offer, self.backend.weights(), self.state.step)
         if news.run_state == "finished":
             self.finished = True
         if news.reassign:
             self.reassign = True
 
-    def _load_merged(self, news: HeartbeatReply) -> None:
-        """Take the swarm's newer weights; weights that are corrupt or misfit are refused once, not fatal."""
+    def _land(self) -> None:
+        """Load a finished round's weights plus the steps taken since its snapshot (the overlap)."""
+        landed = self.merger.take()
+        if landed is None or landed.merged is None or landed.epoch != self.state.epoch:
+            return  # dropped or stale: the heartbeats report the current epoch, and we catch up to it
+        layout = self.merger.layout
+        current = layout.flatten(self.backend.weights())
+        try:
+            # The optimizer state stays: the merged weights continue this replica's trajectory.
+            self.backend.load(layout.unflatten(outer.overlap(current, landed.snapshot, landed.merged)))
+        except StageInputError as e:
+            log.warning("could not load the merged weights of epoch %d: %s", landed.epoch + 1, e)
+            return
+        self._synced(landed.merged, landed.epoch + 1)
+
+    def _catch_up(self, news: HeartbeatReply) -> None:
+        """Take the swarm's current weights; weights that are corrupt or misfit are refused once."""
         if news.weights.sha256 in self._refused_weights:
             return
         self._show(state=f"loading merged weights (epoch {news.epoch})")
         try:
-            weights = self._download(news.weights)
-            # The optimizer state stays: the merged weights continue this replica's trajectory.
-            self.backend.load(weights)
-        except (StageInputError, IntegrityError) as e:
+            weights = self._published(news.weights)
+            self.backend.load(weights)  # keeping the optimizer state, as a merge does
+            base = self.merger.layout.flatten(weights)
+        except (StageInputError, IntegrityError, ValueError) as e:  # TensorFormatError is a ValueError
             log.warning("refusing the merged weights of epoch %d: %s; training on", news.epoch, e)
             self._refused_weights.add(news.weights.sha256)
             return
-        self.state = replace(self.state, epoch=news.epoch, since_merge=0)
+        log.info("caught up with epoch %d (from %d)", news.epoch, self.state.epoch)
+        self._synced(base, news.epoch)
+
+    def _synced(self, base: np.ndarray, epoch: int) -> None:
+        self.merger.rebase(base, epoch)
+        self.state = replace(self.state, epoch=epoch, since_merge=0)
         self.checkpoint()
 
-    def _contribute(self, news: HeartbeatReply) -> None:
-        merge = news.merge
-        assert merge is not None
-        if self._merged_epoch == merge.epoch:
-            return
-        self._show(state=f"merging (epoch {merge.epoch})")
-        data = encode(self.backend.weights())
-        sha = self.api.upload(merge.upload, data)
-        contribution = MergeComplete(
-            run_id=self.state.run_id,
-            stage=self.spec.index,
-            epoch=merge.epoch,
-            sha256=sha,
-            size=len(data),
-            weight=float(max(self.state.since_merge, 1)),
-        )
-        try:
-            self.api.contribute(contribution)
-        except ApiError as e:
-            if e.status != 409:
-                raise
-            log.info("merge round %s closed before our contribution: %s", merge.epoch, e.detail)
-        self._merged_epoch = merge.epoch
+    def _published(self, ref: BlobRef) -> TensorDict:
+        return published_weights(self.api, self.cache_dir, self.state.run_id, self.spec.index, ref)
+
+    def _epoch_base(self) -> np.ndarray:
+        """The flat weights of the epoch this replica descends from: what its pseudo-gradients count from."""
+        layout = FlatLayout.of(self.manifest.model, self.spec.index)
+        if self.assignment.epoch == self.state.epoch:
+            try:
+                return layout.flatten(self._published(self.assignment.weights))
+            except (IntegrityError, ValueError) as e:  # TensorFormatError is a ValueError
+                log.warning("no epoch %d weights (%s): updates count from here", self.state.epoch, e)
+        return layout.flatten(self.backend.weights())
 
     # --- state, display and shutdown -----------------------------------------------------------------
 
