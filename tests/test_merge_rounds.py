@@ -368,3 +368,34 @@ def test_bytes_per_replica_per_round_stay_constant_in_the_number_of_replicas(orc
     with capsys.disabled():
         print("\n" + "\n".join(lines))
     assert max(totals.values()) <= 1.1 * min(totals.values()), totals
+
+
+def test_a_silent_owner_is_covered_once_the_reducing_phase_times_out(orch):
+    run_id = make_run(orch, manifest(orch.corpus, {"timeout_s": 1.0, "strategy": "average"}))
+    (rep,) = replicas(orch, run_id, 1)
+    update = np.random.default_rng(3).normal(0, 0.01, rep.layout.size).astype(np.float32)
+    base = open_round([rep], [update])[0]
+    until(lambda: (rep.heartbeat()["merge"] or {}).get("phase") == "reduce", what="the reduce offer")
+    # It owns the only partition, keeps its lease and never reports it.
+    until(lambda: rep.heartbeat()["epoch"] == 1, timeout=10, what="the fallback to publish epoch 1")
+    (part,) = rows(orch, db.merge_parts, run_id)
+    assert part.first_by == "orchestrator"
+    np.testing.assert_array_equal(rep.weights(), base - bf16(update))  # average: base - mean
+
+
+def test_the_final_round_at_the_end_of_a_run_merges_the_same_way(orch):
+    run_id = make_run(orch, manifest(orch.corpus, {"interval": 1000, "timeout_s": 2.0}, max_samples=1))
+    head, tail = SimWorker(orch.url, "head").register(), SimWorker(orch.url, "tail").register()
+    head.assign(run_id, stage=0)
+    tail.assign(run_id, stage=2)
+    (rep,) = replicas(orch, run_id, 1)
+    for w in (head, rep.sim, tail, rep.sim, head):  # the run's only sample, forward and back
+        w.do(w.claim())
+    base = rep.weights()
+    offer = until(lambda: rep.heartbeat()["merge"], what="the final round, far before the interval")
+    rep.contribute(offer, np.full(rep.layout.size, 0.01, np.float32))
+    merged = rep.merge(0, base)
+    with SwarmApi.connect(orch.url) as api:
+        until(lambda: api.run_status(run_id).state == "finished", what="the run to finish")
+    assert merged.tobytes() == rep.weights().tobytes() and rep.epoch == 1
+    assert not np.array_equal(merged, base)
