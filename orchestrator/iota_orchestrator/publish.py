@@ -30,6 +30,7 @@ from iota_orchestrator.state import State
 
 log = logging.getLogger("iota_orchestrator")
 R, MP, A, ST, B = db.merge_rounds, db.merge_parts, db.assignments, db.stages, db.blobs
+_stuck: set[tuple[str, int, int]] = set()  # rounds the fallback could not reduce (logged once each)
 
 
 def advance(state: State, ctx: RunCtx, now: float) -> None:
@@ -133,8 +134,11 @@ def fallback(state: State, ctx: RunCtx, rnd: Any, parts: list[Any], now: float) 
                 ctx.run_id, rnd.stage, rnd.epoch, p.part, ", ".join(rounds.owners(p)),
             )  # fmt: skip
     except (OSError, ValueError) as e:
+        if (ctx.run_id, rnd.stage, rnd.epoch) in _stuck:  # said once; the owners' results are awaited
+            return False
+        _stuck.add((ctx.run_id, rnd.stage, rnd.epoch))
         log.error(
-            "run %s stage %d epoch %d: cannot reduce a partition here: %s",
+            "run %s stage %d epoch %d: cannot reduce a partition here (awaiting its owners): %s",
             ctx.run_id,
             rnd.stage,
             rnd.epoch,
