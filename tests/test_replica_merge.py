@@ -27,7 +27,7 @@ from inprocess_orchestrator import InProcessOrchestrator, until
 from sqlalchemy import select
 
 from iota_cli.core.backend import StageBackend
-from iota_cli.core.flat import FlatLayout, owners, part_blob, partitions, update_blob
+from iota_cli.core.flat import WIRE_SIZES, FlatLayout, WireDtype, owners, part_blob, partitions, update_blob
 from iota_cli.core.manifest import RunManifest, tiny_manifest
 from iota_cli.core.protocol import AssignmentRequest, MergeSlice, RegisterRequest
 from iota_cli.core.tensors import RawTensor, TensorDict, decode
@@ -246,6 +246,30 @@ def check_overlap(r: Replica, merged: np.ndarray, atol: float) -> int:
     return landing.steps - first.step
 
 
+def at_epoch(replicas: list[Replica], epoch: int) -> Callable[[], bool]:
+    return lambda: all(r.worker.state.epoch >= epoch for r in replicas)
+
+
+def first_round_bytes(size: int, replicas: int, index: int, dtype: WireDtype) -> tuple[int, int]:
+    """(sent, received) by the index-th contributor (by id) of a first diloco round with no losses.
+
+    Out: its update, and a part blob per partition it owns. In: the others' slices of those partitions,
+    and the merged (F32) slices of the rest; its own results match the published ones, so none of
+    those, and the first round has no momentum to read.
+    """
+    ranges = partitions(size, replicas)
+    mine = {p for p in range(len(ranges)) if index in owners(p, replicas)}
+    sent = len(update_blob(np.zeros(size, np.float32), dtype))
+    received = 0
+    for p, (a, b) in enumerate(ranges):
+        if p in mine:
+            sent += len(part_blob(np.zeros(b - a, np.float32), np.zeros(b - a, np.float32), dtype))
+            received += (replicas - 1) * WIRE_SIZES[dtype] * (b - a)
+        else:
+            received += 4 * (b - a)
+    return sent, received
+
+
 # --- tests -------------------------------------------------------------------------------------------
 
 
@@ -287,19 +311,9 @@ def test_three_replicas_merge_and_keep_the_steps_they_took_since_contributing(or
     mu = cfg.momentum_start  # the first round: no warm-up yet, momentum from zeros
     expected = base0 - cfg.outer_lr * (mean + mu * mean)
     np.testing.assert_allclose(merged, expected, atol=1e-6, rtol=0)
-    # Bytes: the update, and one part blob per partition owned; in, the others' slices of the owned
-    # partitions and the merged slices of the rest (its own results matched the published ones).
-    size = layout.size
-    ranges = partitions(size, 3)
     for i, cid in enumerate(sorted(ids)):
         s = ids[cid].stats[0]
-        mine = [p for p in range(3) if i in owners(p, 3)]
-        owned = [ranges[p] for p in mine]
-        part_bytes = sum(len(part_blob(np.zeros(b - a), np.zeros(b - a), "F32")) for a, b in owned)
-        assert s.sent == len(update_blob(np.zeros(size), "F32")) + part_bytes
-        want = sum(2 * 4 * (b - a) for a, b in owned)
-        want += sum(4 * (b - a) for p, (a, b) in enumerate(ranges) if p not in mine)
-        assert s.received == want, (cid, s)
+        assert (s.sent, s.received) == first_round_bytes(layout.size, 3, i, "F32"), (cid, s)
         assert f"merge round 0: sent {s.sent}, received {s.received}" in caplog.text
 
 
@@ -373,3 +387,80 @@ def test_a_range_read_is_verified(orch, tmp_path):
     assert api.read_slice(MergeSlice(url=ref.url, offset=100, length=64, sha256=sha)) == piece
     with pytest.raises(IntegrityError):
         api.read_slice(MergeSlice(url=ref.url, offset=101, length=64, sha256=sha))
+
+
+def test_the_outer_momentum_a_replica_computed_is_not_downloaded_again(orch, tmp_path):
+    run_id = make_run(orch, interval=3)
+    with pipeline(orch, run_id, tmp_path) as crew:
+        tails = [
+            replica(orch, run_id, TAIL, tmp_path / f"m{i}", delta(d)) for i, d in enumerate((1e-3, 2e-3))
+        ]
+        crew.extend(t.start() for t in tails)
+        until(lambda: all(len(t.stats) >= 2 and t.worker.state.epoch >= 2 for t in tails), 90, "two rounds")
+        n = tails[0].worker.merger.layout.size
+        for t in tails:
+            first, second = t.stats[:2]
+            assert (first.epoch, second.epoch) == (0, 1) and second.outcome == "merged"
+            # At R = 2 each replica owns both partitions: it reads the other's F32 update and nothing
+            # else, round after round; the epoch-1 momentum is what it computed itself in round 0.
+            assert first.received == second.received == 4 * n, (first, second)
+
+
+def test_a_source_slice_that_fails_its_sha256_is_left_to_the_other_owner(orch, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="iota.merge")
+    run_id = make_run(orch)
+    merge_blobs = ("GET", f"/v1/blobs/runs/{run_id}/merge/s{TAIL}/e0/")
+    with pipeline(orch, run_id, tmp_path) as crew:
+        orch.unavailable.add(merge_blobs)  # the owners wait to read until the test has damaged one
+        a = replica(orch, run_id, TAIL, tmp_path / "a", delta(1e-3))
+        b = replica(orch, run_id, TAIL, tmp_path / "b", delta(-1e-3))
+        crew.extend([a.start(), b.start()])
+        until(lambda: a.worker.api.merge_plan(run_id, TAIL, 0).state == "reducing", 60, "the reducing phase")
+        from iota_orchestrator import rounds
+
+        # Flip a byte of b's update in partition 0, on the orchestrator's disk: a's read of it fails
+        # its sha256, while b reduces partition 0 from its own copy in memory.
+        cid = b.worker.state.contributor_id
+        path = orch.state.blobs.path(rounds.update_key(run_id, TAIL, 0, cid))
+        data = bytearray(path.read_bytes())
+        data[-1 - 4 * (a.worker.merger.layout.size // 2)] ^= 0x40
+        path.write_bytes(bytes(data))
+        orch.unavailable.discard(merge_blobs)
+        until(lambda: a.worker.state.epoch >= 1 and b.worker.state.epoch >= 1, 60, "both to land epoch 1")
+        orch.unavailable.add(PART_DONE)
+        merged = published(a.worker.api, run_id, 0, a.worker.merger.layout)
+        assert "leaving partition 0" in caplog.text
+        assert (a.stats[0].reduced, b.stats[0].reduced) == (1, 2)
+        for r in (a, b):
+            assert r.thread is not None and r.thread.is_alive()
+            check_overlap(r, merged, atol=1e-6)
+
+
+def test_bytes_per_replica_per_round_stay_constant_in_the_number_of_replicas(orch, tmp_path, capsys):
+    rows = []
+    for count in (2, 4, 8):
+        run_id = make_run(orch, wire_dtype="BF16")
+        with pipeline(orch, run_id, tmp_path / f"r{count}") as crew:
+            tails = [
+                replica(orch, run_id, TAIL, tmp_path / f"r{count}" / f"t{i}", delta(1e-3 * (i + 1)))
+                for i in range(count)
+            ]
+            crew.extend(t.start() for t in tails)
+            until(at_epoch(tails, 1), 120, f"a round of {count}")
+        n = tails[0].worker.merger.layout.size
+        ids = sorted(t.worker.state.contributor_id for t in tails)
+        for t in tails:
+            s = t.stats[0]
+            assert s.outcome == "merged"
+            want = first_round_bytes(n, count, ids.index(t.worker.state.contributor_id), "BF16")
+            assert (s.sent, s.received) == want
+        sent = max(t.stats[0].sent for t in tails)
+        received = max(t.stats[0].received for t in tails)
+        rows.append((count, n, sent, received))
+    with capsys.disabled():
+        print("\nreplicas  params  sent/replica  received/replica  total/param (BF16 wire)")
+        for count, n, sent, received in rows:
+            print(f"{count:8d}  {n:6d}  {sent:12d}  {received:16d}  {(sent + received) / n:11.2f}")
+    totals = [sent + received for _, _, sent, received in rows]
+    # What one replica moves per round is 3w + 4 bytes a parameter (w = wire bytes) whatever R is.
+    assert max(totals) <= 1.1 * min(totals)
