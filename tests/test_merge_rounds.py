@@ -1,9 +1,10 @@
 """Butterfly merge rounds over real HTTP (issue 12): the replicas reduce, the orchestrator coordinates.
 
-A real orchestrator serves in this process (tests/inprocess_orchestrator.py); the replicas are simulated
-here with requests and core.flat/core.outer, as `iota join` plays them: upload an update, read the
-ranges of the partitions they own with HTTP Range (checked against the plan's sha256), reduce, upload
-the part, then read every other partition from the published weights. Each counts the bytes it sends
+A real orchestrator serves in this process (tests/inprocess_orchestrator.py; the crash test runs one as a
+child process and SIGKILLs it); the replicas are simulated here with requests and core.flat/core.outer,
+as `iota join` plays them: upload an update, read the ranges of the partitions they own with HTTP Range
+(checked against the plan's sha256), reduce, upload the part, then read every other partition from the
+published weights. Each counts the bytes it sends
 and receives in a round. What the published weights must equal is computed with this file's own numpy.
 
     timeout 600 .venv/bin/python -m pytest -q -s -p no:cacheprovider tests/test_merge_rounds.py
@@ -23,6 +24,7 @@ import pytest
 import requests
 from inprocess_orchestrator import InProcessOrchestrator, until
 from iota_orchestrator import db
+from iota_orchestrator.datadir import DATABASE
 from simworker import SimWorker
 from sqlalchemy import select
 
@@ -31,6 +33,7 @@ from iota_cli.core.manifest import MergeConfig, RunManifest, tiny_manifest
 from iota_cli.core.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION, SHA256_HEADER, MergePlan
 from iota_cli.core.tensors import decode
 from iota_cli.swarm.corpus import write_corpus
+from iota_cli.swarm.orchestrator import OrchestratorProcess
 from iota_cli.train.api import SwarmApi
 
 ADMIN = "admin-for-merge-tests"
@@ -319,8 +322,9 @@ def test_a_partition_whose_owners_are_gone_is_reduced_by_the_orchestrator(orch):
     assert by == {0: live.cid, 1: "orchestrator", 2: live.cid}
 
 
-def test_a_restart_in_the_reducing_phase_completes_the_round_once(tmp_path, corpus):
-    orch = InProcessOrchestrator(tmp_path / "data", ADMIN, tick_s=0.1).start()
+def test_a_sigkill_in_the_reducing_phase_and_the_round_completes_once(tmp_path, corpus):
+    data = tmp_path / "data"
+    orch = OrchestratorProcess(data, admin_token=ADMIN, tick_s=0.1).start()
     try:
         run_id = make_run(orch, manifest(corpus, {"timeout_s": 30.0}))
         reps = replicas(orch, run_id, 3)
@@ -329,12 +333,10 @@ def test_a_restart_in_the_reducing_phase_completes_the_round_once(tmp_path, corp
         updates = [rng.normal(0, 0.01, size).astype(np.float32) for _ in reps]
         base = open_round(reps, updates)[0]
         until(lambda: reps[0].plan(0, wait_s=1.0).state == "reducing", what="the reducing phase")
-        first = reps[0].reduce(0, base, skip=frozenset({2}))  # partition 0 only, before the restart
+        first = reps[0].reduce(0, base, skip=frozenset({2}))  # partition 0 only, before the kill
         assert list(first) == [0]
-        orch.stop()
-        orch.start()
-        for r in reps:
-            r.url = orch.url
+        orch.kill()
+        orch = OrchestratorProcess(data, port=orch.port, admin_token=ADMIN, tick_s=0.1).start()
         mine = in_threads([lambda r=r: r.reduce(0, base) for r in reps])
         merged = [
             r.collect(0, {**m, **(first if r is reps[0] else {})}) for r, m in zip(reps, mine, strict=True)
@@ -345,11 +347,16 @@ def test_a_restart_in_the_reducing_phase_completes_the_round_once(tmp_path, corp
         assert np.all(np.abs(published - want) <= slack)
         time.sleep(1.0)  # ticks after the publish change nothing
         assert [r.heartbeat()["epoch"] for r in reps] == [1, 1, 1]
-        (stage,) = [s for s in rows(orch, db.stages, run_id) if s.stage == STAGE]
-        assert stage.epoch == 1
-        assert [(r.epoch, r.state) for r in rows(orch, db.merge_rounds, run_id)] == [(0, "closed")]
     finally:
         orch.stop()
+    engine = db.open_engine(data / DATABASE)
+    with engine.connect() as conn:
+        S, R = db.stages, db.merge_rounds
+        assert (
+            conn.execute(select(S.c.epoch).where(S.c.run_id == run_id, S.c.stage == STAGE)).scalar_one() == 1
+        )
+        assert conn.execute(select(R.c.epoch, R.c.state).where(R.c.run_id == run_id)).all() == [(0, "closed")]
+    engine.dispose()
 
 
 def test_bytes_per_replica_per_round_stay_constant_in_the_number_of_replicas(orch, capsys):
