@@ -128,7 +128,8 @@ class Replica:
     def read(self, piece: Any) -> bytes:
         end = piece.offset + piece.length - 1
         r = self.http("GET", piece.url, Range=f"bytes={piece.offset}-{end}")
-        assert r.status_code == 206 and hashlib.sha256(r.content).hexdigest() == piece.sha256
+        assert r.status_code == 206 and r.headers["Content-Range"].startswith(f"bytes {piece.offset}-{end}/")
+        assert hashlib.sha256(r.content).hexdigest() == piece.sha256
         return r.content
 
     def put(self, url: str, data: bytes) -> str:
