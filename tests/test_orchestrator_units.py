@@ -72,29 +72,6 @@ def test_init_is_deterministic_per_name_whatever_the_split():
     assert c[shared].data != a[shared].data
 
 
-def test_average_is_weighted_and_skips_bad_contributions():
-    shapes = {"w": (2, 3), "b": (3,)}
-
-    def blob(v, dtype=np.float32, shape=None):
-        return encode(
-            {
-                n: RawTensor("F32", shape or s, np.full(shape or s, v, dtype).tobytes())
-                for n, s in shapes.items()
-            }
-        )
-
-    nan = blob(np.nan)
-    wrong = encode({"w": RawTensor("F32", (2, 3), bytes(24))})
-    out = weights.average(
-        [(blob(1.0), 3.0), (blob(5.0), 1.0), (nan, 9.0), (wrong, 9.0), (b"junk", 1.0)], shapes
-    )
-    t, _ = decode(out)
-    np.testing.assert_allclose(np.frombuffer(t["w"].data, np.float32), 2.0)
-    t, _ = decode(weights.average([(blob(1.0), 0.0), (blob(3.0), 0.0)], shapes))
-    np.testing.assert_allclose(np.frombuffer(t["b"].data, np.float32), 2.0)
-    assert weights.average([(nan, 1.0)], shapes) is None
-
-
 def test_uploads_are_checked_by_name_shape_dtype_and_value(tmp_path):
     p = tmp_path / "t.safetensors"
     p.write_bytes(encode({"grad": RawTensor("BF16", (2, 4, 3), bytes(48))}))

@@ -26,10 +26,9 @@ from iota_orchestrator.blobs import BlobStore
 from iota_orchestrator.errors import BadRequest, Conflict, Forbidden
 from iota_orchestrator.faults import Rejected
 from iota_orchestrator.integrity import Checked
-from iota_orchestrator.runs import RunCtx
+from iota_orchestrator.runs import HEADER_SLACK, RunCtx
 
 R, MC, MP, A, ST, L = db.merge_rounds, db.merge_contribs, db.merge_parts, db.assignments, db.stages, db.ledger
-HEADER_SLACK = 4096
 
 _ROUND = select(R).where(
     R.c.run_id == bindparam("run"), R.c.stage == bindparam("stage"), R.c.epoch == bindparam("epoch")
