@@ -464,3 +464,70 @@ def test_bytes_per_replica_per_round_stay_constant_in_the_number_of_replicas(orc
     totals = [sent + received for _, _, sent, received in rows]
     # What one replica moves per round is 3w + 4 bytes a parameter (w = wire bytes) whatever R is.
     assert max(totals) <= 1.1 * min(totals)
+
+
+def test_a_range_read_copes_with_servers_that_ignore_range_are_busy_or_send_bad_bytes():
+    from fake_http import Server, fast_client, sequence, status
+
+    body = bytes(range(256)) * 4
+
+    def whole(h) -> None:  # a server that ignores Range
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    def ranged(data: bytes):
+        def route(h) -> None:
+            first, last = (int(x) for x in h.headers["Range"].removeprefix("bytes=").split("-"))
+            piece = data[first : last + 1]
+            h.send_response(206)
+            h.send_header("Content-Range", f"bytes {first}-{last}/{len(data)}")
+            h.send_header("Content-Length", str(len(piece)))
+            h.end_headers()
+            h.wfile.write(piece)
+
+        return route
+
+    want = body[300:400]
+    sha = hashlib.sha256(want).hexdigest()
+    server = Server()
+    try:
+        client = fast_client(server.url, integrity_retries=2)
+        server.routes["/a"] = whole
+        assert client.read_range("/a", 300, 100, sha) == want
+        server.routes["/b"] = sequence(status(503, {"Retry-After": "0"}), ranged(body))
+        assert client.read_range("/b", 300, 100, sha) == want and server.count("/b") == 2
+        flipped = body[:350] + bytes([body[350] ^ 1]) + body[351:]
+        server.routes["/c"] = sequence(ranged(flipped), ranged(body))
+        assert client.read_range("/c", 300, 100, sha) == want and server.count("/c") == 2
+        server.routes["/d"] = ranged(flipped)
+        with pytest.raises(IntegrityError):
+            client.read_range("/d", 300, 100, sha)
+        assert server.count("/d") == 2, "integrity_retries tries, then it gives up"
+        assert server.seen[-1][2]["Range"] == "bytes=300-399"
+    finally:
+        server.stop()
+
+
+def test_a_resumed_replica_counts_its_update_from_the_published_weights_not_its_checkpoint(orch, tmp_path):
+    run_id = make_run(orch, interval=6)
+    with pipeline(orch, run_id, tmp_path) as crew:
+        first = replica(orch, run_id, TAIL, tmp_path / "t", delta(1e-3)).start()
+        until(lambda: first.backend.steps >= 2, 60, "some local steps")
+        first.stop()
+        assert first.stats == [] and first.worker.state.epoch == 0
+        again = replica(orch, run_id, TAIL, tmp_path / "t", delta(1e-3), token=first.token)
+        base0, resumed = first.backend.initial, again.backend.initial
+        assert base0 is not None and resumed is not None and not np.allclose(resumed, base0)
+        assert again.worker.state.step >= 2 and np.array_equal(again.worker.merger.base, base0)
+        crew.append(again.start())
+        until(at_epoch([again], 1), 60, "its merge, alone on the stage")
+        orch.unavailable.add(PART_DONE)
+        merged = published(again.worker.api, run_id, 0, again.worker.merger.layout)
+    # Alone, the mean is its own update: base0 - snapshot, with every step since epoch 0 in it.
+    s = again.stats[0]
+    snapshot = again.backend.after_step[s.step - first.backend.steps]
+    cfg = again.worker.manifest.merge
+    u = base0.astype(np.float64) - snapshot
+    np.testing.assert_allclose(merged, base0 - cfg.outer_lr * (1 + cfg.momentum_start) * u, atol=1e-6, rtol=0)
