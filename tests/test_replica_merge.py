@@ -430,7 +430,8 @@ def test_a_source_slice_that_fails_its_sha256_is_left_to_the_other_owner(orch, t
         orch.unavailable.add(PART_DONE)
         merged = published(a.worker.api, run_id, 0, a.worker.merger.layout)
         assert "leaving partition 0" in caplog.text
-        assert (a.stats[0].reduced, b.stats[0].reduced) == (1, 2)
+        # b reduces both partitions; a's partition 1 may come after b has closed the round.
+        assert b.stats[0].reduced == 2 and a.stats[0].reduced <= 1
         for r in (a, b):
             assert r.thread is not None and r.thread.is_alive()
             check_overlap(r, merged, atol=1e-6)
