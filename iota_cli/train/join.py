@@ -143,6 +143,18 @@ def published_weights(api: SwarmApi, cache_dir: Path, run_id: str, stage: int, r
         raise
 
 
+def epoch_base(api: SwarmApi, assignment: Assignment, state: LoopState, cache_dir: Path) -> TensorDict | None:
+    """The published weights of the epoch a replica holds, which its merge updates count from (a resumed
+    replica's checkpoint has trained past them); None when they cannot be had."""
+    if assignment.epoch != state.epoch:
+        return None
+    try:
+        return published_weights(api, cache_dir, assignment.run_id, assignment.stage, assignment.weights)
+    except (IntegrityError, TensorFormatError) as e:
+        log.warning("no epoch %d weights (%s): merge updates count from the weights held now", state.epoch, e)
+        return None
+
+
 def restore(
     backend: StageBackend,
     assignment: Assignment,

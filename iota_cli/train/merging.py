@@ -55,6 +55,7 @@ class Landed:
     """A finished round of epoch E: the published weights of E + 1 (None: dropped) and the snapshot."""
 
     epoch: int
+    step: int  # the local step of the snapshot
     snapshot: np.ndarray
     merged: np.ndarray | None
 
@@ -84,11 +85,12 @@ class Merger:
     """The merge rounds of one stage replica; begin/take/rebase from the loop thread only."""
 
     def __init__(
-        self, api: SwarmApi, run_id: str, stage: int, manifest: RunManifest, base: np.ndarray, epoch: int
+        self, api: SwarmApi, run_id: str, stage: int, manifest: RunManifest, base: TensorDict, epoch: int
     ) -> None:
+        """base: the published weights of epoch, the one the replica holds (its updates count from them)."""
         self.api, self.run_id, self.stage, self.cfg = api, run_id, stage, manifest.merge
         self.layout = FlatLayout.of(manifest.model, stage)
-        self.base, self.epoch = base, epoch
+        self.base, self.epoch = self.layout.flatten(base), epoch
         self.rounds: list[RoundStats] = []
         self._momenta: dict[MomentumKey, np.ndarray] = {}  # what this replica computed last round
         self._thread: threading.Thread | None = None
@@ -162,7 +164,7 @@ class Merger:
         )  # fmt: skip
         with self._lock:
             if self._round is rnd:
-                self._landed = Landed(rnd.offer.epoch, rnd.snapshot, merged)
+                self._landed = Landed(rnd.offer.epoch, rnd.stats.step, rnd.snapshot, merged)
 
     def _merge(self, rnd: _Round) -> np.ndarray | None:
         """Contribute, reduce what this replica owns, then the published weights of E + 1 (None: dropped)."""

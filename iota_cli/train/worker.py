@@ -21,7 +21,6 @@ import numpy as np
 
 from iota_cli.core import outer
 from iota_cli.core.backend import StageBackend, StageInputError, UnknownWorkId
-from iota_cli.core.flat import FlatLayout
 from iota_cli.core.modelspec import stage_spec
 from iota_cli.core.protocol import (
     Abandon,
@@ -40,7 +39,7 @@ from iota_cli.machine.power import PowerGuard
 from iota_cli.train.api import SwarmApi
 from iota_cli.train.checkpoint import CheckpointStore, LoopState
 from iota_cli.train.errors import ApiError, ClientError, IntegrityError, Stopped
-from iota_cli.train.join import published_weights
+from iota_cli.train.join import epoch_base, published_weights
 from iota_cli.train.merging import Merger
 
 log = logging.getLogger("iota.worker")
@@ -89,9 +88,10 @@ class Worker:
         self.reassign = False
         self._loop_thread: int | None = None
         self._done = threading.Event()  # ends the heartbeat thread (stop is the user's)
-        self.merger = Merger(
-            api, state.run_id, self.spec.index, self.manifest, self._epoch_base(), state.epoch
-        )
+        self._wake = threading.Event()  # beat now (the thread is done, or a merge round is due)
+        self._paced_from = state.step  # the orchestrator counts merge.interval steps from here
+        base = epoch_base(api, assignment, state, cache_dir) or backend.weights()
+        self.merger = Merger(api, state.run_id, self.spec.index, self.manifest, base, state.epoch)
 
     # --- the loop ------------------------------------------------------------------------------------
 
@@ -119,6 +119,7 @@ class Worker:
             pass
         finally:
             self._done.set()
+            self._wake.set()
             beat.join(timeout=2.0)
             self.merger.close()
             self._shutdown()
@@ -194,7 +195,7 @@ class Worker:
         out = self.backend.forward(key, inputs)
         self._saved[key] = (time.monotonic(), item.sample_id)
         b, t = inputs["tokens" if kind == "head" else "activations"].shape[:2]
-        self._add_tokens(b * t)
+        self.state = replace(self.state, tokens=self.state.tokens + b * t)
         if kind != "tail":
             return out, None
         targets = column_slice(self._fetch(item.tokens, "tokens"), 1, None)
@@ -217,6 +218,8 @@ class Worker:
         self.backend.step()
         self._since_step = 0
         self.state = replace(self.state, step=self.state.step + 1, since_merge=self.state.since_merge + 1)
+        if self.state.step - self._paced_from == self.manifest.merge.interval:
+            self._wake.set()  # a round is due: say so now, not up to heartbeat_s later
         if time.monotonic() - self._last_checkpoint >= self.options.checkpoint_interval_s:
             self.checkpoint()
 
@@ -280,7 +283,8 @@ class Worker:
                 return
             except ClientError as e:
                 log.debug("heartbeat missed: %s", e)
-            self._done.wait(interval)
+            self._wake.wait(interval)
+            self._wake.clear()
 
     def _apply_news(self) -> None:
         if self._since_step == 0 or self._idle:  # merged weights land between optimizer steps
@@ -299,6 +303,7 @@ class Worker:
         elif offer is not None and offer.phase == "contribute" and offer.epoch == self.state.epoch:
             self._show(state=f"merging (epoch {offer.epoch})")
             self.merger.begin(offer, self.backend.weights(), self.state.step)
+            self._paced_from = self.state.step
         if news.run_state == "finished":
             self.finished = True
         if news.reassign:
@@ -317,6 +322,10 @@ class Worker:
         except StageInputError as e:
             log.warning("could not load the merged weights of epoch %d: %s", landed.epoch + 1, e)
             return
+        kept = self.state.step - landed.step
+        log.info(
+            "epoch %d merged in at step %d, keeping %d local steps", landed.epoch + 1, self.state.step, kept
+        )
         self._synced(landed.merged, landed.epoch + 1)
 
     def _catch_up(self, news: HeartbeatReply) -> None:
@@ -333,25 +342,18 @@ class Worker:
             self._refused_weights.add(news.weights.sha256)
             return
         log.info("caught up with epoch %d (from %d)", news.epoch, self.state.epoch)
+        self._paced_from = self.state.step
         self._synced(base, news.epoch)
 
     def _synced(self, base: np.ndarray, epoch: int) -> None:
         self.merger.rebase(base, epoch)
         self.state = replace(self.state, epoch=epoch, since_merge=0)
         self.checkpoint()
+        if self.state.step - self._paced_from >= self.manifest.merge.interval:
+            self._wake.set()  # the next round came due while this one was in flight
 
     def _published(self, ref: BlobRef) -> TensorDict:
         return published_weights(self.api, self.cache_dir, self.state.run_id, self.spec.index, ref)
-
-    def _epoch_base(self) -> np.ndarray:
-        """The flat weights of the epoch this replica descends from: what its pseudo-gradients count from."""
-        layout = FlatLayout.of(self.manifest.model, self.spec.index)
-        if self.assignment.epoch == self.state.epoch:
-            try:
-                return layout.flatten(self._published(self.assignment.weights))
-            except (IntegrityError, ValueError) as e:  # TensorFormatError is a ValueError
-                log.warning("no epoch %d weights (%s): updates count from here", self.state.epoch, e)
-        return layout.flatten(self.backend.weights())
 
     # --- state, display and shutdown -----------------------------------------------------------------
 
@@ -375,9 +377,6 @@ class Worker:
         except ClientError as e:
             log.info("could not tell the orchestrator we are leaving: %s", e)
         self._show(state="stopped")
-
-    def _add_tokens(self, n: int) -> None:
-        self.state = replace(self.state, tokens=self.state.tokens + n)
 
     def _show(self, state: str) -> None:
         with self._display_lock:
