@@ -400,10 +400,13 @@ def test_the_final_round_at_the_end_of_a_run_merges_the_same_way(orch):
     for w in (head, rep.sim, tail, rep.sim, head):  # the run's only sample, forward and back
         w.do(w.claim())
     base = rep.weights()
+    rep.step += 1  # it stepped since it synced: its last steps are what the final round merges
     offer = until(lambda: rep.heartbeat()["merge"], what="the final round, far before the interval")
     rep.contribute(offer, np.full(rep.layout.size, 0.01, np.float32))
     merged = rep.merge(0, base)
     with SwarmApi.connect(orch.url) as api:
-        until(lambda: api.run_status(run_id).state == "finished", what="the run to finish")
+        # Live workers heartbeat; the run ends once each has spoken since the drain.
+        alive = lambda: [w.heartbeat() for w in (head, tail)]  # noqa: E731
+        until(lambda: alive() and api.run_status(run_id).state == "finished", what="the run to finish")
     assert merged.tobytes() == rep.weights().tobytes() and rep.epoch == 1
     assert not np.array_equal(merged, base)

@@ -162,8 +162,27 @@ class Swarm:
                     )
                 )
 
-    def launch(self) -> None:
-        for w in self.workers:
+    def launch(self, settle_s: float = 120.0) -> None:
+        """Start one worker per stage, then the rest once those hold their stages.
+
+        The orchestrator moves a replica of a crowded stage to a stage nobody holds (assignment.py), so
+        a replica that joined before any worker of another stage would be moved there and the stages
+        would not end up with their replicas each."""
+        n_stages = self.manifest.model.n_stages
+        first, rest = self.workers[:n_stages], self.workers[n_stages:]
+        for w in first:
+            w.start(self.url, self.run_id)
+        want = {w.contributor_id: w.stage for w in first}
+        deadline = time.monotonic() + settle_s
+        while rest and time.monotonic() < deadline:
+            status = self.status()
+            placed = {ws.contributor_id: s.stage for s in status.stages for ws in s.workers} if status else {}
+            if all(placed.get(cid) == stage for cid, stage in want.items()):
+                break
+            if not all(w.running() for w in first):
+                break  # the summary shows which one exited and why
+            time.sleep(0.3)
+        for w in rest:
             w.start(self.url, self.run_id)
 
     def status(self) -> RunStatus | None:

@@ -292,23 +292,26 @@ def due(conn: Connection, ctx: RunCtx, now: float) -> list[tuple[int, int]]:
     return out
 
 
-def open_final(conn: Connection, ctx: RunCtx, now: float) -> int:
-    """Open a last round on every stage with live replicas (the run has drained); return how many."""
-    opened = 0
+def final_pending(conn: Connection, ctx: RunCtx, since: float, now: float) -> int:
+    """Stages whose replicas' last steps are not merged yet (the run drained at `since`), opening a final
+    round where one is due; 0 when the run may finish.
+
+    A stage waits until each live replica has spoken since the drain (its heartbeat then reports its last
+    step), then opens a round if a replica took steps after the update it last gave (steps > sync_step);
+    a round already in flight at the drain took its updates before those steps, so it does not count."""
+    pending = 0
     for s in range(ctx.n_stages):
-        epoch = conn.execute(_EPOCH, {"run": ctx.run_id, "stage": s}).scalar_one()
         live = conn.execute(
-            select(func.count())
-            .select_from(A)
-            .where(A.c.run_id == ctx.run_id, A.c.stage == s, A.c.state == "active")
-        ).scalar_one()
-        if live and get_round(conn, ctx.run_id, s, epoch) is None:
+            select(A.c.steps, A.c.sync_step, A.c.last_seen).where(
+                A.c.run_id == ctx.run_id, A.c.stage == s, A.c.state == "active"
+            )
+        ).all()
+        if not live:
+            continue
+        epoch = conn.execute(_EPOCH, {"run": ctx.run_id, "stage": s}).scalar_one()
+        if get_round(conn, ctx.run_id, s, epoch) is not None or any(r.last_seen < since for r in live):
+            pending += 1
+        elif any(r.steps > r.sync_step for r in live):
             open_round(conn, ctx, s, epoch, now)
-            opened += 1
-    return opened
-
-
-def unsettled(conn: Connection, run_id: str) -> int:
-    return conn.execute(
-        select(func.count()).select_from(R).where(R.c.run_id == run_id, R.c.state.in_(("open", "reducing")))
-    ).scalar_one()
+            pending += 1
+    return pending
