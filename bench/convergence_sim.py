@@ -49,7 +49,7 @@ class Plan:
     batch: int = 8  # sequences per sample (one work item)
     seq: int = 128
     global_batch: int = 32  # G: sequences per optimizer step across the swarm
-    steps: int = 300  # optimizer steps, for every configuration
+    steps: int = 250  # optimizer steps, for every configuration
     lr: float = 3e-3
     eval_batches: int = 16
     seed: int = 0

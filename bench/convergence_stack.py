@@ -57,7 +57,7 @@ def run_stack(m: RunManifest, replicas: int, home: Path, timeout_s: float = 1800
     problems: list[str] = []
     started = time.monotonic()
     try:
-        swarm.start()
+        launch(swarm, started + timeout_s)
         while swarm.any_running() and time.monotonic() < started + timeout_s:
             time.sleep(POLL_S)
         if swarm.any_running():
@@ -77,8 +77,36 @@ def run_stack(m: RunManifest, replicas: int, home: Path, timeout_s: float = 1800
     if status is None or status.state != "finished":
         problems.append(f"the run ended {status.state if status else 'unreachable'}, not finished")
     weights, epochs = final_weights(home / "orchestrator", swarm.run_id, m.model.n_stages)
+    counts = replicas_per_stage(home / "orchestrator", swarm.run_id, m.model.n_stages)
+    if counts != [replicas] * m.model.n_stages:
+        problems.append(f"the stages ended with {counts} replicas, not {replicas} each (a worker moved)")
     tokens = status.tokens_processed if status else 0
     return StackRun(weights, epochs, tokens, logged_bytes(logs), wall, problems)
+
+
+def launch(swarm: Swarm, deadline: float) -> None:
+    """Start one worker per stage, and the rest once those hold their stages.
+
+    The orchestrator moves a replica of the most crowded stage to a stage that has no live worker
+    (assignment.rebalance); started all at once, a worker that joins before any of another stage's
+    would be moved there, and the stages would not hold R replicas each. The first three train alone
+    until the others have joined (seconds: a few percent of a bench run's samples)."""
+    swarm.prepare()
+    n_stages = swarm.manifest.model.n_stages
+    first, rest = swarm.workers[:n_stages], swarm.workers[n_stages:]
+    for w in first:
+        w.start(swarm.url, swarm.run_id)
+    want = {w.contributor_id: w.stage for w in first}
+    while time.monotonic() < deadline:
+        status = swarm.status()
+        placed = {ws.contributor_id: s.stage for s in status.stages for ws in s.workers} if status else {}
+        if all(placed.get(cid) == stage for cid, stage in want.items()):
+            break
+        if not all(w.running() for w in first):
+            raise RuntimeError("a worker exited while joining; see its worker.log under the run's home")
+        time.sleep(0.2)
+    for w in rest:
+        w.start(swarm.url, swarm.run_id)
 
 
 def final_weights(data_dir: Path, run_id: str, n_stages: int) -> tuple[list[TensorDict], list[int]]:
@@ -97,6 +125,19 @@ def final_weights(data_dir: Path, run_id: str, n_stages: int) -> tuple[list[Tens
         tensors, _ = decode((data_dir / "blobs" / key).read_bytes())
         weights.append(tensors)
     return weights, [int(r[1]) for r in rows]
+
+
+def replicas_per_stage(data_dir: Path, run_id: str, n_stages: int) -> list[int]:
+    """How many contributors each stage's assignment rows hold at the end of the run."""
+    db = sqlite3.connect(f"file:{data_dir / 'orchestrator.sqlite3'}?mode=ro", uri=True)
+    try:
+        rows = db.execute(
+            "SELECT stage, count(*) FROM assignments WHERE run_id = ? GROUP BY stage", (run_id,)
+        ).fetchall()
+    finally:
+        db.close()
+    found = dict(rows)
+    return [int(found.get(s, 0)) for s in range(n_stages)]
 
 
 def logged_bytes(logs: list[Path]) -> int | None:

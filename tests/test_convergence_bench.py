@@ -146,6 +146,19 @@ def test_sync_is_data_parallel_and_stays_with_the_reference(corpus, tmp_path):
     assert not np.allclose(FlatLayout.of(TINY, 0).flatten(diloco[0]), FlatLayout.of(TINY, 0).flatten(ref[0]))
 
 
+@pytest.mark.slow
+def test_the_sweep_in_two_processes_gives_what_one_does(corpus, tmp_path):
+    configs = [sim.Config("sync", 2, 1), sim.Config("average", 4, 2)]
+    one, two = cv.Bench(PLAN, str(corpus), tmp_path), cv.Bench(PLAN, str(corpus), tmp_path)
+    one.run_sweep(configs, jobs=1)
+    two.run_sweep(configs, jobs=2)
+    assert two.reference_loss == pytest.approx(one.reference_loss, rel=1e-4)
+    assert [r.config for r in two.results] == configs
+    for a, b in zip(one.results, two.results, strict=True):
+        assert b.loss == pytest.approx(a.loss, rel=1e-4) and b.ratio == pytest.approx(a.ratio, rel=1e-4)
+        assert b.merge_bytes_per_token == a.merge_bytes_per_token > 0
+
+
 def result(strategy: str, replicas: int, interval: int, ratio: float) -> cv.Result:
     return cv.Result(sim.Config(strategy, replicas, interval), ratio, ratio, 0.0, 0.0)
 
@@ -174,7 +187,7 @@ def test_the_default_is_the_best_at_four_replicas_among_those_that_hold_at_two()
 def test_quick_bench_through_the_real_stack(corpus, tmp_path):
     """A few steps of the whole bench: reference, then the default merge at R = 2 and 4 through real
     orchestrator and `iota join` processes; the JSON line is last and well-formed."""
-    env_plan = replace(PLAN, steps=6)
+    env_plan = replace(PLAN, steps=40)  # long enough that every worker joins before the end
     bench = cv.Bench(env_plan, str(corpus), tmp_path)
     bench.run_reference()
     for r in cv.REPLICAS:
