@@ -405,7 +405,7 @@ def test_the_final_round_at_the_end_of_a_run_merges_the_same_way(orch):
     rep.contribute(offer, np.full(rep.layout.size, 0.01, np.float32))
     merged = rep.merge(0, base)
     with SwarmApi.connect(orch.url) as api:
-        # Live workers heartbeat; the run ends a heartbeat and a half after the drain, with no round due.
+        # Live workers heartbeat; the run ends once each has since the drain, with no round due.
         alive = lambda: [w.heartbeat() for w in (head, tail)]  # noqa: E731
         until(lambda: alive() and api.run_status(run_id).state == "finished", 40, "the run to finish")
     assert merged.tobytes() == rep.weights().tobytes() and rep.epoch == 1

@@ -129,6 +129,7 @@ assignments = Table(
     # Claims that lapsed past their deadline, less completions since (never below 0): while above 0 the
     # worker may hold only one claim at a time (v3).
     Column("lapses", Integer, nullable=False, default=0, server_default="0"),
+    Column("beat", Float),  # its last heartbeat (v4): the run's end waits for each replica's last step
     Index("ix_assign_run_state", "run_id", "state", "last_seen"),
 )
 
@@ -314,11 +315,11 @@ def _v3(conn: Connection) -> None:
 
 
 def _v4(conn: Connection) -> None:
+    _add_columns(conn, assignments, ["beat"])
     _add_columns(conn, merge_rounds, ["reducing", "momentum_key"])
     _add_columns(conn, merge_contribs, ["sha256", "step", "ledger_mark", "slices"])
     merge_parts.create(conn, checkfirst=True)
-    # A v3 round in flight holds full weights, which v4 does not merge: forget it (the next one opens).
-    R, C = merge_rounds, merge_contribs
+    R, C = merge_rounds, merge_contribs  # a v3 round in flight holds full weights: forget it
     live = select(R.c.run_id, R.c.stage, R.c.epoch).where(R.c.state != "closed")
     conn.execute(C.delete().where(tuple_(C.c.run_id, C.c.stage, C.c.epoch).in_(live)))
     conn.execute(R.delete().where(R.c.state != "closed"))

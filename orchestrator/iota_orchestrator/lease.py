@@ -62,10 +62,10 @@ def beat(
         # unless it contributed to the round that made them (rounds.contribute paces it from then).
         sync_epoch, sync_step = st.epoch, hb.step
         values.update(sync_epoch=sync_epoch, sync_step=sync_step)
-    if (a.steps, a.epoch, a.tokens_per_s, a.sync_epoch) != (hb.step, hb.epoch, hb.tokens_per_s, sync_epoch):
-        conn.execute(
-            update(A).where(A.c.run_id == ctx.run_id, A.c.contributor_id == contributor_id).values(**values)
-        )
+    values["beat"] = now
+    conn.execute(
+        update(A).where(A.c.run_id == ctx.run_id, A.c.contributor_id == contributor_id).values(**values)
+    )
     touch(conn, ctx.run_id, contributor_id, now)
     state = run_state(conn, ctx.run_id)
     steps_since = hb.step - sync_step if sync_epoch == st.epoch else None

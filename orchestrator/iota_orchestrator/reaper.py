@@ -78,11 +78,11 @@ def finish_check(conn: Connection, ctx: RunCtx, now: float) -> bool:
     if run.final_merge is None:
         conn.execute(update(db.runs).where(db.runs.c.run_id == ctx.run_id).values(final_merge=now))
         return False
-    # A round in flight at the drain, then the final one: each takes up to timeout_s to collect updates and
-    # timeout_s more before the fallback reduces it. Past that the run ends with what was merged.
-    quiet_s = 1.5 * lease.heartbeat_s(t.lease_s)
-    limit = run.final_merge + quiet_s + 6 * ctx.manifest.merge.timeout_s + 5
-    if rounds.final_pending(conn, ctx, run.final_merge, now, quiet_s) and now < limit:
+    # Every replica's next heartbeat (within a lease), a round in flight at the drain, then the final one:
+    # each round takes up to timeout_s to collect updates and timeout_s more before the fallback reduces
+    # it. Past that the run ends with what was merged.
+    limit = run.final_merge + t.lease_s + 6 * ctx.manifest.merge.timeout_s + 5
+    if rounds.final_pending(conn, ctx, run.final_merge, now) and now < limit:
         return False
     conn.execute(update(db.runs).where(db.runs.c.run_id == ctx.run_id).values(state="finished", finished=now))
     log.info("run %s finished", ctx.run_id)

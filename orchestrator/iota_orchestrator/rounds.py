@@ -292,25 +292,26 @@ def due(conn: Connection, ctx: RunCtx, now: float) -> list[tuple[int, int]]:
     return out
 
 
-def final_pending(conn: Connection, ctx: RunCtx, since: float, now: float, quiet_s: float) -> int:
+def final_pending(conn: Connection, ctx: RunCtx, since: float, now: float) -> int:
     """Stages whose replicas' last steps are not merged yet (the run drained at `since`), opening a final
     round where one is due; 0 when the run may finish.
 
-    For quiet_s after the drain every stage with live replicas waits: each replica's heartbeat in that
-    time reports its last step (claims renew a lease but carry no step). Then a stage opens a round if a
-    replica took steps after the update it last gave (steps > sync_step); a round already in flight at the
-    drain took its updates before those steps, so it does not settle the stage."""
+    A stage waits until each live replica has heartbeated since the drain (that beat reports its last
+    step; claims renew a lease but carry no step). Then it opens a round if a replica took steps after the
+    update it last gave (steps > sync_step); a round already in flight at the drain took its updates
+    before those steps, so it does not settle the stage."""
     pending = 0
     for s in range(ctx.n_stages):
         live = conn.execute(
-            select(A.c.steps, A.c.sync_step).where(
+            select(A.c.steps, A.c.sync_step, A.c.beat).where(
                 A.c.run_id == ctx.run_id, A.c.stage == s, A.c.state == "active"
             )
         ).all()
         if not live:
             continue
         epoch = conn.execute(_EPOCH, {"run": ctx.run_id, "stage": s}).scalar_one()
-        if get_round(conn, ctx.run_id, s, epoch) is not None or now < since + quiet_s:
+        heard = all(r.beat is not None and r.beat >= since for r in live)
+        if get_round(conn, ctx.run_id, s, epoch) is not None or not heard:
             pending += 1
         elif any(r.steps > r.sync_step for r in live):
             open_round(conn, ctx, s, epoch, now)
