@@ -1,50 +1,50 @@
 """The replica's side of a merge round: real Workers against the real in-process orchestrator over HTTP.
 
-Every stage is trained by a real Worker. The replicas under test wrap their backend in a Recorder, which
-keeps the weights after every optimizer step and, at every load, the weights just before it and what was
-loaded, so the overlap rule (loaded = merged + current - snapshot) is checked with numbers taken from the
-backend itself. Fast stages are FakeStage with a step that moves every weight by a replica's own delta;
-one test trains the tail with the real torch-cpu backend.
+Every stage is trained by a real Worker; the tail's replicas wrap their backend in a Recorder
+(tests/replica_harness.py), so what they loaded is checked against what they held, with numbers. Fast
+stages are FakeStages (DeltaStage moves every weight by a replica's own delta at each step); other tests
+train the tail with the real torch-cpu backend, and one merges a torch replica with an MLX one.
 
     pytest -q tests/test_replica_merge.py
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import logging
-import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 import pytest
-from fake_stage import FakeStage
 from inprocess_orchestrator import InProcessOrchestrator, until
+from replica_harness import (
+    CONTRIBUTE,
+    PART_DONE,
+    TAIL,
+    at_epoch,
+    check_overlap,
+    contributions,
+    delta,
+    first_round_bytes,
+    parts_uploaded,
+    pipeline,
+    published,
+    reducing,
+    replica,
+    started_on_its_own_thread,
+)
 from sqlalchemy import select
 
 from iota_cli.core.backend import StageBackend
-from iota_cli.core.flat import WIRE_SIZES, FlatLayout, WireDtype, owners, part_blob, partitions, update_blob
 from iota_cli.core.manifest import RunManifest, tiny_manifest
 from iota_cli.core.protocol import AssignmentRequest, MergeSlice, RegisterRequest
-from iota_cli.core.tensors import RawTensor, TensorDict, decode
-from iota_cli.headless.notify import Notifier
-from iota_cli.headless.progress import Progress
 from iota_cli.swarm.corpus import write_corpus
 from iota_cli.train.api import SwarmApi
-from iota_cli.train.checkpoint import CheckpointStore
 from iota_cli.train.client import Client
 from iota_cli.train.errors import IntegrityError
-from iota_cli.train.join import restore
-from iota_cli.train.worker import LoopOptions, Worker
 
 ADMIN = "admin-for-replica-merge-tests"
-LOOP = LoopOptions(checkpoint_interval_s=0.0, claim_wait_s=0.5, pause_poll_s=0.1)
-TAIL = 2
-PART_DONE = ("POST", "/v1/merge/part")
 
 
 @pytest.fixture(scope="module")
@@ -64,212 +64,6 @@ def make_run(orch: InProcessOrchestrator, **merge) -> str:
         return admin.create_run(m).run_id
 
 
-# --- backends that remember --------------------------------------------------------------------------
-
-
-class DeltaStage(FakeStage):
-    """A FakeStage whose optimizer step adds delta to every weight, so replicas drift apart by design."""
-
-    def __init__(self, manifest: RunManifest, stage: int, delta: float) -> None:
-        super().__init__(manifest.model, stage)
-        self.delta = np.float32(delta)
-
-    def step(self) -> float:
-        self.params = {
-            n: RawTensor("F32", t.shape, (np.frombuffer(t.data, np.float32) + self.delta).tobytes())
-            for n, t in self.params.items()
-        }
-        return super().step()
-
-
-@dataclass
-class Landing:
-    steps: int  # optimizer steps taken when it happened
-    before: np.ndarray
-    loaded: np.ndarray
-
-
-class Recorder:
-    """A StageBackend that passes every call through and remembers weights (flat, by step) and loads."""
-
-    def __init__(self, inner: StageBackend, layout: FlatLayout) -> None:
-        self.inner, self.layout, self.name = inner, layout, inner.name
-        self.steps = 0
-        self.after_step: dict[int, np.ndarray] = {}  # the weights once `steps` steps were taken
-        self.initial: np.ndarray | None = None  # what restore loaded (the assignment's weights)
-        self.landings: list[Landing] = []  # every load after that one
-        self.lock = threading.Lock()
-
-    def forward(self, work_id: str, inputs: TensorDict) -> TensorDict:
-        return self.inner.forward(work_id, inputs)
-
-    def backward(self, work_id: str, grads: TensorDict):
-        return self.inner.backward(work_id, grads)
-
-    def free(self, work_id: str) -> None:
-        self.inner.free(work_id)
-
-    def in_flight(self) -> list[str]:
-        return self.inner.in_flight()
-
-    def step(self) -> float:
-        out = self.inner.step()
-        with self.lock:
-            self.steps += 1
-            self.after_step[self.steps] = self.flat()
-        return out
-
-    def weights(self) -> TensorDict:
-        return self.inner.weights()
-
-    def optimizer_state(self) -> TensorDict:
-        return self.inner.optimizer_state()
-
-    def load(self, weights: TensorDict, optimizer_state: TensorDict | None = None) -> None:
-        before = self.flat() if self.initial is not None else None
-        self.inner.load(weights, optimizer_state)
-        with self.lock:
-            loaded = self.layout.flatten(weights)
-            if before is None:
-                self.initial = loaded
-            else:
-                self.landings.append(Landing(self.steps, before, loaded))
-            self.after_step[self.steps] = self.flat()
-
-    def flat(self) -> np.ndarray:
-        return self.layout.flatten(self.inner.weights())
-
-
-# --- workers -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Replica:
-    worker: Worker
-    backend: Recorder
-    home: Path
-    token: str
-    thread: threading.Thread | None = None
-    stopped: bool = field(default=False)
-
-    def start(self) -> Replica:
-        self.thread = threading.Thread(target=self.worker.run, name="worker-loop", daemon=True)
-        self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self.stopped:
-            return
-        self.stopped = True
-        self.worker.stop.set()
-        assert self.thread is not None
-        self.thread.join(20)
-        assert not self.thread.is_alive(), "the worker did not stop"
-        self.worker.store.close()
-
-    @property
-    def stats(self):
-        return self.worker.merger.rounds
-
-
-Factory = Callable[[RunManifest], StageBackend]
-
-
-def replica(
-    orch: InProcessOrchestrator, run_id: str, stage: int, home: Path, make: Factory, token: str | None = None
-) -> Replica:
-    """A registered (or, with token, the same) contributor's Worker, restored as `iota join` restores."""
-    client = Client(orch.url, stop=threading.Event(), backoff=(0.05, 0.2), integrity_retries=1)
-    api = SwarmApi(client)
-    if token is None:
-        token = api.register(RegisterRequest(name=home.name, backend="fake")).token
-    client.token = token
-    assignment = api.assignment(AssignmentRequest(run_id=run_id, stage=stage, backend="fake"))
-    cfg = assignment.manifest
-    backend = Recorder(make(cfg), FlatLayout.of(cfg.model, stage))
-    store = CheckpointStore(home / "checkpoints")
-    cid = api.me().contributor_id
-    state = restore(backend, assignment, store, api, home / "cache", cid, "fake")
-    progress = Progress(f"stage {stage}", interactive=False, stream=io.StringIO())
-    w = Worker(api, backend, assignment, state, store, home / "cache", progress, Notifier(None), None, LOOP)
-    return Replica(w, backend, home, token)
-
-
-def fake(stage: int) -> Factory:
-    return lambda m: FakeStage(m.model, stage)
-
-
-def delta(d: float) -> Factory:
-    return lambda m: DeltaStage(m, TAIL, d)
-
-
-@contextlib.contextmanager
-def pipeline(orch: InProcessOrchestrator, run_id: str, tmp: Path) -> Iterator[list[Replica]]:
-    """Head and body Workers on FakeStages; the test adds the tail's replicas to the list it gets."""
-    crew = [replica(orch, run_id, s, tmp / f"stage{s}", fake(s)).start() for s in (0, 1)]
-    try:
-        yield crew
-    finally:
-        orch.unavailable.clear()
-        for r in reversed(crew):
-            r.stop()
-
-
-def published(api: SwarmApi, run_id: str, epoch: int, layout: FlatLayout) -> np.ndarray:
-    """The stage's merged weights of epoch + 1, as the closed round's plan names them."""
-    plan = api.merge_plan(run_id, TAIL, epoch)
-    assert plan.state == "closed" and plan.weights is not None
-    ref = plan.weights
-    data = api.read_slice(MergeSlice(url=ref.url, offset=0, length=ref.size, sha256=ref.sha256))
-    return layout.flatten(decode(data)[0])
-
-
-def contributions(orch: InProcessOrchestrator, run_id: str, epoch: int) -> list[tuple[str, float]]:
-    """(contributor id, the weight the orchestrator counted) of a round, in the order every party reduces."""
-    from iota_orchestrator import db
-
-    MC = db.merge_contribs
-    q = select(MC.c.contributor_id, MC.c.weight).where(
-        MC.c.run_id == run_id, MC.c.stage == TAIL, MC.c.epoch == epoch
-    )
-    with orch.state.tx() as conn:
-        return sorted((r.contributor_id, float(r.weight)) for r in conn.execute(q))
-
-
-def check_overlap(r: Replica, merged: np.ndarray, atol: float) -> int:
-    """The replica's merge landing obeys loaded = merged + (current - snapshot); the steps it kept."""
-    first = r.stats[0]
-    assert first.outcome == "merged", first
-    snapshot = r.backend.after_step[first.step]
-    landing = r.backend.landings[0]
-    np.testing.assert_allclose(landing.loaded, merged + (landing.before - snapshot), atol=atol, rtol=0)
-    return landing.steps - first.step
-
-
-def at_epoch(replicas: list[Replica], epoch: int) -> Callable[[], bool]:
-    return lambda: all(r.worker.state.epoch >= epoch for r in replicas)
-
-
-def first_round_bytes(size: int, replicas: int, index: int, dtype: WireDtype) -> tuple[int, int]:
-    """(sent, received) by the index-th contributor (by id) of a first diloco round with no losses.
-
-    Out: its update, and a part blob per partition it owns. In: the others' slices of those partitions,
-    and the merged (F32) slices of the rest; its own results match the published ones, so none of
-    those, and the first round has no momentum to read.
-    """
-    ranges = partitions(size, replicas)
-    mine = {p for p in range(len(ranges)) if index in owners(p, replicas)}
-    sent = len(update_blob(np.zeros(size, np.float32), dtype))
-    received = 0
-    for p, (a, b) in enumerate(ranges):
-        if p in mine:
-            sent += len(part_blob(np.zeros(b - a, np.float32), np.zeros(b - a, np.float32), dtype))
-            received += (replicas - 1) * WIRE_SIZES[dtype] * (b - a)
-        else:
-            received += 4 * (b - a)
-    return sent, received
-
-
 # --- tests -------------------------------------------------------------------------------------------
 
 
@@ -282,10 +76,12 @@ def test_three_replicas_merge_and_keep_the_steps_they_took_since_contributing(or
         orch.unavailable.add(PART_DONE)
         tails = [replica(orch, run_id, TAIL, tmp_path / f"tail{i}", delta(d)) for i, d in enumerate(deltas)]
         crew.extend(t.start() for t in tails)
-        until(lambda: all(t.stats and t.stats[0].sent for t in tails), 60, "three contributions")
+        until(reducing(tails[0].worker.api, run_id), 60, "three contributions")
+        orch.unavailable.add(CONTRIBUTE)  # no replica can move on without the others (see reducing)
         until(
             lambda: all(t.backend.steps >= t.stats[0].step + 2 for t in tails), 60, "steps past the snapshots"
         )
+        until(parts_uploaded(orch, run_id, tails), 60, "every owner's results")
         orch.unavailable.discard(PART_DONE)
         until(lambda: all(t.worker.state.epoch >= 1 for t in tails), 60, "every replica to land epoch 1")
         orch.unavailable.add(PART_DONE)  # no further round completes: epoch 1 stays published
@@ -324,7 +120,8 @@ def test_a_replica_restarted_without_its_snapshot_catches_up_and_the_other_overl
         a = replica(orch, run_id, TAIL, tmp_path / "a", delta(1e-3))
         b = replica(orch, run_id, TAIL, tmp_path / "b", delta(-1e-3))
         crew.extend([a.start(), b.start()])
-        until(lambda: a.stats and a.stats[0].sent and b.stats and b.stats[0].sent, 60, "both contributions")
+        until(reducing(a.worker.api, run_id), 60, "both contributions")
+        orch.unavailable.add(CONTRIBUTE)
         # b goes down mid-round (its snapshot and update lost with the process) and comes back at once,
         # resuming its checkpoint at epoch 0: nothing of the round is left in it.
         b.stop()
@@ -343,7 +140,7 @@ def test_a_replica_restarted_without_its_snapshot_catches_up_and_the_other_overl
         np.testing.assert_array_equal(b2.backend.landings[0].loaded, merged)
         assert np.array_equal(b2.worker.merger.base, merged) and b2.worker.merger.epoch == 1
         # ...and from there it merges as any replica does.
-        orch.unavailable.discard(PART_DONE)
+        orch.unavailable.difference_update({PART_DONE, CONTRIBUTE})
         until(lambda: b2.worker.state.epoch >= 2, 60, "b2's first merge to land")
         assert b2.stats[0].outcome == "merged" and b2.stats[0].epoch == 1
 
@@ -359,7 +156,8 @@ def test_torch_replicas_merge_in_bf16_and_keep_their_local_progress(orch, tmp_pa
         orch.unavailable.add(PART_DONE)
         tails = [replica(orch, run_id, TAIL, tmp_path / f"torch{i}", torch_tail) for i in range(2)]
         crew.extend(t.start() for t in tails)
-        until(lambda: all(t.stats and t.stats[0].sent for t in tails), 120, "two contributions")
+        until(reducing(tails[0].worker.api, run_id), 120, "two contributions")
+        orch.unavailable.add(CONTRIBUTE)
         until(lambda: all(t.backend.steps >= t.stats[0].step + 1 for t in tails), 120, "a step past each")
         orch.unavailable.discard(PART_DONE)
         until(lambda: all(t.worker.state.epoch >= 1 for t in tails), 120, "both to land epoch 1")
@@ -395,8 +193,17 @@ def test_the_outer_momentum_a_replica_computed_is_not_downloaded_again(orch, tmp
         tails = [
             replica(orch, run_id, TAIL, tmp_path / f"m{i}", delta(d)) for i, d in enumerate((1e-3, 2e-3))
         ]
+        api = tails[0].worker.api
+        orch.unavailable.add(PART_DONE)
         crew.extend(t.start() for t in tails)
-        until(lambda: all(len(t.stats) >= 2 and t.worker.state.epoch >= 2 for t in tails), 90, "two rounds")
+        for epoch in (0, 1):  # each owner computes all it owns, and both are in both rounds
+            until(reducing(api, run_id, epoch), 60, f"round {epoch}'s contributions")
+            orch.unavailable.add(CONTRIBUTE)
+            until(parts_uploaded(orch, run_id, tails, epoch), 60, f"round {epoch}'s results")
+            orch.unavailable.discard(PART_DONE)
+            until(at_epoch(tails, epoch + 1), 60, f"round {epoch} to land")
+            orch.unavailable.add(PART_DONE)
+            orch.unavailable.discard(CONTRIBUTE)
         n = tails[0].worker.merger.layout.size
         for t in tails:
             first, second = t.stats[:2]
@@ -415,7 +222,8 @@ def test_a_source_slice_that_fails_its_sha256_is_left_to_the_other_owner(orch, t
         a = replica(orch, run_id, TAIL, tmp_path / "a", delta(1e-3))
         b = replica(orch, run_id, TAIL, tmp_path / "b", delta(-1e-3))
         crew.extend([a.start(), b.start()])
-        until(lambda: a.worker.api.merge_plan(run_id, TAIL, 0).state == "reducing", 60, "the reducing phase")
+        until(reducing(a.worker.api, run_id), 60, "the reducing phase")
+        orch.unavailable.add(CONTRIBUTE)
         from iota_orchestrator import rounds
 
         # Flip a byte of b's update in partition 0, on the orchestrator's disk: a's read of it fails
@@ -442,11 +250,15 @@ def test_bytes_per_replica_per_round_stay_constant_in_the_number_of_replicas(orc
     for count in (2, 4, 8):
         run_id = make_run(orch, wire_dtype="BF16")
         with pipeline(orch, run_id, tmp_path / f"r{count}") as crew:
+            orch.unavailable.add(PART_DONE)
             tails = [
                 replica(orch, run_id, TAIL, tmp_path / f"r{count}" / f"t{i}", delta(1e-3 * (i + 1)))
                 for i in range(count)
             ]
             crew.extend(t.start() for t in tails)
+            until(parts_uploaded(orch, run_id, tails), 120, f"every owner's results ({count})")
+            orch.unavailable.add(CONTRIBUTE)
+            orch.unavailable.discard(PART_DONE)
             until(at_epoch(tails, 1), 120, f"a round of {count}")
         n = tails[0].worker.merger.layout.size
         ids = sorted(t.worker.state.contributor_id for t in tails)
@@ -531,4 +343,47 @@ def test_a_resumed_replica_counts_its_update_from_the_published_weights_not_its_
     snapshot = again.backend.after_step[s.step - first.backend.steps]
     cfg = again.worker.manifest.merge
     u = base0.astype(np.float64) - snapshot
-    np.testing.assert_allclose(merged, base0 - cfg.outer_lr * (1 + cfg.momentum_start) * u, atol=1e-6, rtol=0)
+    expected = base0 - cfg.outer_lr * (1 + cfg.momentum_start) * u
+    np.testing.assert_allclose(merged, expected, atol=1e-6, rtol=0)
+
+
+def test_a_torch_and_an_mlx_replica_compute_identical_parts_and_merge_into_the_same_weights(orch, tmp_path):
+    pytest.importorskip("mlx.core")
+    import iota_mlx
+    from iota_orchestrator import db
+    from iota_torch import cpu_backend
+
+    if not iota_mlx.cpu_backend.available()[0]:
+        pytest.skip("mlx-cpu is not available here")
+    factories = [
+        lambda m: cpu_backend.create(m.model, TAIL, m.optim, seed=m.seed),
+        lambda m: iota_mlx.cpu_backend.create(m.model, TAIL, m.optim, seed=m.seed),
+    ]
+    run_id = make_run(orch, wire_dtype="BF16", interval=3)
+    with pipeline(orch, run_id, tmp_path) as crew:
+        tails = [
+            started_on_its_own_thread(orch, run_id, TAIL, tmp_path / f"x{i}", f)
+            for i, f in enumerate(factories)
+        ]
+        orch.unavailable.add(PART_DONE)
+        crew.extend(tails)
+        until(parts_uploaded(orch, run_id, tails), 120, "both replicas' results")
+        orch.unavailable.add(CONTRIBUTE)
+        orch.unavailable.discard(PART_DONE)
+        until(at_epoch(tails, 1), 120, "both to land epoch 1")
+        orch.unavailable.add(PART_DONE)
+        merged = published(tails[0].worker.api, run_id, 0, tails[0].worker.merger.layout)
+        for t in tails:
+            check_overlap(t, merged, atol=1e-6)
+    # At R = 2 both replicas reduce both partitions, from the same bytes: the torch replica's results and
+    # the MLX replica's are byte for byte the same (the orchestrator compares the second with the first).
+    MP = db.merge_parts
+    q = select(MP.c.first_by, MP.c.second_by, MP.c.agreed).where(
+        MP.c.run_id == run_id, MP.c.stage == TAIL, MP.c.epoch == 0
+    )
+    with orch.state.tx() as conn:
+        parts = conn.execute(q).all()
+    ids = {t.worker.state.contributor_id for t in tails}
+    assert len(parts) == 2
+    for p in parts:
+        assert {p.first_by, p.second_by} == ids and p.agreed is True, p

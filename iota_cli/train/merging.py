@@ -197,9 +197,15 @@ class Merger:
                 rnd.stats.outcome = "merged"
                 return merged
             todo = [p for p in plan.parts if p.owned and p.upload is not None and p.part not in mine]
+            # Every owned partition is computed and uploaded before any is reported: reporting may
+            # close the round, and this replica's reads of the others' updates come first.
+            reports = []
             for part in todo if plan.state == "reducing" else []:
-                result = self._reduce(rnd, plan, part, momenta)
-                mine[part.part] = result if result is not None else np.empty(0, np.float32)
+                weights, done = self._reduce(rnd, plan, part, momenta)
+                mine[part.part] = weights
+                reports += [done] if done is not None else []
+            for done in reports:
+                self._report(done)
             if not todo and time.monotonic() - asked < _MIN_POLL_S:
                 self._abandon.wait(_MIN_POLL_S)
         rnd.stats.outcome = "dropped: superseded"
@@ -207,8 +213,8 @@ class Merger:
 
     def _reduce(
         self, rnd: _Round, plan: MergePlan, part: MergePart, momenta: dict[MomentumKey, np.ndarray]
-    ) -> np.ndarray | None:
-        """Compute and send one owned partition; its weights, or None when an input was unusable."""
+    ) -> tuple[np.ndarray, MergePartDone | None]:
+        """Compute and upload one owned partition: its weights and report (empty, None: inputs unusable)."""
         start, stop, dtype = part.start, part.stop, self.cfg.wire_dtype
         try:
             updates = [
@@ -221,10 +227,10 @@ class Merger:
         except (IntegrityError, ValueError) as e:
             # Someone else's bytes are bad: leave this partition to the other owner or the orchestrator.
             log.warning("merge round %d: leaving partition %d: %s", plan.epoch, part.part, e)
-            return None
+            return np.empty(0, np.float32), None
         except ApiError as e:  # gone meanwhile: the round closed (the other owner was quicker) or moved on
             log.info("merge round %d: leaving partition %d: %s", plan.epoch, part.part, e)
-            return None
+            return np.empty(0, np.float32), None
         base = rnd.base[start:stop]
         weights, new_momentum = outer.reduce_partition(
             self.cfg, base, updates, part.weights, momentum, plan.round_index
@@ -233,24 +239,24 @@ class Merger:
         assert part.upload is not None
         sha = self.api.upload(part.upload, blob)
         rnd.stats.sent += len(blob)
-        done = MergePartDone(
-            run_id=self.run_id, stage=self.stage, epoch=plan.epoch, part=part.part, sha256=sha, size=len(blob)
-        )
-        try:
-            reply = self.api.merge_part(done)
-        except ApiError as e:
-            if e.status not in (404, 409, 422):
-                raise
-            log.info(
-                "merge round %d: partition %d not taken (%s: %s)", plan.epoch, part.part, e.status, e.detail
-            )
-        else:
-            if not reply.accepted:
-                log.info("merge round %d: partition %d: another owner's result won", plan.epoch, part.part)
         rnd.stats.reduced += 1
         if new_momentum is not None:
             momenta[(start, stop, _sha(to_wire(new_momentum, dtype)))] = new_momentum
-        return weights
+        done = MergePartDone(
+            run_id=self.run_id, stage=self.stage, epoch=plan.epoch, part=part.part, sha256=sha, size=len(blob)
+        )
+        return weights, done
+
+    def _report(self, done: MergePartDone) -> None:
+        try:
+            reply = self.api.merge_part(done)
+        except ApiError as e:
+            if e.status not in (403, 404, 409, 422):
+                raise
+            log.info("merge round %d: partition %d not taken: %s", done.epoch, done.part, e)
+        else:
+            if not reply.accepted:
+                log.info("merge round %d: partition %d: another owner's result won", done.epoch, done.part)
 
     def _momentum(self, rnd: _Round, part: MergePart) -> np.ndarray | None:
         if part.momentum is None:

@@ -129,9 +129,10 @@ class Worker:
 
     def _claim(self) -> WorkItem | None:
         # One claim id per claim: if an answer is lost and the client retries, the same item comes back.
-        request = ClaimRequest(
-            run_id=self.state.run_id, wait_s=self.options.claim_wait_s, claim_id=uuid.uuid4().hex
-        )
+        # While a round is in flight its weights may land any moment: a long-poll must not hold them up.
+        cap = self.options.claim_wait_s if self.merger.in_flight is None else 0.5
+        wait = min(self.options.claim_wait_s, cap)
+        request = ClaimRequest(run_id=self.state.run_id, wait_s=wait, claim_id=uuid.uuid4().hex)
         claim = self.api.claim(request)
         self._idle = claim.item is None
         if claim.item is None:
