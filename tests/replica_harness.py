@@ -255,12 +255,14 @@ def at_epoch(replicas: list[Replica], epoch: int) -> Callable[[], bool]:
     return lambda: all(r.worker.state.epoch >= epoch for r in replicas)
 
 
-def first_round_bytes(size: int, replicas: int, index: int, dtype: WireDtype) -> tuple[int, int]:
-    """(sent, received) by the index-th contributor (by id) of a first diloco round with no losses.
+def first_round_bytes(
+    size: int, replicas: int, index: int, dtype: WireDtype, momentum: bool = True
+) -> tuple[int, int]:
+    """(sent, received) by the index-th contributor (by id) of a first round with no losses.
 
-    Out: its update, and a part blob per partition it owns. In: the others' slices of those partitions,
-    and the merged (F32) slices of the rest; its own results match the published ones, so none of
-    those, and the first round has no momentum to read.
+    Out: its update, and a part blob per partition it owns (with the outer momentum for diloco). In: the
+    others' slices of those partitions, and the merged (F32) slices of the rest; its own results match
+    the published ones, so none of those, and the first round has no momentum to read.
     """
     ranges = partitions(size, replicas)
     mine = {p for p in range(len(ranges)) if index in owners(p, replicas)}
@@ -268,7 +270,8 @@ def first_round_bytes(size: int, replicas: int, index: int, dtype: WireDtype) ->
     received = 0
     for p, (a, b) in enumerate(ranges):
         if p in mine:
-            sent += len(part_blob(np.zeros(b - a, np.float32), np.zeros(b - a, np.float32), dtype))
+            n = np.zeros(b - a, np.float32)
+            sent += len(part_blob(n, n if momentum else None, dtype))
             received += (replicas - 1) * WIRE_SIZES[dtype] * (b - a)
         else:
             received += 4 * (b - a)

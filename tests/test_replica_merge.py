@@ -59,7 +59,10 @@ def make_run(orch: InProcessOrchestrator, **merge) -> str:
     m = tiny_manifest(str(orch.corpus))
     # One tail item is one optimizer step; a 3 s lease means a heartbeat a second.
     m = replace(m, train=replace(m.train, lease_s=3.0, backward_per_step=1))
-    m = replace(m, merge=replace(m.merge, **{"interval": 4, "timeout_s": 20.0, **merge}))
+    # diloco unless a test says otherwise: it is the strategy with outer state (momentum) to carry.
+    m = replace(
+        m, merge=replace(m.merge, **{"strategy": "diloco", "interval": 4, "timeout_s": 20.0, **merge})
+    )
     with SwarmApi.connect(orch.url, ADMIN) as admin:
         return admin.create_run(m).run_id
 
@@ -67,9 +70,12 @@ def make_run(orch: InProcessOrchestrator, **merge) -> str:
 # --- tests -------------------------------------------------------------------------------------------
 
 
-def test_three_replicas_merge_and_keep_the_steps_they_took_since_contributing(orch, tmp_path, caplog):
+@pytest.mark.parametrize("strategy", ["diloco", "average"])
+def test_three_replicas_merge_and_keep_the_steps_they_took_since_contributing(
+    orch, tmp_path, caplog, strategy
+):
     caplog.set_level(logging.INFO, logger="iota.merge")
-    run_id = make_run(orch)
+    run_id = make_run(orch, strategy=strategy)
     deltas = (1e-3, -2e-3, 5e-4)
     with pipeline(orch, run_id, tmp_path) as crew:
         # Part results wait (503) until every replica has trained on past its snapshot.
@@ -94,8 +100,9 @@ def test_three_replicas_merge_and_keep_the_steps_they_took_since_contributing(or
             assert ck is not None and ck.state.epoch >= 1
     base0 = tails[0].backend.initial
     assert base0 is not None
-    # The merged weights are the outer Nesterov step of the work-weighted mean of the pseudo-gradients,
-    # computed here from the snapshots the backends kept (F32 on the wire, so no rounding to model).
+    # The merged weights are the outer Nesterov step of the work-weighted mean of the pseudo-gradients
+    # (diloco) or base minus that mean (average: the weighted mean of the snapshots), computed here from
+    # the snapshots the backends kept (F32 on the wire, so no rounding to model).
     ids = {t.worker.state.contributor_id: t for t in tails}
     rows = contributions(orch, run_id, 0)
     assert [cid for cid, _ in rows] == sorted(ids)
@@ -105,11 +112,12 @@ def test_three_replicas_merge_and_keep_the_steps_they_took_since_contributing(or
     mean = sum(wi * ui for wi, ui in zip(w, u, strict=True)) / w.sum()
     cfg = tails[0].worker.manifest.merge
     mu = cfg.momentum_start  # the first round: no warm-up yet, momentum from zeros
-    expected = base0 - cfg.outer_lr * (mean + mu * mean)
+    expected = base0 - cfg.outer_lr * (mean + mu * mean) if strategy == "diloco" else base0 - mean
     np.testing.assert_allclose(merged, expected, atol=1e-6, rtol=0)
     for i, cid in enumerate(sorted(ids)):
         s = ids[cid].stats[0]
-        assert (s.sent, s.received) == first_round_bytes(layout.size, 3, i, "F32"), (cid, s)
+        want = first_round_bytes(layout.size, 3, i, "F32", momentum=strategy == "diloco")
+        assert (s.sent, s.received) == want, (cid, s)
         assert f"merge round 0: sent {s.sent}, received {s.received}" in caplog.text
 
 

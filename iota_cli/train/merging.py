@@ -107,10 +107,11 @@ class Merger:
         with self._lock:
             return self._round.offer.epoch if self._round is not None else None
 
-    def begin(self, offer: MergeRound, weights: TensorDict, step: int) -> None:
-        """Contribute to offer's round with these weights (taken now: the snapshot), in the background."""
+    def begin(self, offer: MergeRound, weights: TensorDict, step: int) -> bool:
+        """Contribute to offer's round with these weights (taken now: the snapshot), in the background;
+        False when this replica is in a round already (the offer repeats until its update is in)."""
         if self.in_flight is not None or offer.upload is None or offer.epoch != self.epoch:
-            return
+            return False
         snapshot = self.layout.flatten(weights)
         update = wire_round(self.base - snapshot, self.cfg.wire_dtype)
         rnd = _Round(offer, self.base, snapshot, update, RoundStats(offer.epoch, step))
@@ -120,6 +121,7 @@ class Merger:
         self._abandon.clear()
         self._thread = threading.Thread(target=self._run, args=(rnd,), name="iota-merge", daemon=True)
         self._thread.start()
+        return True
 
     def take(self) -> Landed | None:
         """The finished round, once (merged None when it was dropped)."""

@@ -303,8 +303,8 @@ class Worker:
             self._catch_up(news)
         elif offer is not None and offer.phase == "contribute" and offer.epoch == self.state.epoch:
             self._show(state=f"merging (epoch {offer.epoch})")
-            self.merger.begin(offer, self.backend.weights(), self.state.step)
-            self._paced_from = self.state.step
+            if self.merger.begin(offer, self.backend.weights(), self.state.step):
+                self._paced_from = self.state.step
         if news.run_state == "finished":
             self.finished = True
         if news.reassign:
@@ -336,8 +336,8 @@ class Worker:
         self._show(state=f"loading merged weights (epoch {news.epoch})")
         try:
             weights = self._published(news.weights)
-            self.backend.load(weights)  # keeping the optimizer state, as a merge does
             base = self.merger.layout.flatten(weights)
+            self.backend.load(weights)  # keeping the optimizer state, as a merge does
         except (StageInputError, IntegrityError, ValueError) as e:  # TensorFormatError is a ValueError
             log.warning("refusing the merged weights of epoch %d: %s; training on", news.epoch, e)
             self._refused_weights.add(news.weights.sha256)
