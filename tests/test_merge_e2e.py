@@ -36,7 +36,9 @@ def make_swarm(home: Path, max_steps: int, backends: tuple[str, ...], **merge: A
         SwarmOptions(workers=6, max_steps=max_steps, data=default_data(), backends=backends), home
     )
     m = s.manifest
-    s.manifest = replace(m, merge=replace(m.merge, **{"interval": 4, "wire_dtype": "BF16", **merge}))
+    s.manifest = replace(
+        m, merge=replace(m.merge, **{"interval": 4, "wire_dtype": "BF16", "strategy": "diloco", **merge})
+    )
     return s
 
 

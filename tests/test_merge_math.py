@@ -257,7 +257,7 @@ def test_momentum_warms_up_linearly_then_holds():
 
 
 def test_reduction_is_deterministic_bytes():
-    cfg = MergeConfig(wire_dtype="BF16")
+    cfg = MergeConfig(strategy="diloco", wire_dtype="BF16")
     base = RNG.standard_normal(4096).astype(np.float32)
     updates = [from_wire(to_wire(RNG.standard_normal(4096) * 1e-3, "BF16"), "BF16") for _ in range(5)]
     work = [3.0, 1.0, 4.0, 1.0, 5.0]

@@ -54,7 +54,7 @@ def orch(tmp_path_factory, corpus):
 
 def manifest(corpus: Any, merge: dict[str, Any] | None = None, **train: Any) -> RunManifest:
     m = tiny_manifest(str(corpus))
-    knobs = {"interval": 1, "wire_dtype": "BF16", "timeout_s": 20.0, **(merge or {})}
+    knobs = {"interval": 1, "wire_dtype": "BF16", "timeout_s": 20.0, "strategy": "diloco", **(merge or {})}
     return replace(m, train=replace(m.train, **train), merge=replace(m.merge, **knobs))
 
 

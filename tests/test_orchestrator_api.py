@@ -317,6 +317,11 @@ def test_merge_round_averages_replicas_updates(orch):
     assert r1.heartbeat()["merge"] is None, "nobody is kicked; the next round waits for the interval"
 
 
+def alive(workers) -> bool:
+    """Heartbeat as live workers do (a drained run ends once each has spoken since)."""
+    return all(w.heartbeat() for w in workers)
+
+
 def test_run_finishes_with_losses_tokens_steps_and_credits(orch):
     run_id = make_run(orch, max_samples=3, merge={"timeout_s": 0.5})
     workers = [pinned(orch, run_id, s, f"s{s}") for s in range(3)]
@@ -329,9 +334,8 @@ def test_run_finishes_with_losses_tokens_steps_and_credits(orch):
                 busy = True
         if not busy:
             break
-    workers[2].step = 7
-    workers[2].heartbeat()
-    assert wait_until(lambda: status(orch, run_id)["state"] == "finished", timeout=10)
+    workers[2].step = 7  # it stepped: the run's last round waits for its update, then gives up on it
+    assert wait_until(lambda: alive(workers) and status(orch, run_id)["state"] == "finished", timeout=10)
     st = status(orch, run_id)
     assert st["samples_issued"] == st["samples_completed"] == 3 and st["samples_dropped"] == 0
     assert st["tokens_processed"] == 3 * 8 * 64 and st["losses_reported"] == 3
@@ -404,5 +408,5 @@ def test_stop_drains_and_finishes_the_run(orch):
     assert workers[0].claim() is None, "no new samples after stop"
     for s in (1, 2, 1, 0):  # body forward, tail, body backward, head backward
         workers[s].do(workers[s].claim())
-    assert wait_until(lambda: status(orch, run_id)["state"] == "finished", timeout=10)
+    assert wait_until(lambda: alive(workers) and status(orch, run_id)["state"] == "finished", timeout=10)
     assert status(orch, run_id)["samples_completed"] == 1

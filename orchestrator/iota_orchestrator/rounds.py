@@ -289,7 +289,19 @@ def due(conn: Connection, ctx: RunCtx, now: float) -> list[tuple[int, int]]:
             out.append((rnd.stage, rnd.epoch))
         else:
             conn.execute(R.delete().where(*_where(R, ctx.run_id, rnd.stage, rnd.epoch)))
+            if rnd.opened >= drained_at(conn, ctx.run_id):  # nobody gave a last update: nothing to wait for
+                conn.execute(
+                    update(A)
+                    .where(A.c.run_id == ctx.run_id, A.c.stage == rnd.stage)
+                    .values(sync_step=A.c.steps)
+                )
     return out
+
+
+def drained_at(conn: Connection, run_id: str) -> float:
+    """When the run drained (its last merge began); infinity while it has not."""
+    t = conn.execute(select(db.runs.c.final_merge).where(db.runs.c.run_id == run_id)).scalar_one_or_none()
+    return float("inf") if t is None else float(t)
 
 
 def final_pending(conn: Connection, ctx: RunCtx, since: float, now: float) -> int:
