@@ -19,6 +19,7 @@ from iota_cli.core.flat import FlatLayout
 from iota_cli.core.manifest import TINY_MODEL, MergeConfig
 from iota_cli.core.modelspec import ModelConfig
 from iota_cli.core.outer import momentum_at
+from iota_cli.swarm.corpus import write_corpus
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
@@ -182,21 +183,30 @@ def test_the_default_is_the_best_at_four_replicas_among_those_that_hold_at_two()
     assert (pick.strategy, pick.interval) == ("average", 10), "none holds: the lowest worst ratio"
 
 
+@pytest.fixture
+def words(tmp_path: Path) -> Path:
+    """Ten packages of files of the same words, so held-out text is like what training reads."""
+    root = tmp_path / "words"
+    for i in range(10):
+        write_corpus(root / f"pkg{i}", files=2, words=3000, seed=i)
+    return root
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_quick_bench_through_the_real_stack(corpus, tmp_path):
-    """A few steps of the whole bench: reference, then the default merge at R = 2 and 4 through real
-    orchestrator and `iota join` processes; the JSON line is last and well-formed."""
+def test_quick_bench_through_the_real_stack(words, tmp_path):
+    """A few steps of the whole bench: reference, then a merge at R = 2 and 4 through real orchestrator
+    and `iota join` processes, evaluated on held-out packages; the report is well-formed."""
     env_plan = replace(PLAN, steps=40)  # long enough that every worker joins before the end
-    bench = cv.Bench(env_plan, str(corpus), tmp_path)
+    bench = cv.Bench(env_plan, str(words), tmp_path)
     bench.run_reference()
     for r in cv.REPLICAS:
-        out = bench.run_real(sim.Config("diloco", r, 2))
+        out = bench.run_real(sim.Config("average", r, 5))
         assert out.config.real_stack
         assert np.isfinite(out.loss) and out.loss < 1.5 * bench.reference_loss
         assert out.merge_bytes_per_token > 0
     assert not bench.problems, bench.problems
-    line = json.dumps(bench.report("diloco"))
+    line = json.dumps(bench.report("average"))
     parsed = json.loads(line)
     assert [c["replicas"] for c in parsed["configs"]] == [2, 4]
     assert set(parsed["configs"][0]) == {
