@@ -13,9 +13,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from sqlalchemy import bindparam, insert, select, update
 
-from iota_cli.core.protocol import SHA256_HEADER, Problem
+from iota_cli.core.protocol import SHA256_HEADER
 from iota_orchestrator import db
-from iota_orchestrator.api.deps import StateDep
+from iota_orchestrator.api.deps import StateDep, problems
 from iota_orchestrator.blobs import UploadSink, check_key
 from iota_orchestrator.errors import BadRequest, Conflict, Gone, NotFound, TooLarge
 from iota_orchestrator.state import State
@@ -23,15 +23,7 @@ from iota_orchestrator.state import State
 router = APIRouter(
     prefix="/v1/blobs",
     tags=["blobs"],
-    responses={
-        400: {"model": Problem},
-        401: {"model": Problem},
-        403: {"model": Problem},
-        404: {"model": Problem},
-        409: {"model": Problem},
-        410: {"model": Problem},
-        413: {"model": Problem},
-    },
+    responses=problems(400, 401, 403, 404, 409, 410, 413),
 )
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 SMALL = 1 << 20  # blobs up to this size are answered from one read, not streamed by FileResponse

@@ -10,12 +10,13 @@ costing no thread while they wait.
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Connection, select
 
+from iota_cli.core.protocol import Problem
 from iota_orchestrator import auth, db
 from iota_orchestrator.errors import ApiError, Forbidden, Unauthorized
 from iota_orchestrator.state import State
@@ -87,3 +88,8 @@ Admin = Depends(admin)
 
 def now() -> float:
     return time.time()
+
+
+def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` of errors answered with a Problem body."""
+    return {code: {"model": Problem} for code in codes}

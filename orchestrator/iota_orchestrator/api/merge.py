@@ -25,10 +25,9 @@ from iota_cli.core.protocol import (
     MergePartDone,
     MergePartReply,
     MergePlan,
-    Problem,
 )
 from iota_orchestrator import butterfly, faults, integrity, rounds, runs
-from iota_orchestrator.api.deps import Contributor, StateDep, now
+from iota_orchestrator.api.deps import Contributor, StateDep, now, problems
 from iota_orchestrator.errors import Conflict
 from iota_orchestrator.faults import Rejected
 from iota_orchestrator.state import State
@@ -36,14 +35,7 @@ from iota_orchestrator.state import State
 router = APIRouter(
     prefix="/v1/merge",
     tags=["merge"],
-    responses={
-        400: {"model": Problem},
-        401: {"model": Problem},
-        403: {"model": Problem},
-        404: {"model": Problem},
-        409: {"model": Problem},
-        422: {"model": Problem},
-    },
+    responses=problems(400, 401, 403, 404, 409, 422),
 )
 MAX_WAIT_S = 30.0
 

@@ -22,13 +22,12 @@ from iota_cli.core.protocol import (
     Heartbeat,
     HeartbeatReply,
     Ok,
-    Problem,
     WorkComplete,
     WorkCompleteReply,
     WorkItem,
 )
 from iota_orchestrator import assignment, chains, db, faults, lease, ledger, runs, scheduler
-from iota_orchestrator.api.deps import Contributor, StateDep, now
+from iota_orchestrator.api.deps import Contributor, StateDep, now, problems
 from iota_orchestrator.api.urls import assignment_reply, work_item
 from iota_orchestrator.errors import Conflict
 from iota_orchestrator.faults import Rejected
@@ -37,14 +36,7 @@ from iota_orchestrator.state import State
 router = APIRouter(
     prefix="/v1",
     tags=["work"],
-    responses={
-        400: {"model": Problem},
-        401: {"model": Problem},
-        403: {"model": Problem},
-        404: {"model": Problem},
-        409: {"model": Problem},
-        422: {"model": Problem},
-    },
+    responses=problems(400, 401, 403, 404, 409, 422),
 )
 RETRY_S = "1"
 TOUCH_EVERY_S = 1.0
