@@ -169,7 +169,7 @@ def test_a_non_finite_gradient_and_loss_from_the_tail_are_refused(orch):
 
 
 def test_non_finite_merge_updates_and_parts_are_refused(orch):
-    run_id = make_run(orch, merge={"interval": 1})
+    run_id = make_run(orch, merge={"interval": 1, "strategy": "diloco"})
     r1 = pinned(orch, run_id, 1, "r1")
     r1.heartbeat()
     r1.step = 1
