@@ -195,12 +195,13 @@ def words(tmp_path: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_quick_bench_through_the_real_stack(words, tmp_path):
-    """A few steps of the whole bench: reference, then a merge at R = 2 and 4 through real orchestrator
-    and `iota join` processes, evaluated on held-out packages; the report is well-formed."""
+    """A few steps of the whole bench: reference, then a merge at R = 2 through real orchestrator and
+    `iota join` processes, evaluated on held-out packages; the report is well-formed. (R = 4 is twelve
+    processes on two cores: the bench itself runs it; tests/test_merge_e2e.py holds the stack's merges.)"""
     env_plan = replace(PLAN, steps=40)  # long enough that every worker joins before the end
     bench = cv.Bench(env_plan, str(words), tmp_path)
     bench.run_reference()
-    for r in cv.REPLICAS:
+    for r in (2,):
         out = bench.run_real(sim.Config("average", r, 5))
         assert out.config.real_stack
         assert np.isfinite(out.loss) and out.loss < 1.5 * bench.reference_loss
@@ -208,7 +209,7 @@ def test_quick_bench_through_the_real_stack(words, tmp_path):
     assert not bench.problems, bench.problems
     line = json.dumps(bench.report("average"))
     parsed = json.loads(line)
-    assert [c["replicas"] for c in parsed["configs"]] == [2, 4]
+    assert [c["replicas"] for c in parsed["configs"]] == [2]
     assert set(parsed["configs"][0]) == {
         "strategy",
         "replicas",
