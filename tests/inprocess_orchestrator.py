@@ -40,8 +40,9 @@ class Unavailable:
 
 
 class InProcessOrchestrator:
-    def __init__(self, data_dir: Path, admin_token: str, tick_s: float = 0.1) -> None:
-        self.config = ServerConfig(data_dir=Path(data_dir), tick_s=tick_s)
+    def __init__(self, data_dir: Path, admin_token: str, tick_s: float = 0.1, **settings: Any) -> None:
+        # settings: other ServerConfig fields (register_burst, register_rate, invite, ...)
+        self.config = ServerConfig(data_dir=Path(data_dir), tick_s=tick_s, **settings)
         self.admin_token = admin_token
         self.url = ""
         self.state: State | None = None

@@ -96,7 +96,10 @@ class SimWorker:
         return {"backend": "sim", "memory_bytes": self.memory_bytes, "throughput": self.throughput}
 
     def register(self) -> SimWorker:
-        reply = self.api.register(RegisterRequest(name=self.name, **self.caps()))
+        # Registering is rate-limited per address (429 with Retry-After): wait it out as `iota join`
+        # does, so a module that registers many workers on one server stays correct, if slower.
+        with Client(self.url, max_wait_s=60.0, retries=0) as patient:
+            reply = SwarmApi(patient).register(RegisterRequest(name=self.name, **self.caps()))
         self.api.client.token, self.contributor_id = reply.token, reply.contributor_id
         return self
 

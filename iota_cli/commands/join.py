@@ -44,6 +44,7 @@ def join(
 ) -> None:
     """Join a training swarm: get a stage, train it, upload results, earn credits.
 
+    A first join registers (with the operator's invite in IOTA_INVITE, where one is required).
     Stops cleanly on Ctrl-C or SIGTERM (the item in flight is finished or given back, a checkpoint is
     written); a second Ctrl-C exits at once, the last checkpoint intact.
 
@@ -52,6 +53,8 @@ def join(
       iota join --orchestrator https://swarm.example.org
       iota join --backend torch-cpu --max-steps 100
     """
+    import os
+
     from iota_cli.commands.common import orchestrator_url
     from iota_cli.config import settings
     from iota_cli.headless.logs import setup_logging
@@ -71,6 +74,7 @@ def join(
         token=token,
         stage=stage,
         max_memory_gb=s.max_memory_gb,
+        invite=os.environ.get("IOTA_INVITE", ""),  # a secret: never an option (ps shows those) or config
     )
     raise typer.Exit(_train(opts, settings.paths()))
 

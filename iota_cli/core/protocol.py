@@ -137,11 +137,14 @@ class RunStatus(Model):
 class Capabilities(Model):
     backend: Label = ""
     memory_bytes: Count = 0  # 0: unknown, every stage is taken to fit
-    throughput: Real = 0.0  # measured speed (e.g. GFLOP/s); only its ratio between workers matters
+    # The device's own measure of its speed (e.g. GFLOP/s), kept for display only: placement uses the
+    # throughput the orchestrator measures from the worker's completed work.
+    throughput: Real = 0.0
 
 
 class RegisterRequest(Capabilities):
     name: Label = ""
+    invite: Annotated[str, Field(max_length=256)] = ""  # the operator's invite, where one is required
 
 
 class RegisterReply(Model):

@@ -43,6 +43,7 @@ class JoinOptions:
     token: str | None = None
     stage: int | None = None  # a preferred stage; the orchestrator may place us elsewhere
     max_memory_gb: float = 0.0  # cap on the memory a stage may use (0: what the device has)
+    invite: str = ""  # the operator's invite (IOTA_INVITE), for an orchestrator that requires one
 
 
 class JoinError(Exception):
@@ -107,7 +108,7 @@ def ensure_token(api: SwarmApi, opts: JoinOptions, backend: str) -> str:
     except credentials.CredentialsError:
         pass
     name = opts.name or platform.node() or "contributor"
-    reply = api.register(RegisterRequest(name=name[:64], backend=backend))
+    reply = api.register(RegisterRequest(name=name[:64], backend=backend, invite=opts.invite))
     try:
         credentials.store_token(reply.token, orchestrator=opts.orchestrator)
         log.info("registered as %s; token stored in the OS keyring", reply.contributor_id)

@@ -2,33 +2,35 @@
 
 A stage's capacity is the summed throughput of its live workers divided by its compute per token; the
 slowest stage bounds the swarm, so a newcomer joins the stage with the least capacity that fits it.
+Throughput here is what the orchestrator measured from each worker's credited work (measure.py); the
+figure a worker claims is stored for display and decides nothing.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from sqlalchemy import Connection, insert, select, update
 
-from iota_orchestrator import chains, db, lease
+from iota_orchestrator import chains, db, lease, measure
 from iota_orchestrator.errors import Conflict, Invalid
 from iota_orchestrator.runs import RunCtx
 
 A, CT = db.assignments, db.contributors
-MIN_THROUGHPUT = 1e-6  # an unknown throughput still counts as a worker
+MIN_THROUGHPUT = 1e-6  # a worker measured at (almost) nothing still counts as a worker
 
 
-def capacities(conn: Connection, ctx: RunCtx) -> tuple[list[float], list[int]]:
-    """Capacity (throughput per GFLOP/token) and live worker count of every stage."""
+def capacities(conn: Connection, ctx: RunCtx, now: float | None = None) -> tuple[list[float], list[int]]:
+    """Capacity (measured throughput per GFLOP/token) and live worker count of every stage."""
     cap, count = [0.0] * ctx.n_stages, [0] * ctx.n_stages
     rows = conn.execute(
-        select(A.c.stage, CT.c.throughput)
-        .select_from(A.join(CT, A.c.contributor_id == CT.c.contributor_id))
-        .where(A.c.run_id == ctx.run_id, A.c.state == "active")
+        select(A.c.stage, A.c.contributor_id).where(A.c.run_id == ctx.run_id, A.c.state == "active")
     ).all()
-    for stage, thr in rows:
+    rate = measure.rates(conn, (cid for _, cid in rows), time.time() if now is None else now)
+    for stage, cid in rows:
         if 0 <= stage < ctx.n_stages:
-            cap[stage] += max(float(thr), MIN_THROUGHPUT) / max(ctx.gflops[stage], 1e-12)
+            cap[stage] += max(rate[cid], MIN_THROUGHPUT) / max(ctx.gflops[stage], 1e-12)
             count[stage] += 1
     return cap, count
 
@@ -37,14 +39,14 @@ def fitting(ctx: RunCtx, memory_bytes: int) -> list[int]:
     return [s for s in range(ctx.n_stages) if memory_bytes == 0 or ctx.memory_need[s] <= memory_bytes]
 
 
-def choose_stage(conn: Connection, ctx: RunCtx, memory_bytes: int) -> int:
+def choose_stage(conn: Connection, ctx: RunCtx, memory_bytes: int, now: float | None = None) -> int:
     fits = fitting(ctx, memory_bytes)
     if not fits:
         need = min(ctx.memory_need)
         raise Conflict(
             f"no stage of this run fits in {memory_bytes:,} bytes; the smallest needs about {need:,}"
         )
-    cap, count = capacities(conn, ctx)
+    cap, count = capacities(conn, ctx, now)
     return min(fits, key=lambda s: (cap[s], count[s], s))
 
 
@@ -82,7 +84,7 @@ def assign(
             )
         )
     else:
-        stage = want if want is not None else choose_stage(conn, ctx, memory_bytes)
+        stage = want if want is not None else choose_stage(conn, ctx, memory_bytes, now)
         conn.execute(
             insert(A).values(
                 run_id=ctx.run_id,

@@ -84,18 +84,33 @@ def serve(
     new_admin_token: Annotated[
         bool, typer.Option(help="Replace the admin token (written to <data-dir>/admin-token).")
     ] = False,
+    register_burst: Annotated[
+        int, typer.Option(min=1, help="Registrations one client address may make at once.")
+    ] = 20,
+    register_rate: Annotated[
+        float, typer.Option(help="Registrations a second per client address after the burst (0: no limit).")
+    ] = 2.0,
+    invite_required: Annotated[
+        bool,
+        typer.Option(
+            help="Registering needs the operator's invite: IOTA_INVITE, else <data-dir>/invite (made once)."
+        ),
+    ] = False,
 ) -> None:
     """Serve the orchestrator until Ctrl-C or SIGTERM.
 
     At first start writes a new admin token to <data-dir>/admin-token (mode 0600) and prints that
     path, never the token (unless IOTA_ADMIN_TOKEN is set: then that is the token), then prints
     `iota orchestrator listening on http://HOST:PORT`. A data dir it cannot use (read-only, not a
-    directory, not writable) is one error line and exit code 78; a full disk, 69.
+    directory, not writable) is one error line and exit code 78; a full disk, 69. Registrations are
+    limited per client address (429 past the limit; the admin token's are not), and with
+    --invite-required need the invite that contributors set as IOTA_INVITE.
 
     \b
     Examples:
       iota orchestrator serve --port 8700
       iota orchestrator serve --host 0.0.0.0 --data-dir /srv/iota
+      iota orchestrator serve --host 0.0.0.0 --invite-required --register-rate 0.5
     """
     from iota_cli import output
 
@@ -114,9 +129,15 @@ def serve(
         )
     if sync not in ("normal", "full"):
         output.fail("--sync must be 'normal' or 'full'", code=output.EXIT_USAGE)
-    config = ServerConfig(data_dir=_data_dir(data_dir), sync=sync, tick_s=max(tick, 0.05))
+    config = ServerConfig(
+        data_dir=_data_dir(data_dir),
+        sync=sync,
+        tick_s=max(tick, 0.05),
+        register_burst=register_burst,
+        register_rate=register_rate,
+    )
     try:
-        code = run_server(config, host, port, new_admin_token)
+        code = run_server(config, host, port, new_admin_token, invite_required=invite_required)
     except DataDirError as e:  # restarting helps only when the disk was full
         output.fail(str(e), code=output.EXIT_UNAVAILABLE if e.transient else output.EXIT_CONFIG)
     except OSError as e:

@@ -25,7 +25,8 @@ DATABASE = "orchestrator.sqlite3"
 ADMIN_TOKEN_FILE = "admin-token"
 SERVER_INFO = "server.json"
 # The files that hold secrets (or lead to them); kept 0600 even where a file was made outside serve.
-SECRET_FILES = (DATABASE, f"{DATABASE}-wal", f"{DATABASE}-shm", ADMIN_TOKEN_FILE, SERVER_INFO)
+INVITE_FILE = "invite"  # invites.py: the operator's invite, with serve --invite-required
+SECRET_FILES = (DATABASE, f"{DATABASE}-wal", f"{DATABASE}-shm", ADMIN_TOKEN_FILE, SERVER_INFO, INVITE_FILE)
 TRANSIENT = (errno.ENOSPC, errno.EDQUOT)  # a restart once space is freed may work
 
 

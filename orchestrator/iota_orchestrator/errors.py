@@ -55,3 +55,7 @@ class Invalid(ApiError):
 
 class Gone(ApiError):
     status = 410
+
+
+class TooManyRequests(ApiError):
+    status = 429  # raise with a Retry-After header: the client waits that long and asks again

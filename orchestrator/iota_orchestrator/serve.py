@@ -4,6 +4,8 @@ At first start (or with --new-admin-token) it writes the admin token to `<data-d
 and prints that path, never the token: under systemd stdout goes to the journal. Prints
 `iota orchestrator listening on http://HOST:PORT` once it accepts requests and writes
 `<data-dir>/server.json` ({url, pid}) for scripts; SIGTERM or Ctrl-C shut it down cleanly (exit 0).
+With invite_required the invite comes from IOTA_INVITE or `<data-dir>/invite` (invites.py), and again
+only the file's path is printed.
 A data dir it cannot use raises DataDirError before anything listens.
 """
 
@@ -16,6 +18,7 @@ import logging
 import os
 import signal
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 from iota_cli.core.files import atomic_write
@@ -50,6 +53,7 @@ def serve(
     port: int = 8700,
     rotate_admin: bool = False,
     log_level: str = "warning",
+    invite_required: bool = False,
 ) -> int:
     """Serve until a signal arrives; return the exit code."""
     import uvicorn
@@ -62,6 +66,14 @@ def serve(
     # Everything made from here on (database, blobs, caches) is the owner's only: the database holds
     # the key that signs blob URLs.
     os.umask(0o077)
+    if invite_required:
+        from iota_orchestrator import datadir, invites
+
+        datadir.prepare(config.data_dir)
+        invite, invite_file = invites.ensure(config.data_dir, os.environ.get("IOTA_INVITE") or None)
+        config = replace(config, invite=invite)
+        where = invite_file or "IOTA_INVITE"
+        print(f"registration needs the invite in {where} (readable by this user only)", flush=True)
     opened = open_state(config, os.environ.get("IOTA_ADMIN_TOKEN") or None, rotate_admin)
     if opened.admin_token_file:
         print(f"admin token written to {opened.admin_token_file} (readable by this user only)", flush=True)

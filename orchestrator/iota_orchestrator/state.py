@@ -21,14 +21,14 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar, TypeVarTuple
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import OperationalError
 
-from iota_orchestrator import auth, datadir, db
+from iota_orchestrator import auth, datadir, db, ratelimit
 from iota_orchestrator.blobs import BlobStore
 from iota_orchestrator.wakeups import Wakeups
 
@@ -44,6 +44,10 @@ class ServerConfig:
     max_json_bytes: int = 1 << 20
     max_params: int = 1_000_000_000  # largest model a run may ask for (weights are made here)
     url_ttl_s: float = 6 * 3600
+    # Registrations per client address (ratelimit.py): a burst, then this many a second (<= 0: no limit).
+    register_burst: int = 20
+    register_rate: float = 2.0
+    invite: str | None = field(default=None, repr=False)  # required to register when set (invites.py)
 
 
 class State:
@@ -56,6 +60,7 @@ class State:
         self.poke = threading.Event()  # wakes the reaper early (a merge round may close)
         self._conn: Connection | None = None
         self.token_cache: dict[str, str] = {}  # token sha256 -> contributor id (tokens never change)
+        self.registrations = ratelimit.RateLimiter(config.register_burst, config.register_rate)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._loop_holds = False  # the loop holds the lock, taken by with_db

@@ -56,6 +56,7 @@ def _assign(state: State, cid: str, body: AssignmentRequest) -> Assignment:
             raise Conflict(f"run {run_id} has finished")
         ctx = runs.context(conn, run_id)
         C = db.contributors
+        # The claimed throughput is kept for `status` to show; placement measures its own (measure.py).
         conn.execute(
             C.update()
             .where(C.c.contributor_id == cid)
