@@ -115,9 +115,11 @@ def test_assignment_fits_memory_balances_and_sticks(orch):
     assert sorted(stages) == [0, 1, 2], "the first three workers cover every stage"
     assert [w.assign(run_id)["stage"] for w in workers] == stages, "assignments are sticky"
     assert workers[0].call("GET", "/v1/contributors/me")["assignment"]["stage"] == stages[0]
-    # A fast newcomer goes where capacity (throughput per unit of stage compute) is lowest: the body,
-    # which has two layers where the head and tail have one.
-    fast = SimWorker(orch.url, "fast", throughput=100.0).register()
+    # A newcomer goes where capacity (throughput per unit of stage compute) is lowest: the body, which
+    # has two layers where the head and tail have one. Nobody here has done work, so every worker counts
+    # as the same newcomer whatever it claims (placement uses measured throughput, measure.py): the
+    # claims of 100 and 1e18 below change nothing; tests/test_sybil.py holds that against a control.
+    fast = SimWorker(orch.url, "fast", throughput=1e18).register()
     assert fast.assign(run_id)["stage"] == 1
     tiny = SimWorker(orch.url, "tiny", memory_bytes=1000).register()
     r = tiny.request("POST", "/v1/assignment", json={"run_id": run_id, **tiny.caps()})

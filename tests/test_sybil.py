@@ -25,6 +25,7 @@ from sqlalchemy import create_engine, insert
 from iota_cli.core.manifest import tiny_manifest
 from iota_cli.core.protocol import RegisterRequest
 from iota_cli.swarm.corpus import write_corpus
+from iota_cli.swarm.orchestrator import OrchestratorProcess
 from iota_cli.train.api import SwarmApi
 from iota_cli.train.client import Client
 
@@ -113,6 +114,20 @@ def test_the_invite_is_kept_private(tmp_path, monkeypatch):
     assert invites.ensure(tmp_path, None) == (invite, path), "kept across restarts"
     assert invites.ensure(tmp_path, "from-env") == ("from-env", None)
     assert invites.valid(invite, invite) and not invites.valid(invite, "") and not invites.valid(invite, "x")
+
+
+def test_serve_takes_the_limits_and_the_invite(tmp_path):
+    """`iota orchestrator serve` as an operator runs it: the flags reach it, the invite stays private."""
+    args = ("--invite-required", "--register-burst", "3", "--register-rate", "0.1")
+    with OrchestratorProcess(tmp_path / "data", admin_token=ADMIN, extra_args=args) as orch:
+        invite = (tmp_path / "data" / "invite").read_text().strip()
+        log = "\n".join(orch.lines)
+        assert str(tmp_path / "data" / "invite") in log and invite not in log
+        assert register(orch.url).status_code == 403
+        # A refused invite drew from the bucket too (guessing invites is as slow as registering).
+        assert [register(orch.url, invite=invite).status_code for _ in range(2)] == [201, 201]
+        r = register(orch.url, invite=invite)
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 5, "0.1 a second: 10 s a token"
 
 
 def placements(url: str, run_id: str, fake_claim: float) -> tuple[list[int], list[int]]:
