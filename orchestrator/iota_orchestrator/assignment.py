@@ -113,10 +113,16 @@ def rebalance(conn: Connection, ctx: RunCtx) -> None:
     ).first()
     if pending is not None:
         return
-    cap, count = capacities(conn, ctx)
+    count = [0] * ctx.n_stages  # counted first: measuring every worker's rate each tick would be waste
+    for (stage,) in conn.execute(
+        select(A.c.stage).where(A.c.run_id == ctx.run_id, A.c.state == "active")
+    ).all():
+        if 0 <= stage < ctx.n_stages:
+            count[stage] += 1
     empty = [s for s in range(ctx.n_stages) if count[s] == 0]
     if not empty:
         return
+    cap, count = capacities(conn, ctx)
     donor = max(range(ctx.n_stages), key=lambda s: (count[s], cap[s]))
     if count[donor] < 2:
         return
