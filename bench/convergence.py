@@ -48,7 +48,7 @@ from iota_cli.swarm.corpus import default_data
 
 MERGED = ("diloco", "average")  # the strategies a manifest can name
 REPLICAS = (2, 4)
-INTERVALS = (10, 30)
+INTERVALS = (2, 5, 10)
 TOLERANCE = 0.03  # the target: within 3% of one process
 
 

@@ -233,7 +233,10 @@ def main() -> None:
         )
         orch = None
         if a.url is None:
-            orch = OrchestratorProcess(Path(tmp) / "data", admin_token=a.admin_token, sync=a.sync).start()
+            # The simulated workers share one address: the registration rate limit would refuse most of them.
+            orch = OrchestratorProcess(
+                Path(tmp) / "data", admin_token=a.admin_token, sync=a.sync, extra_args=["--register-rate", "0"]
+            ).start()
         url = a.url or orch.url
         try:
             import requests

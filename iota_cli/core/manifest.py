@@ -74,16 +74,20 @@ class MergeConfig:
     """How a stage's replicas merge (docs/protocol.md, "Merging"): rounds of butterfly all-reduce among
     the replicas, then an outer optimizer step on the mean of their pseudo-gradients."""
 
-    # The default is bench/convergence.py's pick: at 250 steps of a 0.8M-parameter model, averaging every
-    # 10 steps ended within 2.1% (R=2) and 4.9% (R=4) of one process, diloco at IOTA's outer lr 0.7 and
-    # momentum 0.9 5.3% and 6.4% (its momentum pays off over long horizons, not ten-step rounds).
+    # The default is bench/convergence.py's pick (docs/model.md, "Convergence"): at 250 steps of a
+    # 0.8M-parameter model, averaging every 2 steps ended within 3% of one process at R = 2 and 4, in the
+    # sweep and through the real stack; every 10 steps 7% behind through the real stack (a round's
+    # latency adds to the interval). diloco at IOTA's outer lr 0.7 and momentum 0.9 lost to averaging at
+    # every interval swept (2: +43%): its momentum pays over hundreds of inner steps, not a few. A round
+    # runs beside training, so a short interval costs merge bytes, not steps: on a slow link the rounds
+    # simply come as fast as the link allows.
     strategy: Literal["diloco", "average"] = Field(
         default="average",
         description="average: the replicas' weights averaged (weighted by counted work); diloco: outer "
         "Nesterov step on the mean pseudo-gradient",
     )
     interval: int = Field(
-        default=10, ge=1, le=1 << 31, description="local optimizer steps between a replica's contributions"
+        default=2, ge=1, le=1 << 31, description="local optimizer steps between a replica's contributions"
     )
     timeout_s: float = Field(
         default=60.0,
@@ -179,6 +183,6 @@ def tiny_manifest(data_source: str, max_samples: int = 0) -> RunManifest:
         model=ModelConfig.from_dict({**TINY_MODEL.to_dict(), "wire_dtype": "float32"}),
         train=train,
         optim=OptimConfig(lr=3e-3, weight_decay=0.01),
-        merge=MergeConfig(interval=10, timeout_s=20.0, wire_dtype="F32"),
+        merge=MergeConfig(timeout_s=20.0, wire_dtype="F32"),
         data=DataConfig(source=data_source, shard_bytes=256 * 1024),
     )
