@@ -235,7 +235,10 @@ def main() -> None:
         if a.url is None:
             # The simulated workers share one address: the registration rate limit would refuse most of them.
             orch = OrchestratorProcess(
-                Path(tmp) / "data", admin_token=a.admin_token, sync=a.sync, extra_args=["--register-rate", "0"]
+                Path(tmp) / "data",
+                admin_token=a.admin_token,
+                sync=a.sync,
+                extra_args=["--register-rate", "0"],
             ).start()
         url = a.url or orch.url
         try:

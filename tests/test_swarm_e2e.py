@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,6 +49,9 @@ def worker_status(home: Path) -> dict:
 def checkpoint_step(home: Path) -> int:
     cks = worker_status(home)["checkpoints"]
     return max((c["step"] for c in cks), default=-1)
+
+
+RESUMED = re.compile(r"(?:resuming from|merged past) checkpoint (\S+) \(step (\d+),")
 
 
 @pytest.fixture
@@ -120,9 +124,11 @@ def test_killed_worker_resumes_from_its_checkpoint_while_the_swarm_goes_on(swarm
     wait_for(lambda: s.status().samples_completed >= before + 4, 120, 1.0, "progress without the victim")
     victim.start(s.url, s.run_id)
     log = victim.home / "worker.log"
-    wait_for(lambda: "resuming from checkpoint" in log.read_text(), 120, 0.5, "the resume message")
-    resumed = log.read_text().split("resuming from checkpoint")[1].split("\n")[0]
-    assert f"(step {step_at_kill}," in resumed, resumed
+    # The older checkpoint restores the step and optimizer state; its weights too, unless the swarm merged
+    # past its epoch while the victim was down (at the default interval it usually has): then the
+    # swarm's weights.
+    resumed = wait_for(lambda: RESUMED.search(log.read_text()), 120, 0.5, "the resume message")
+    assert resumed.group(1) == files[0].name and int(resumed.group(2)) == step_at_kill, resumed.group(0)
     assert newest.name in log.read_text()  # the corrupt file was named in a warning
     wait_for(lambda: checkpoint_step(victim.home) > step_at_kill, 240, 1.0, "steps after the resume")
     wait_for(lambda: not s.any_running(), 400, 2.0, "the run to finish")

@@ -190,7 +190,9 @@ def restore(
         ) from None
     if ck is not None:
         log.info(
-            "the swarm merged past checkpoint epoch %d: taking its weights (epoch %d)",
+            "the swarm merged past checkpoint %s (step %d, epoch %d): taking its weights (epoch %d)",
+            ck.path.name,
+            ck.state.step,
             ck.state.epoch,
             assignment.epoch,
         )
