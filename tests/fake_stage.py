@@ -16,6 +16,7 @@ import threading
 
 from iota_cli.core.backend import BackwardResult, StageInputError, UnknownWorkId
 from iota_cli.core.modelspec import ModelConfig, stage_params, stage_spec
+from iota_cli.core.stage import proof_size
 from iota_cli.core.tensors import DTYPE_CODES, DTYPE_SIZES, RawTensor, TensorDict
 
 
@@ -67,10 +68,14 @@ class FakeStage:
         t = self._one(grads, "targets" if tail else "grad", 2 if tail else 3)
         if t.shape[:2] != (b, n):
             raise StageInputError(f"backward shape {t.shape} does not fit the forward's {(b, n)}")
-        out = None if self.spec.kind == "head" else {"grad": self._boundary(work_id)}
+        out = {"proof": self._proof()} if self.spec.kind == "head" else {"grad": self._boundary(work_id)}
         del self.saved[work_id]
         self.backwards.append(work_id)
         return BackwardResult(out, 3.0 if tail else None)
+
+    def _proof(self) -> RawTensor:
+        n = proof_size(self.cfg, self.spec.index)
+        return RawTensor("F32", (n,), bytes(4 * n))
 
     def free(self, work_id: str) -> None:
         self.saved.pop(work_id, None)

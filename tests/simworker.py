@@ -41,7 +41,9 @@ from iota_cli.core.protocol import (
     WorkComplete,
     WorkItem,
 )
+from iota_cli.core.stage import proof_size
 from iota_cli.core.tensors import DTYPE_CODES, DTYPE_SIZES, RawTensor, decode, encode
+from iota_cli.core.validation import WeightsReport
 from iota_cli.train.api import SwarmApi
 from iota_cli.train.client import Client
 
@@ -156,9 +158,27 @@ class SimWorker:
                 self.step += 1
         if item.upload is None:
             return self.complete(item_json, None, 0)
-        data = self.boundary_tensor("activations" if item.kind == "forward" and not tail else "grad")
+        if item.kind == "backward" and item.stage == 0:
+            data = self.proof()
+        else:
+            data = self.boundary_tensor("activations" if item.kind == "forward" and not tail else "grad")
         sha = self.api.upload(item.upload, data)
-        return self.complete(item_json, sha, len(data), self.loss_for(item) if tail else None)
+        reply = self.complete(item_json, sha, len(data), self.loss_for(item) if tail else None)
+        if reply.get("audit"):
+            self.snapshot(item.work_id, reply["audit"])
+        return reply
+
+    def proof(self) -> bytes:
+        """The head backward's proof of work (core.stage.proof_params), zeros of the right size."""
+        n = proof_size(self.assigned.manifest.model, 0)
+        return encode({"proof": RawTensor("F32", (n,), bytes(4 * n))})
+
+    def snapshot(self, work_id: str, upload: JSON) -> JSON:
+        """Answer a sampled check as an honest worker does: the weights it holds (here, the published
+        ones), uploaded and reported."""
+        data = encode(self.weights())
+        sha = self.api.upload(UploadRef.model_validate(upload), data)
+        return self.api.report_weights(work_id, WeightsReport(sha256=sha, size=len(data))).model_dump()
 
     def weights(self) -> dict[str, RawTensor]:
         """The stage's current weights (and take their epoch), as a heartbeat points to them."""

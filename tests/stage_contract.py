@@ -16,7 +16,7 @@ from iota_cli.core import backend as bk
 from iota_cli.core.backend import StageInputError, UnknownWorkId
 from iota_cli.core.manifest import OptimConfig
 from iota_cli.core.modelspec import ModelConfig, initial_weights
-from iota_cli.core.stage import StageRunner, optimizer_state_shapes
+from iota_cli.core.stage import StageRunner, optimizer_state_shapes, proof_params, proof_size
 from iota_cli.core.tensors import RawTensor, decode, encode
 
 CFG = ModelConfig(
@@ -103,7 +103,13 @@ class StageContract:
         r2 = body.backward("w", r.grads)
         assert r2.loss is None and r2.grads["grad"].shape == (B, T, 4)
         r3 = head.backward("w", r2.grads)
-        assert r3.grads is None and r3.loss is None
+        assert r3.loss is None and r3.grads is not None and set(r3.grads) == {"proof"}
+        proof = r3.grads["proof"]
+        assert proof.dtype == "F32" and proof.shape == (proof_size(cfg, 0),)
+        # The head's proof of work is the gradient its backward added to its 1-D weights.
+        grads = gradients(head)
+        want = np.concatenate([arr(grads[n]).ravel() for n in proof_params(cfg, 0)])
+        assert np.abs(want).max() > 0 and np.allclose(arr(proof), want, rtol=1e-5, atol=1e-8)
         for s in (head, body, tail):
             assert s.in_flight() == [] and all(np.abs(arr(g)).max() > 0 for g in gradients(s).values())
 

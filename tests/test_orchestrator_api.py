@@ -157,11 +157,15 @@ def test_pipeline_routes_backward_to_its_forward_worker_first(orch):
     other = h2.claim()
     assert not (other and other["kind"] == "backward"), "backward work only goes to the forward's worker"
     back = h1.claim()
-    assert back["kind"] == "backward" and back["forward_id"] == a["work_id"] and back["upload"] is None
+    assert back["kind"] == "backward" and back["forward_id"] == a["work_id"] and back["upload"]
     assert post(orch, f"/v1/work/{back['work_id']}/complete", h2.token, json={}).status_code == 403
-    first = h1.complete(back, None, 0)
+    no_proof = post(orch, f"/v1/work/{back['work_id']}/complete", h1.token, json={})
+    assert no_proof.status_code == 400, "the head's backward needs its proof of work"
+    proof = h1.proof()
+    sha = h1.upload(back["upload"], proof)
+    first = h1.complete(back, sha, len(proof))
     paid["h1"] += first["credits"]
-    assert h1.complete(back, None, 0) == first, "completing twice returns the first answer"
+    assert h1.complete(back, sha, len(proof)) == first, "completing twice returns the first answer"
     st = status(orch, run_id)
     assert st["samples_completed"] == 1 and st["tokens_processed"] == 2 * 8 * 64
     for w in (h1, h2, body, tail):

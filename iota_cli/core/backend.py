@@ -21,7 +21,9 @@ ENTRY_POINT_GROUP = "iota.backends"
 
 @dataclass(frozen=True)
 class BackwardResult:
-    grads: TensorDict | None  # {"grad": (B, T, bottleneck)} toward the previous stage; None for the head
+    # {"grad": (B, T, bottleneck)} toward the previous stage; the head's {"proof": F32 (P,)}, the gradient
+    # the item added to its 1-D parameters (core.stage.proof_params), which a validator recomputes
+    grads: TensorDict | None
     loss: float | None = None  # the tail's mean cross-entropy; None elsewhere
 
 
@@ -33,7 +35,8 @@ class StageBackend(Protocol):
       forward inputs:  head {"tokens": I32 (B,T)};  body/tail {"activations": (B,T,b)}
       forward outputs: head/body {"activations": (B,T,b) in cfg.wire_dtype};  tail {}
       backward grads:  head/body {"grad": (B,T,b)};  tail {"targets": I32 (B,T)}
-      backward result: body/tail {"grad": (B,T,b) in cfg.wire_dtype};  head None; tail also the loss
+      backward result: body/tail {"grad": (B,T,b) in cfg.wire_dtype};  head {"proof": F32 (P,)};
+                       tail also the loss
     Integer tensors may be I32 or I64; float inputs may be F32, BF16 or F16 (converted inside).
     The tail's forward only keeps its input; its backward runs forward, loss and backward at once.
     Many work ids may be in flight: backward computes gradients at the weights its forward used (even

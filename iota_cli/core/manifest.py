@@ -110,6 +110,28 @@ class MergeConfig:
 
 
 @dataclass(frozen=True, config=PLAIN)
+class TrustConfig:
+    """How the orchestrator checks contributors (docs/trust.md): sampled recomputation and standing."""
+
+    sample_rate: float = Field(
+        default=0.05, ge=0, le=1, description="share of a vetted contributor's forward items recomputed"
+    )
+    suspect_rate: float = Field(
+        default=0.5, ge=0, le=1, description="the share for a contributor that has failed a check"
+    )
+    pass_reward: int = Field(default=1, ge=0, le=1000, description="standing a passed check adds")
+    fail_penalty: int = Field(
+        default=3, ge=1, le=1000, description="standing a failed check takes (below 0: banned from the run)"
+    )
+    merge_requires_pass: bool = Field(
+        default=False, description="only contributors that passed a check may contribute to merges"
+    )
+    verdict_timeout_s: float = Field(
+        default=120.0, ge=1, le=86400, description="a sample not recomputed by then is dropped, unjudged"
+    )
+
+
+@dataclass(frozen=True, config=PLAIN)
 class DataConfig:
     source: str = Field(
         default="", description="a directory or glob of text files on the orchestrator's machine"
@@ -129,6 +151,7 @@ class RunManifest:
     optim: OptimConfig = Field(default_factory=OptimConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    trust: TrustConfig = Field(default_factory=TrustConfig)
     seed: int = Field(
         default=0, ge=0, le=2**63 - 1, description="seeds the epoch-0 weights (modelspec.initial_weights)"
     )

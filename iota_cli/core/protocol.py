@@ -91,6 +91,9 @@ class WorkerStatus(Model):
     throughput: float
     credits: float
     faults: dict[str, int] = {}  # what the orchestrator counted against it: rejected, bad_output, expired
+    standing: int = 0  # checks passed x pass_reward - failed x fail_penalty (docs/trust.md)
+    checks: dict[str, int] = {}  # passed, failed
+    banned: bool = False
 
 
 class StageStatus(Model):
@@ -124,11 +127,14 @@ class RunStatus(Model):
     samples_dropped: int
     tokens_processed: int  # tokens through the tail (batch_size * seq_len per sample)
     losses_reported: int
-    first_loss: float | None  # mean of the first few tail losses
+    first_loss: float | None  # mean of the first few tail losses (of vetted tails only: docs/trust.md)
     last_loss: float | None  # mean of the last few
     recent_losses: list[float]
+    loss_vetted: bool = False  # the losses are from tails a validator checked (else: from every tail)
     stages: list[StageStatus]
     credits: list[CreditLine]
+    # Sampled checks by state: weights, backward, ready, taken, passed, failed, void (docs/trust.md).
+    checks: dict[str, int] = {}
 
 
 # --- contributors and assignment -----------------------------------------------------------------------
@@ -175,6 +181,8 @@ class ContributorInfo(Model):
     name: str
     assignment: Assignment | None
     credits: float
+    standing: int | None = None  # in the run of the assignment (docs/trust.md)
+    checks: dict[str, int] = {}  # passed, failed
 
 
 class Credits(Model):
@@ -182,6 +190,7 @@ class Credits(Model):
     total: float
     forward: float
     backward: float
+    clawed_back: float = 0.0  # taken back by failed checks, with their penalties
     entries: int
 
 
@@ -327,6 +336,9 @@ class Abandon(Model):
 class WorkCompleteReply(Model):
     credits: float
     total_credits: float
+    # The item is sampled for recomputation: PUT the stage's weights as this item used them here, then
+    # POST /v1/work/{id}/weights (core.validation.WeightsReport). No upload, no credit.
+    audit: UploadRef | None = None
 
 
 class Ok(Model):

@@ -144,13 +144,21 @@ class StageRunner(Generic[T]):
         k = self.kernel
         (t,) = grads.values()
         rope = self._rope_for(work.shape[1])
+        before = self._probe() if self.spec.kind == "head" else None
         dx, loss = k.vjp(work.weights, work.inputs, work.saved, k.tensor_in(t), rope)
         self._n_backward += 1
         grad = None if dx is None else k.tensor_out(dx)
+        if before is not None:
+            grad = proof_tensor(before, self._probe())
         if (loss is not None and not math.isfinite(loss)) or (grad is not None and not all_finite(grad)):
             self._poisoned = True  # the accumulators now hold it too
             raise StageInputError("this input drives the stage to a non-finite loss or gradient")
-        return BackwardResult(None if grad is None else {"grad": grad}, loss)
+        name = "proof" if self.spec.kind == "head" else "grad"
+        return BackwardResult(None if grad is None else {name: grad}, loss)
+
+    def _probe(self) -> list[RawTensor]:
+        grads = self.kernel.gradients()
+        return [self.kernel.tensor_out(grads[n]) for n in proof_params(self.cfg, self.spec.index)]
 
     def free(self, work_id: str) -> None:
         self._work.pop(work_id, None)
@@ -207,6 +215,40 @@ class StageRunner(Generic[T]):
         if seq_len not in self._rope:
             self._rope[seq_len] = self.kernel.rope(seq_len)
         return self._rope[seq_len]
+
+
+# --- The head's proof of its backward ---
+# The head sends nothing upstream, so its backward would be invisible. Instead it returns the gradient
+# this item added to its 1-D parameters (the RMSNorm gains): the first layer's needs the backward through
+# every layer above it, yet the proof is a few KiB. A validator recomputes and compares it.
+
+
+def proof_params(cfg: ModelConfig, stage: int) -> list[str]:
+    return [p.name for p in stage_params(cfg, stage_spec(cfg, stage)) if len(p.shape) == 1]
+
+
+def proof_size(cfg: ModelConfig, stage: int) -> int:
+    return sum(p.shape[0] for p in stage_params(cfg, stage_spec(cfg, stage)) if len(p.shape) == 1)
+
+
+def proof_tensor(before: list[RawTensor], after: list[RawTensor]) -> RawTensor:
+    """The F32 vector after - before over the proof parameters' gradient accumulators."""
+    flat = array("f")
+    for a, b in zip(after, before, strict=True):
+        flat.extend(x - y for x, y in zip(_f32(a), _f32(b), strict=True))
+    if sys.byteorder == "big":
+        flat.byteswap()
+    return RawTensor("F32", (len(flat),), flat.tobytes())
+
+
+def _f32(t: RawTensor) -> array[float]:
+    if t.dtype != "F32":
+        raise StageInputError(f"gradient accumulators must be F32, got {t.dtype}")
+    a = array("f")
+    a.frombytes(t.data)
+    if sys.byteorder == "big":
+        a.byteswap()
+    return a
 
 
 # --- What a stage accepts: checked here, so every backend rejects the same things the same way. ---

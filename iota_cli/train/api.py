@@ -52,6 +52,7 @@ from iota_cli.core.protocol import (
     WorkCompleteReply,
     WorkItem,
 )
+from iota_cli.core.validation import AuditTask, AuditVerdict, WeightsReport
 from iota_cli.train.client import Client, OnProgress, Reply
 from iota_cli.train.errors import ApiError
 
@@ -179,6 +180,23 @@ class SwarmApi:
         """Give an item back, saying why (forward work is re-queued, backward work dropped). One brief try."""
         path = f"/v1/work/{_segment(work_id)}/abandon"
         return self._call(Ok, "POST", path, why or Abandon(), timeout=PARTING_TIMEOUT, wait=False)
+
+    def report_weights(self, work_id: str, report: WeightsReport) -> Ok:
+        """Report the weights snapshot a sampled item asked for (WorkCompleteReply.audit), uploaded."""
+        return self._call(Ok, "POST", f"/v1/work/{_segment(work_id)}/weights", report)
+
+    # --- validation (the operator's token) -------------------------------------------------------------
+
+    def next_audit(self, wait_s: float = 0.0) -> AuditTask | None:
+        """The oldest sampled check ready to judge, long-polling up to wait_s; None when there is none."""
+        timeout = (5.0, wait_s + CLAIM_SLACK_S)
+        reply = self._send("GET", f"/v1/audits/next?wait_s={wait_s:g}", timeout=timeout)
+        return None if reply.status == 204 else _parse(AuditTask, reply)
+
+    def judge(self, audit_id: int, verdict: AuditVerdict) -> Ok:
+        return self._call(Ok, "POST", f"/v1/audits/{int(audit_id)}", verdict)
+
+    # --- merging ---------------------------------------------------------------------------------------
 
     def contribute(self, contribution: MergeComplete) -> MergeCompleteReply:
         """Report the weights uploaded for a merge round (409 when the round's epoch has moved on)."""

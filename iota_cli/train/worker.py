@@ -29,10 +29,12 @@ from iota_cli.core.protocol import (
     ClaimRequest,
     Heartbeat,
     HeartbeatReply,
+    UploadRef,
     WorkComplete,
     WorkItem,
 )
 from iota_cli.core.tensors import RawTensor, TensorDict, TensorFormatError, column_slice, decode, encode
+from iota_cli.core.validation import WeightsReport
 from iota_cli.headless.notify import Notifier
 from iota_cli.headless.progress import Progress
 from iota_cli.machine.power import PowerGuard
@@ -157,6 +159,8 @@ class Worker:
                 data = encode(payload)
                 sha, size = self.api.upload(item.upload, data), len(data)
             done = self.api.complete(item.work_id, WorkComplete(sha256=sha, size=size, loss=loss))
+            if done.audit is not None:  # before any step: the weights are still those the item used
+                self._send_snapshot(item, done.audit)
         except Stopped:
             self._abandon(item, key, Abandon(reason="stopping"))
             raise
@@ -184,6 +188,13 @@ class Worker:
         if item.kind == "backward" or self.spec.kind == "tail":
             self._count_backward()
         self._show(state="training")
+
+    def _send_snapshot(self, item: WorkItem, upload: UploadRef) -> None:
+        """The item was sampled for a check: send the weights it ran on (no snapshot, no credit)."""
+        data = encode(self.backend.weights())
+        sha = self.api.upload(upload, data)
+        self.api.report_weights(item.work_id, WeightsReport(sha256=sha, size=len(data)))
+        log.debug("sent the weights of %s for a check (%d bytes)", item.work_id, len(data))
 
     def _forward(self, item: WorkItem, key: str) -> tuple[TensorDict | None, float | None]:
         kind = self.spec.kind

@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import Connection, insert, select, update
 
-from iota_orchestrator import chains, db, lease, measure
+from iota_orchestrator import chains, db, lease, measure, standing
 from iota_orchestrator.errors import Conflict, Invalid
 from iota_orchestrator.runs import RunCtx
 
@@ -63,6 +63,7 @@ def assign(
         )
     keys: set[str] = set()
     a = chains.assignment(conn, ctx.run_id, contributor_id)
+    standing.refuse_banned(a)
     where = (A.c.run_id == ctx.run_id, A.c.contributor_id == contributor_id)
     if a is not None and a.reassign_to is None and want in (None, a.stage):
         conn.execute(update(A).where(*where).values(state="active", last_seen=now))

@@ -1,4 +1,4 @@
-"""`iota orchestrator serve|status|run create|stop|abort`: run the reference orchestrator and drive it.
+"""`iota orchestrator serve|status|validate|run ...`: run the reference orchestrator and drive it.
 
 This package adds the group to `iota` through the `iota.commands` entry point (`register`), so the
 contributor CLI never imports the server. Importing this module loads Typer only: `serve` imports the
@@ -298,6 +298,35 @@ def status(
         output.echo(f"{base}: no runs yet (create one with `iota orchestrator run create MANIFEST`)")
     for s in statuses:
         output.echo(_render(s))
+
+
+@orch_app.command()
+def validate(
+    backend: Annotated[
+        str, typer.Option(help="Backend to recompute with (float32 torch-cpu is the reference).")
+    ] = "torch-cpu",
+    admin_token: AdminOption = None,
+    url: UrlOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Recompute the sampled work of contributors and judge it, until Ctrl-C (docs/trust.md)."""
+    import signal
+    import threading
+
+    from iota_cli import output
+    from iota_cli.config import settings
+    from iota_orchestrator.validator import Validator
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with _api(_url(url, data_dir), _admin(admin_token, url, data_dir)) as api:
+        validator = Validator(api, backend, settings.paths().cache_dir / "validator")
+        output.echo(f"validating with {backend}; Ctrl-C to stop")
+        try:
+            tally = validator.run(stop)
+        except KeyboardInterrupt:
+            tally = validator.tally
+    output.echo(tally.line())
 
 
 def _render(s: RunStatus) -> str:

@@ -27,15 +27,11 @@ from sqlalchemy import (
     event,
     false,
     insert,
-    inspect,
     select,
-    text,
-    tuple_,
 )
 from sqlalchemy.pool import StaticPool
-from sqlalchemy.schema import CreateColumn, CreateIndex
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 metadata = MetaData()
 
 
@@ -130,6 +126,11 @@ assignments = Table(
     # worker may hold only one claim at a time (v3).
     Column("lapses", Integer, nullable=False, default=0, server_default="0"),
     Column("beat", Float),  # its last heartbeat (v4): the run's end waits for each replica's last step
+    # Its standing (v5, standing.py): checks passed and failed, and the ledger id up to which its credits
+    # were vetted by a pass (a failed check claws back what it earned after that).
+    Column("passes", Integer, nullable=False, default=0, server_default="0"),
+    Column("fails", Integer, nullable=False, default=0, server_default="0"),
+    Column("vetted_mark", BigInteger, nullable=False, default=0, server_default="0"),
     Index("ix_assign_run_state", "run_id", "state", "last_seen"),
 )
 
@@ -206,7 +207,34 @@ losses = Table(
     Column("sample_id", BigInteger, nullable=False),
     Column("loss", Float, nullable=False),
     Column("t", Float, nullable=False),
+    _id("contributor_id"),  # the tail that reported it (v5): the run's loss counts vetted tails only
     Index("ix_losses_run", "run_id", "id"),
+)
+
+# A sampled work item the validator recomputes (v5, audits.py): the forward item, the weights snapshot its
+# worker uploaded on request, and (head and body) the backward of the same sample, once it is in.
+audits = Table(
+    "audits",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    _id("run_id", nullable=False),
+    _id("contributor_id", nullable=False),
+    Column("stage", Integer, nullable=False),
+    Column("sample_id", BigInteger, nullable=False),
+    Column("forward_id", Integer, nullable=False),
+    Column("backward_id", Integer),
+    Column("weights_key", Text),  # the snapshot blob, once reported
+    Column("state", String(8), nullable=False),  # weights | backward | ready | taken | passed | failed
+    Column("created", Float, nullable=False),
+    Column("deadline", Float, nullable=False),  # for the snapshot, then for the validator's verdict
+    Column("decided", Float),
+    Column("ledger_mark", BigInteger, nullable=False),  # the audited item's ledger id
+    Column("basis", Float, nullable=False),  # the audited item's credits (a failure costs a multiple)
+    Column("loss", Float),  # the tail's loss as recomputed
+    Column("detail", Text),
+    Index("ix_audits_state", "state", "id"),
+    Index("ix_audits_sample", "run_id", "sample_id"),
+    Index("ix_audits_forward", "forward_id"),
 )
 
 merge_rounds = Table(
@@ -294,44 +322,6 @@ faults = Table(
 Migration = Callable[[Connection], None]
 
 
-# (version, what it does, how). Append only; never edit a released one.
-def _add_columns(conn: Connection, table: Table, names: Sequence[str]) -> None:
-    """ALTER TABLE ADD COLUMN for each named column of `table` it lacks (rendered by the dialect)."""
-    have = {c["name"] for c in inspect(conn).get_columns(table.name)}
-    for name in names:
-        if name not in have:
-            column = CreateColumn(table.c[name]).compile(dialect=conn.dialect)
-            conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column}"))
-
-
-def _v3(conn: Connection) -> None:
-    _add_columns(conn, assignments, ["lapses"])
-    _add_columns(conn, work, ["reason", "avoid"])
-    _add_columns(conn, blobs, ["quarantined"])
-    if "ix_work_held" not in {i["name"] for i in inspect(conn).get_indexes("work")}:
-        held = next(i for i in work.indexes if i.name == "ix_work_held")
-        conn.execute(CreateIndex(held))
-    faults.create(conn, checkfirst=True)
-
-
-def _v4(conn: Connection) -> None:
-    _add_columns(conn, assignments, ["beat"])
-    _add_columns(conn, merge_rounds, ["reducing", "momentum_key"])
-    _add_columns(conn, merge_contribs, ["sha256", "step", "ledger_mark", "slices"])
-    merge_parts.create(conn, checkfirst=True)
-    R, C = merge_rounds, merge_contribs  # a v3 round in flight holds full weights: forget it
-    live = select(R.c.run_id, R.c.stage, R.c.epoch).where(R.c.state != "closed")
-    conn.execute(C.delete().where(tuple_(C.c.run_id, C.c.stage, C.c.epoch).in_(live)))
-    conn.execute(R.delete().where(R.c.state != "closed"))
-
-
-MIGRATIONS: list[tuple[int, str, Migration]] = [
-    (2, "run_tokenizers table", lambda conn: run_tokenizers.create(conn, checkfirst=True)),
-    (3, "fault records, claim lapses, item give-back reasons, blob quarantine", _v3),
-    (4, "butterfly merge: partitions, outer momentum, counted contribution weights", _v4),
-]
-
-
 class SchemaError(RuntimeError):
     """The database was written by a newer orchestrator, or a migration failed."""
 
@@ -364,8 +354,12 @@ def schema_version(conn: Connection) -> int:
     return int(row[0]) if row else 0
 
 
-def migrate(engine: Engine, migrations: Sequence[tuple[int, str, Migration]] = MIGRATIONS) -> int:
-    """Bring the schema to the newest version; return the version now in place."""
+def migrate(engine: Engine, migrations: Sequence[tuple[int, str, Migration]] | None = None) -> int:
+    """Bring the schema to the newest version (migrations.MIGRATIONS); return the version now in place."""
+    if migrations is None:
+        from iota_orchestrator.migrations import MIGRATIONS  # it imports these tables
+
+        migrations = MIGRATIONS
     latest = max([SCHEMA_VERSION, *(v for v, _, _ in migrations)])
     with engine.begin() as conn:
         meta.create(conn, checkfirst=True)

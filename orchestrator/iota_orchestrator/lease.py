@@ -14,7 +14,7 @@ from sqlalchemy import Connection, bindparam, select, update
 
 from iota_cli.core.manifest import RunManifest
 from iota_cli.core.protocol import Heartbeat, HeartbeatReply, RunState
-from iota_orchestrator import db, faults, merge, rounds
+from iota_orchestrator import db, faults, merge, rounds, standing
 from iota_orchestrator.blobs import BlobStore
 from iota_orchestrator.chains import A, W, assignment, drop_chain, give_back, work_id
 from iota_orchestrator.errors import Conflict
@@ -27,7 +27,9 @@ def heartbeat_s(lease_s: float) -> float:
 
 _TOUCH = (
     update(A)
-    .where(A.c.run_id == bindparam("run"), A.c.contributor_id == bindparam("cid"))
+    .where(
+        A.c.run_id == bindparam("run"), A.c.contributor_id == bindparam("cid"), A.c.state != standing.BANNED
+    )
     .values(last_seen=bindparam("now"), state="active")
 )
 _RUN_STATE = select(db.runs.c.state).where(db.runs.c.run_id == bindparam("run"))
@@ -52,14 +54,15 @@ def beat(
     a = assignment(conn, ctx.run_id, contributor_id)
     if a is None:
         raise Conflict(f"you have no assignment in run {ctx.run_id}; POST /v1/assignment first")
+    standing.refuse_banned(a)
     if a.stage != hb.stage:
         raise Conflict(f"you are assigned to stage {a.stage}, not {hb.stage}; POST /v1/assignment again")
     st = merge.stage_row(conn, ctx.run_id, hb.stage)
     values: dict[str, Any] = {"steps": hb.step, "epoch": hb.epoch, "tokens_per_s": hb.tokens_per_s}
     sync_epoch, sync_step = a.sync_epoch, a.sync_step
     if hb.epoch == st.epoch and sync_epoch < st.epoch:
-        # The worker now holds this epoch's weights: count its steps toward the next merge from here,
-        # unless it contributed to the round that made them (rounds.contribute paces it from then).
+        # The worker now holds this epoch's weights. Its reported steps only tell the run's end whether a
+        # final round is due (rounds.final_pending); rounds open from counted work (rounds.offer).
         sync_epoch, sync_step = st.epoch, hb.step
         values.update(sync_epoch=sync_epoch, sync_step=sync_step)
     values["beat"] = now
@@ -68,10 +71,9 @@ def beat(
     )
     touch(conn, ctx.run_id, contributor_id, now)
     state = run_state(conn, ctx.run_id)
-    steps_since = hb.step - sync_step if sync_epoch == st.epoch else None
     offer = None
     if state == "running":
-        offer = rounds.offer(conn, ctx, blobs, st, contributor_id, hb.epoch, steps_since, now)
+        offer = rounds.offer(conn, ctx, blobs, st, contributor_id, hb.epoch, a, now)
     return HeartbeatReply(
         lease_s=ctx.manifest.train.lease_s,
         epoch=st.epoch,

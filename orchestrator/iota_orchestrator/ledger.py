@@ -1,5 +1,8 @@
 """Credits: every accepted pass earns compute-weighted credits, recorded once per work id.
 
+A failed check (standing.py) adds a negative "clawback" row: what was earned since the last vetted item,
+plus the penalty.
+
 A forward pass earns `gflops_per_token(stage) * tokens`, a backward pass twice that, and the tail's
 forward item (forward, loss and backward at once) three times. Running totals on the contributor and the
 assignment make reads cheap; the ledger rows are the record they can be rebuilt from.
@@ -43,7 +46,8 @@ def record(
     tokens: int,
     credits: float,
     now: float,
-) -> None:
+) -> int:
+    """Write one ledger row and add it to the running totals; its ledger id."""
     row = {
         "run_id": run_id,
         "contributor_id": contributor_id,
@@ -54,9 +58,10 @@ def record(
         "credits": credits,
         "t": now,
     }
-    conn.execute(_INSERT, row)
+    ledger_id = int(conn.execute(_INSERT, row).inserted_primary_key[0])  # type: ignore[index]
     conn.execute(_ADD_TO_CONTRIBUTOR, {"cid": contributor_id, "add": credits})
     conn.execute(_ADD_TO_ASSIGNMENT, {"run": run_id, "cid": contributor_id, "add": credits})
+    return ledger_id
 
 
 _TOTAL = select(db.contributors.c.credits).where(db.contributors.c.contributor_id == bindparam("cid"))
@@ -76,11 +81,12 @@ def totals(conn: Connection, contributor_id: str) -> dict[str, Any]:
         .group_by(L.c.kind)
     ).all()
     by = {k: (float(s or 0.0), int(n)) for k, s, n in rows}
-    fwd, bwd = by.get("forward", (0.0, 0)), by.get("backward", (0.0, 0))
+    fwd, bwd, back = (by.get(k, (0.0, 0)) for k in ("forward", "backward", "clawback"))
     return {
         "contributor_id": contributor_id,
-        "total": round(fwd[0] + bwd[0], 6),
+        "total": round(fwd[0] + bwd[0] + back[0], 6),
         "forward": round(fwd[0], 6),
         "backward": round(bwd[0], 6),
-        "entries": fwd[1] + bwd[1],
+        "clawed_back": round(-back[0], 6),
+        "entries": fwd[1] + bwd[1] + back[1],
     }

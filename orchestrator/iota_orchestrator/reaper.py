@@ -15,7 +15,7 @@ import time
 
 from sqlalchemy import Connection, delete, select, tuple_, update
 
-from iota_orchestrator import assignment, chains, db, integrity, lease, merge, publish, rounds, runs
+from iota_orchestrator import assignment, audits, chains, db, integrity, lease, merge, publish, rounds, runs
 from iota_orchestrator.runs import RunCtx
 from iota_orchestrator.state import State
 
@@ -33,6 +33,7 @@ def tick(state: State, now: float | None = None) -> None:
         with state.tx() as conn:
             ctx = runs.context(conn, run_id)
             keys = lease.expire(conn, ctx, now)
+            keys |= audits.expire(conn, ctx, now)
             if runs.get_run(conn, run_id).stop_requested:
                 keys |= chains.drop_stranded(conn, ctx, now)
             assignment.rebalance(conn, ctx)
@@ -90,24 +91,26 @@ def finish_check(conn: Connection, ctx: RunCtx, now: float) -> bool:
 
 
 def collect_garbage(state: State) -> int:
-    """Delete the token, activation and gradient blobs of finished chains (a batch at a time)."""
+    """Delete the token, activation and gradient blobs of finished chains (a batch at a time), except
+    those a pending check still reads, and the weights snapshots of decided checks."""
     C, W = db.chains, db.work
     with state.tx() as conn:
         done = conn.execute(
             select(C.c.run_id, C.c.sample_id, C.c.tokens_key)
-            .where(C.c.state.in_(("done", "dropped")), C.c.gc.is_(False))
+            .where(C.c.state.in_(("done", "dropped")), C.c.gc.is_(False), ~audits.pinned())
             .limit(GC_BATCH)
         ).all()
-        if not done:
-            return 0
-        # A few set-wise statements, not two a chain: the reaper holds the lock every request waits for.
-        ids = [(r.run_id, r.sample_id) for r in done]
-        outs = select(W.c.output_key).where(
-            tuple_(W.c.run_id, W.c.sample_id).in_(ids), W.c.output_key.is_not(None)
-        )
-        keys = [r.tokens_key for r in done] + list(conn.execute(outs).scalars())
-        conn.execute(update(C).where(tuple_(C.c.run_id, C.c.sample_id).in_(ids)).values(gc=True))
-        conn.execute(delete(db.blobs).where(db.blobs.c.key.in_(keys)))
+        keys = audits.forget_snapshots(conn, GC_BATCH)
+        if done:
+            # A few set-wise statements, not two a chain: the reaper holds the lock every request waits for.
+            ids = [(r.run_id, r.sample_id) for r in done]
+            outs = select(W.c.output_key).where(
+                tuple_(W.c.run_id, W.c.sample_id).in_(ids), W.c.output_key.is_not(None)
+            )
+            chain_keys = [r.tokens_key for r in done] + list(conn.execute(outs).scalars())
+            conn.execute(update(C).where(tuple_(C.c.run_id, C.c.sample_id).in_(ids)).values(gc=True))
+            conn.execute(delete(db.blobs).where(db.blobs.c.key.in_(chain_keys)))
+            keys += chain_keys
     for k in keys:
         state.blobs.delete(k)
     return len(done)

@@ -26,6 +26,7 @@ from iota_cli.core.modelspec import (
     param_count,
     stage_spec,
 )
+from iota_cli.core.stage import proof_size
 from iota_cli.core.tensors import DTYPE_CODES, DTYPE_SIZES
 from iota_orchestrator import data, db, tokenizer, weights
 from iota_orchestrator.blobs import BlobStore
@@ -72,6 +73,10 @@ class RunCtx:
 
     def expect(self, name: str) -> dict[str, tuple[str, tuple[int, ...]]]:
         return {name: (self.wire_dtype, self.act_shape)}
+
+    def expect_proof(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """The head backward's proof of work (core.stage.proof_params)."""
+        return {"proof": ("F32", (proof_size(self.cfg, 0),))}
 
 
 def manifest_problems(m: RunManifest, max_params: int) -> list[str]:

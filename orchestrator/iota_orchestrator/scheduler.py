@@ -18,8 +18,8 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, func, insert, or_, select, update
 
-from iota_cli.core.protocol import Abandon
-from iota_orchestrator import chains, data, db, faults, integrity, ledger
+from iota_cli.core.protocol import Abandon, UploadRef
+from iota_orchestrator import audits, chains, data, db, faults, integrity, ledger
 from iota_orchestrator.blobs import BlobStore
 from iota_orchestrator.chains import (
     C,
@@ -150,7 +150,7 @@ def claim(
         row, new_tokens = _new_sample(conn, ctx, run, cid, now)
     if row is None:
         return None
-    out_key = None if (row.kind == "backward" and row.stage == 0) else output_key(ctx.run_id, row, row.id)
+    out_key = output_key(ctx.run_id, row, row.id)  # the head's backward sends its proof of work
     deadline = now + t.work_timeout_s
     args = {"wid": row.id, "cid": cid, "now": now, "deadline": deadline, "out": out_key, "claim": claim_id}
     conn.execute(_TAKE, args)
@@ -258,11 +258,12 @@ def complete(
     size: int,
     loss: float | None,
     now: float,
-) -> tuple[float, set[str]]:
-    """Accept a result, credit it, and queue what follows in the sample's chain."""
+) -> tuple[float, set[str], UploadRef | None]:
+    """Accept a result, credit it, and queue what follows in the sample's chain; a forward item may be
+    sampled for a check (audits.sample), and then the upload for its weights snapshot comes back too."""
     wid = work_id(row.id)
     if row.state == "done":
-        return float(row.credits or 0.0), set()
+        return float(row.credits or 0.0), set(), None
     if row.state != "claimed":
         raise Conflict(
             f"work item {wid} was {'re-issued' if row.state == 'expired' else 'dropped'}; result discarded"
@@ -271,16 +272,23 @@ def complete(
     is_tail = row.kind == "forward" and row.stage == last
     if row.output_key:
         name = "activations" if row.kind == "forward" and not is_tail else "grad"
-        integrity.accept_result(conn, ctx, blobs, row.output_key, sha, size, ctx.expect(name))
+        want = ctx.expect_proof() if row.kind == "backward" and row.stage == 0 else ctx.expect(name)
+        integrity.accept_result(conn, ctx, blobs, row.output_key, sha, size, want)
     if is_tail and (loss is None or not math.isfinite(loss)):
         raise Rejected("the tail must report a finite loss", ctx.run_id)
     credits = ledger.work_credits(ctx.gflops[row.stage], ctx.tokens_per_sample, row.kind, is_tail)
     conn.execute(update(W).where(W.c.id == row.id).values(state="done", completed=now, credits=credits))
-    ledger.record(
+    mark = ledger.record(
         conn, ctx.run_id, contributor_id, wid, row.kind, row.stage, ctx.tokens_per_sample, credits, now
     )
     faults.delivered(conn, ctx.run_id, contributor_id)
     keys: set[str] = set()
+    check = None
+    if row.kind == "forward":
+        a = assignment(conn, ctx.run_id, contributor_id)
+        check = audits.sample(conn, ctx, blobs, row, a, mark, credits, now)
+    else:
+        keys |= audits.backward_done(conn, row)
     R = db.runs
     if row.kind == "forward" and not is_tail:
         conn.execute(
@@ -297,7 +305,11 @@ def complete(
         )
         keys.add(stage_key(ctx.run_id, row.stage + 1))
     elif is_tail:
-        conn.execute(insert(db.losses).values(run_id=ctx.run_id, sample_id=row.sample_id, loss=loss, t=now))
+        conn.execute(
+            insert(db.losses).values(
+                run_id=ctx.run_id, sample_id=row.sample_id, loss=loss, t=now, contributor_id=contributor_id
+            )
+        )
         conn.execute(
             update(R).where(R.c.run_id == ctx.run_id).values(tokens=R.c.tokens + ctx.tokens_per_sample)
         )
@@ -314,7 +326,7 @@ def complete(
             update(R).where(R.c.run_id == ctx.run_id).values(samples_completed=R.c.samples_completed + 1)
         )
         keys.add(worker_key(contributor_id))
-    return credits, keys
+    return credits, keys, check
 
 
 def _route_backward(

@@ -1,5 +1,5 @@
-"""What a run looks like right now: workers per stage (and the faults counted against them), queues,
-epochs (and whether the weights are intact), tokens, losses, credits."""
+"""What a run looks like right now: workers per stage (the faults counted against them, their standing),
+queues, epochs (and whether the weights are intact), tokens, vetted losses, credits, checks by state."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select
 
-from iota_orchestrator import chains, db, faults, merge, runs
+from iota_orchestrator import audits, chains, db, faults, merge, runs, standing
 from iota_orchestrator.runs import RunCtx
 
 LOSS_WINDOW = 5  # first_loss / last_loss average this many tail losses
@@ -15,18 +15,21 @@ RECENT = 50
 
 
 def losses(conn: Connection, run_id: str) -> dict[str, Any]:
-    """Loss history: first/last are means over up to LOSS_WINDOW losses (a third of them when few)."""
-    L = db.losses
-    n = conn.execute(select(func.count()).select_from(L).where(L.c.run_id == run_id)).scalar_one()
+    """Loss history of vetted tails (a check passed, none failed): a tail's own word is not the run's
+    loss until a recomputation agreed with it. A run no validator has judged anything in yet reports
+    every tail's loss, saying so (loss_vetted false). first/last are means over up to LOSS_WINDOW
+    losses (a third of them when few)."""
+    L, A = db.losses, db.assignments
+    vetted = audits.judged(conn, run_id)
+    where: tuple[Any, ...] = (L.c.run_id == run_id,)
+    if vetted:
+        trusted = select(A.c.contributor_id).where(A.c.run_id == run_id, A.c.passes > 0, A.c.fails == 0)
+        where += (L.c.contributor_id.in_(trusted),)
+    n = conn.execute(select(func.count()).select_from(L).where(*where)).scalar_one()
     k = max(1, min(LOSS_WINDOW, n // 3))
-    first = [
-        r[0] for r in conn.execute(select(L.c.loss).where(L.c.run_id == run_id).order_by(L.c.id).limit(k))
-    ]
+    first = [r[0] for r in conn.execute(select(L.c.loss).where(*where).order_by(L.c.id).limit(k))]
     recent = [
-        r[0]
-        for r in conn.execute(
-            select(L.c.loss).where(L.c.run_id == run_id).order_by(L.c.id.desc()).limit(RECENT)
-        )
+        r[0] for r in conn.execute(select(L.c.loss).where(*where).order_by(L.c.id.desc()).limit(RECENT))
     ][::-1]
     last = recent[-k:]
     return {
@@ -34,6 +37,7 @@ def losses(conn: Connection, run_id: str) -> dict[str, Any]:
         "first_loss": sum(first) / len(first) if first else None,
         "last_loss": sum(last) / len(last) if last else None,
         "recent_losses": recent,
+        "loss_vetted": vetted,
     }
 
 
@@ -76,6 +80,9 @@ def run_status(conn: Connection, ctx: RunCtx) -> dict[str, Any]:
                         "throughput": float(w.throughput),
                         "credits": round(float(w.credits), 6),
                         "faults": charged.get(w.contributor_id, {}),
+                        "standing": standing.of(ctx, w),
+                        "checks": {"passed": int(w.passes), "failed": int(w.fails)},
+                        "banned": w.state == standing.BANNED,
                     }
                     for w in mine
                 ],
@@ -109,4 +116,5 @@ def run_status(conn: Connection, ctx: RunCtx) -> dict[str, Any]:
         **losses(conn, ctx.run_id),
         "stages": stages,
         "credits": credits,
+        "checks": audits.counts(conn, ctx.run_id),
     }

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from sqlalchemy import Connection, insert, select
 
 from iota_cli.core.protocol import ContributorInfo, Credits, Ok, Problem, RegisterReply, RegisterRequest
-from iota_orchestrator import auth, db, invites, lease, ledger, ratelimit, runs
+from iota_orchestrator import auth, db, invites, lease, ledger, ratelimit, runs, standing
 from iota_orchestrator.api.deps import Contributor, StateDep, now, problems
 from iota_orchestrator.api.urls import assignment_reply
 from iota_orchestrator.errors import Forbidden, NotFound, TooManyRequests
@@ -87,8 +87,16 @@ async def me(cid: Contributor, state: StateDep) -> ContributorInfo:
             .order_by(A.c.assigned.desc())
             .limit(1)
         ).first()
-        reply = assignment_reply(conn, state.blobs, runs.context(conn, a.run_id), a) if a else None
-        return ContributorInfo(contributor_id=cid, name=c.name, assignment=reply, credits=round(c.credits, 6))
+        ctx = runs.context(conn, a.run_id) if a else None
+        reply = assignment_reply(conn, state.blobs, ctx, a) if a and ctx else None
+        return ContributorInfo(
+            contributor_id=cid,
+            name=c.name,
+            assignment=reply,
+            credits=round(c.credits, 6),
+            standing=standing.of(ctx, a) if a and ctx else None,
+            checks={"passed": int(a.passes), "failed": int(a.fails)} if a else {},
+        )
 
     return await state.in_tx(look)
 

@@ -26,7 +26,7 @@ from iota_cli.core.protocol import (
     WorkCompleteReply,
     WorkItem,
 )
-from iota_orchestrator import assignment, chains, db, faults, lease, ledger, runs, scheduler
+from iota_orchestrator import assignment, chains, db, faults, lease, ledger, runs, scheduler, standing
 from iota_orchestrator.api.deps import Contributor, StateDep, now, problems
 from iota_orchestrator.api.urls import assignment_reply, work_item
 from iota_orchestrator.errors import Conflict
@@ -88,6 +88,7 @@ def _try_claim(
         a = chains.assignment(conn, run_id, cid)
         if a is None:
             raise Conflict(f"you have no assignment in run {run_id}; POST /v1/assignment first")
+        standing.refuse_banned(a)
         if a.state != "active" or t - a.last_seen > TOUCH_EVERY_S:  # spare a write on every poll
             lease.touch(conn, run_id, cid, t)
         c = scheduler.claim(conn, ctx, run, a, t, claim_id)
@@ -141,8 +142,9 @@ def _complete(state: State, work_id: str, cid: str, body: WorkComplete) -> WorkC
     try:
         with state.tx() as conn:
             row = scheduler.load_item(conn, work_id, cid)
+            standing.refuse_banned(chains.assignment(conn, row.run_id, cid))
             ctx = runs.context(conn, row.run_id)
-            credits, keys = scheduler.complete(
+            credits, keys, check = scheduler.complete(
                 conn, ctx, state.blobs, row, cid, body.sha256, body.size, body.loss, now()
             )
             total = ledger.total(conn, cid)
@@ -150,7 +152,7 @@ def _complete(state: State, work_id: str, cid: str, body: WorkComplete) -> WorkC
         _charge(state, e, cid)
         raise
     state.wake.notify(keys)
-    return WorkCompleteReply(credits=credits, total_credits=round(total, 6))
+    return WorkCompleteReply(credits=credits, total_credits=round(total, 6), audit=check)
 
 
 def _charge(state: State, e: Rejected, cid: str) -> None:

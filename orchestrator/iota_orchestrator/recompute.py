@@ -1,0 +1,109 @@
+"""Recompute one sampled item and judge it: the validator's arithmetic, on any installed backend.
+
+The stage is loaded with the contributor's snapshot (the weights the item ran on); its forward runs on
+the stored input and is compared with what the contributor sent on; on the head and body the backward
+runs on the gradient that came back and is compared with what the contributor sent (the body's input
+gradient, the head's proof of work); on the tail the loss and the gradient it sent are recomputed
+together. Every comparison uses core.validation (cosine, magnitude ratio, the contributor's tolerance).
+
+    python -c "from iota_orchestrator import recompute; help(recompute.judge)"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from iota_cli.core.backend import StageBackend, StageInputError
+from iota_cli.core.modelspec import stage_spec
+from iota_cli.core.protocol import BlobRef
+from iota_cli.core.tensors import RawTensor, TensorDict, column_slice
+from iota_cli.core.validation import (
+    AuditTask,
+    AuditVerdict,
+    Comparison,
+    Tolerance,
+    as_f32,
+    compare,
+    loss_agrees,
+    tolerance,
+)
+
+Fetch = Callable[[BlobRef], TensorDict]  # a verified blob, decoded
+
+
+class Unjudgeable(RuntimeError):
+    """The check lacks what recomputing it needs (a blob the orchestrator no longer has)."""
+
+
+def _one(fetch: Fetch, ref: BlobRef | None, name: str) -> RawTensor:
+    if ref is None:
+        raise Unjudgeable(f"the check has no {name} to read")
+    tensors = fetch(ref)
+    if set(tensors) != {name}:
+        raise Unjudgeable(f"expected {{{name!r}}} in the blob, got {sorted(tensors)[:4]}")
+    return tensors[name]
+
+
+def judge(task: AuditTask, stage: StageBackend, fetch: Fetch) -> AuditVerdict:
+    """The verdict on one check; `stage` is a backend of the task's stage (its weights are replaced)."""
+    cfg = task.manifest.model
+    tol = tolerance(task.backend, cfg.wire_dtype, cfg.dtype)
+    kind = stage_spec(cfg, task.stage).kind
+    try:
+        stage.load(fetch(task.weights))
+    except StageInputError as e:
+        return AuditVerdict(passed=False, detail=f"the weights snapshot does not fit the stage: {e}")
+    key = f"audit-{task.audit_id}"
+    try:
+        if kind == "head":
+            inputs = {"tokens": column_slice(_one(fetch, task.tokens, "tokens"), 0, -1)}
+        else:
+            inputs = {"activations": _one(fetch, task.input, "activations")}
+        out = stage.forward(key, inputs)
+        if kind == "tail":
+            return _tail(task, stage, key, fetch, tol)
+        sent = _f32(fetch, task.output, "activations")
+        checks = [compare("activations", as_f32(out["activations"]), sent, tol)]
+        if task.grad is None:
+            stage.free(key)  # the chain ended before its backward: the forward alone is judged
+        else:
+            result = stage.backward(key, {"grad": _one(fetch, task.grad, "grad")})
+            name = "proof" if kind == "head" else "grad"
+            if result.grads is None:
+                raise Unjudgeable(f"the backend returned no {name}")
+            back = _f32(fetch, task.grad_output, name)
+            checks.append(compare(name, as_f32(result.grads[name]), back, tol))
+    except StageInputError as e:
+        stage.free(key)
+        return AuditVerdict(passed=False, detail=f"recomputing with its weights fails: {e}")
+    finally:
+        stage.step()  # empties the accumulators (the next check loads its own weights)
+    return _verdict(checks)
+
+
+def _tail(task: AuditTask, stage: StageBackend, key: str, fetch: Fetch, tol: Tolerance) -> AuditVerdict:
+    targets = column_slice(_one(fetch, task.tokens, "tokens"), 1, None)
+    result = stage.backward(key, {"targets": targets})
+    if result.grads is None or result.loss is None:
+        raise Unjudgeable("the backend returned no gradient or loss for the tail")
+    checks = [compare("grad", as_f32(result.grads["grad"]), _f32(fetch, task.output, "grad"), tol)]
+    verdict = _verdict(checks)
+    ok = loss_agrees(task.loss, result.loss, tol)
+    claimed = "none" if task.loss is None else f"{task.loss:.4f}"
+    detail = f"{verdict.detail}; loss {claimed} reported, {result.loss:.4f} recomputed"
+    return verdict.model_copy(update={"passed": verdict.passed and ok, "loss": result.loss, "detail": detail})
+
+
+def _f32(fetch: Fetch, ref: BlobRef | None, name: str) -> np.ndarray:
+    return as_f32(_one(fetch, ref, name))
+
+
+def _verdict(checks: list[Comparison]) -> AuditVerdict:
+    return AuditVerdict(
+        passed=all(c.passed for c in checks),
+        detail="; ".join(c.why() for c in checks)[:500],
+        cosine=min(c.cosine for c in checks),
+        magnitude=min(c.magnitude for c in checks),
+    )
