@@ -55,7 +55,15 @@ def orch(tmp_path_factory, corpus):
 def manifest(corpus: Any, merge: dict[str, Any] | None = None, **train: Any) -> RunManifest:
     m = tiny_manifest(str(corpus))
     knobs = {"interval": 1, "wire_dtype": "BF16", "timeout_s": 20.0, "strategy": "diloco", **(merge or {})}
-    return replace(m, train=replace(m.train, **train), merge=replace(m.merge, **knobs))
+    # One backward pass a step, so one sample of counted work opens a round; an lr of 1 puts the
+    # optimizer's bound on an update (core.bounds, about 1.2 a step) above these tests' made-up updates.
+    train = {"backward_per_step": 1, **train}
+    return replace(
+        m,
+        train=replace(m.train, **train),
+        merge=replace(m.merge, **knobs),
+        optim=replace(m.optim, lr=1.0),
+    )
 
 
 def make_run(orch: InProcessOrchestrator, m: RunManifest) -> str:
@@ -225,8 +233,33 @@ def in_threads(fns: list[Any]) -> list[Any]:
     return results
 
 
-def open_round(reps: list[Replica], updates: list[np.ndarray]) -> list[np.ndarray]:
-    """Every replica syncs, the first one past the interval opens the round, all contribute."""
+_ends: dict[str, tuple[SimWorker, SimWorker]] = {}  # run id -> the head and tail that carry samples
+
+
+def carry(reps: list[Replica], samples: int = 1) -> None:
+    """Each replica carries samples through the stage, forward and back: the work the ledger counts
+    (a round opens from counted work only, and weighs each update by it)."""
+    run_id = reps[0].sim.run_id
+    if run_id not in _ends:
+        head, tail = SimWorker(reps[0].url, "head").register(), SimWorker(reps[0].url, "tail").register()
+        head.assign(run_id, stage=0)
+        tail.assign(run_id, stage=2)
+        _ends[run_id] = (head, tail)
+    head, tail = _ends[run_id]
+    for r in reps:
+        for _ in range(samples):
+            head.do(head.claim())
+            r.sim.do(r.sim.claim())
+            tail.do(tail.claim())
+            r.sim.do(r.sim.claim())  # the backward, routed back to whoever did the forward
+            head.do(head.claim())
+
+
+def open_round(reps: list[Replica], updates: list[np.ndarray], work: bool = True) -> list[np.ndarray]:
+    """Every replica carries a sample (unless work is False: it did already) and syncs, the first one
+    past the interval opens the round, all contribute."""
+    if work:
+        carry(reps)
     bases = [r.weights() for r in reps]
     for r in reps:
         r.step += 1
@@ -248,23 +281,15 @@ def rows(orch: InProcessOrchestrator, table: Any, run_id: str) -> list[Any]:
 
 def test_three_replicas_merge_into_the_outer_step_of_their_weighted_mean(orch):
     run_id = make_run(orch, manifest(orch.corpus))
-    head, tail = SimWorker(orch.url, "head").register(), SimWorker(orch.url, "tail").register()
-    head.assign(run_id, stage=0)
-    tail.assign(run_id, stage=2)
     reps = replicas(orch, run_id, 3)
     work = [3, 2, 1]  # samples each replica carries through the stage: what the orchestrator counts
     for r, n in zip(reps, work, strict=True):
-        for _ in range(n):
-            head.do(head.claim())
-            r.sim.do(r.sim.claim())
-            tail.do(tail.claim())
-            r.sim.do(r.sim.claim())  # the backward, routed back to whoever did the forward
-            head.do(head.claim())
+        carry([r], n)
     rng = np.random.default_rng(7)
     size = reps[0].layout.size
     updates = [rng.normal(0, 0.01, size).astype(np.float32) for _ in reps]
     cfg = reps[0].cfg
-    base = open_round(reps, updates)[0]
+    base = open_round(reps, updates, work=False)[0]
     merged = in_threads([lambda r=r: r.merge(0, base) for r in reps])
     published = reps[0].weights()
     assert reps[0].epoch == 1
@@ -277,7 +302,7 @@ def test_three_replicas_merge_into_the_outer_step_of_their_weighted_mean(orch):
     assert [w / weights[-1] for w in weights] == [3.0, 2.0, 1.0], "weights = backward work counted here"
     parts = rows(orch, db.merge_parts, run_id)
     assert len(parts) == 3 and all(p.agreed for p in parts), "both owners of each partition agree"
-    # A second round: no new work (equal weights), and the momentum the first one left (its slices read
+    # A second round: a sample each (equal weights), and the momentum the first one left (its slices read
     # by the owners) comes into the outer step.
     updates2 = [rng.normal(0, 0.01, size).astype(np.float32) for _ in reps]
     base2 = open_round(reps, updates2)[0]
@@ -356,7 +381,9 @@ def test_a_sigkill_in_the_reducing_phase_and_the_round_completes_once(tmp_path, 
         assert (
             conn.execute(select(S.c.epoch).where(S.c.run_id == run_id, S.c.stage == STAGE)).scalar_one() == 1
         )
-        assert conn.execute(select(R.c.epoch, R.c.state).where(R.c.run_id == run_id)).all() == [(0, "closed")]
+        # (The head and tail that carried the samples did counted work too: their stages may open rounds.)
+        got = conn.execute(select(R.c.epoch, R.c.state).where(R.c.run_id == run_id, R.c.stage == STAGE)).all()
+        assert got == [(0, "closed")]
     engine.dispose()
 
 

@@ -163,15 +163,16 @@ def test_a_merge_round_with_another_replica_is_loaded(orch, tmp_path):
         try:
             epoch0 = r.stage.weights()
             # One tail item is one step, so the worker's heartbeat opens a merge round; the other
-            # replica sends an update of -2 everywhere (its weights moved by +2). With two replicas
+            # replica sends an update of -0.002 everywhere (its weights moved by +0.002: within what
+            # its counted AdamW steps can move, core.bounds; more is refused). With two replicas
             # each owns both partitions, so the worker reduces the round by itself.
             offer = until(lambda: replica.heartbeat()["merge"], what="the merge round")
             size = r.worker.merger.layout.size
-            assert replica.contribute(offer, np.full(size, -2.0, np.float32))["accepted"]
+            assert replica.contribute(offer, np.full(size, -2e-3, np.float32))["accepted"]
             until(lambda: r.worker.state.epoch == 1, what="the worker to load epoch 1")
             loaded = r.stage.loads[-1]
             # The fake's weights never change, so current == snapshot: it loads the merged weights as
-            # published, moved toward the other replica's +2.
+            # published, moved toward the other replica's +0.002.
             assert loaded == replica.weights(), "what the worker loaded is what the orchestrator serves"
             for n, t in epoch0.items():
                 assert (as_array(loaded[n]) > as_array(t)).all()

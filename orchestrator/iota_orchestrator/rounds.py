@@ -1,13 +1,16 @@
 """Merge rounds of a stage, their lifecycle: open (contribute) -> reducing -> closed.
 
-A round for (stage, epoch E) opens when a replica holding E has taken `merge.interval` optimizer steps
-since its last contribution (or since it synced to E). While it is open every live replica at E is
+A round for (stage, epoch E) opens when the backward work the ledger counted for a replica holding E
+since its last contribution (or since it synced to E) makes `merge.interval` optimizer steps (a step count
+the replica reports opens nothing: merge_checks.round_due). While it is open every live replica at E is
 offered it in its heartbeat (phase "contribute"), uploads its update (the pseudo-gradient base_E - local,
 a flat "update" blob in the wire dtype) and reports it; the orchestrator reads it through and records it
 with the weight it counted itself: the backward work of that replica on the stage since its previous
-contribution (ledger rows). The contribute phase ends when every live replica at E is in, or at the
-deadline with at least one (an empty expired round is forgotten). butterfly.py then fixes the
-partitions and the owners reduce them; publish.py makes epoch E+1. See docs/protocol.md, "Merging".
+contribution (ledger rows), once merge_checks.vet found it finite and within the optimizer's bound (an
+update that fails is left out and costs its sender). The contribute phase ends when every live replica
+at E that may merge is in, or at the deadline with at least one (an empty expired round is forgotten).
+butterfly.py then fixes the partitions and the owners reduce them; publish.py makes epoch E+1. See
+docs/protocol.md, "Merging", and docs/trust.md.
 
     python -c "from iota_orchestrator import rounds; print(rounds.update_key('r', 0, 3, 'c'))"
 """
@@ -15,13 +18,15 @@ partitions and the owners reduce them; publish.py makes epoch E+1. See docs/prot
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, func, insert, or_, select, update
 
+from iota_cli.core.bounds import UpdateStats
 from iota_cli.core.flat import WIRE_SIZES, FlatLayout
 from iota_cli.core.protocol import MergeComplete, MergeCompleteReply, MergeRound
-from iota_orchestrator import db
+from iota_orchestrator import db, merge_checks, standing
 from iota_orchestrator.blobs import BlobStore
 from iota_orchestrator.errors import BadRequest, Conflict, Forbidden
 from iota_orchestrator.faults import Rejected
@@ -128,19 +133,19 @@ def offer(
     st: Any,
     contributor_id: str,
     epoch: int,
-    steps_since: int | None,
+    a: Any,
     now: float,
 ) -> MergeRound | None:
     """What a heartbeating replica should do for its stage's round at its epoch, opening one when due.
 
-    st is the stage's row; steps_since counts the replica's optimizer steps since it last contributed or
-    synced to st.epoch (None when neither happened at this epoch).
+    st is the stage's row, a the replica's assignment. Only a replica that may merge (standing.may_merge)
+    is offered a round, and only counted work opens one (merge_checks.round_due).
     """
-    if epoch != st.epoch:
+    if epoch != st.epoch or not standing.may_merge(ctx, a):
         return None
     rnd = get_round(conn, ctx.run_id, st.stage, epoch)
     if rnd is None:
-        if steps_since is None or steps_since < ctx.manifest.merge.interval:
+        if not merge_checks.round_due(conn, ctx, contributor_id, st.stage, epoch):
             return None
         rnd = open_round(conn, ctx, st.stage, epoch, now)
     if rnd.state == "open":
@@ -202,17 +207,28 @@ def counted_work(conn: Connection, ctx: RunCtx, contributor_id: str, stage: int)
     return float(tokens), int(mark)
 
 
-def contribute(
-    conn: Connection, ctx: RunCtx, contributor_id: str, report: MergeComplete, checked: Checked, now: float
-) -> MergeCompleteReply:
-    """Record a replica's update for the open round (repeating it is accepted again).
+@dataclass(frozen=True)
+class Read:
+    """An uploaded update as the endpoint read it outside the lock (updates can be large)."""
 
-    checked is the upload as integrity.check_with read it, outside the lock (updates can be large).
-    """
-    stage, epoch = report.stage, report.epoch
+    checked: Checked  # integrity.check_with: well-formed and finite
+    stats: UpdateStats | None  # what merge_checks.vet bounds (None: could not be read)
+    base_key: str  # the stage weights blob the endpoint took max |w| of
+    base_max: float | None
+
+
+def contribute(
+    conn: Connection, ctx: RunCtx, contributor_id: str, report: MergeComplete, read: Read, now: float
+) -> MergeCompleteReply:
+    """Record a replica's update for the open round (repeating it is accepted again); one that fails its
+    check raises merge_checks.MergeCheckFailed (the endpoint charges it) and is not recorded."""
+    stage, epoch, checked = report.stage, report.epoch, read.checked
     a = conn.execute(select(A).where(A.c.run_id == ctx.run_id, A.c.contributor_id == contributor_id)).first()
+    standing.refuse_banned(a)
     if a is None or a.stage != stage:
         raise Forbidden(f"you are not a replica of stage {stage} in this run")
+    if not standing.may_merge(ctx, a):
+        raise Forbidden("this run admits only contributors that passed a check to merges (docs/trust.md)")
     current = conn.execute(_EPOCH, {"run": ctx.run_id, "stage": stage}).scalar_one()
     if epoch != current:
         raise Conflict(
@@ -231,8 +247,18 @@ def contribute(
         raise BadRequest("the uploaded update does not match the sha256 and size you sent")
     if checked.sha256 != b.sha256:  # replaced while it was being read: read the new one
         raise Conflict("the uploaded update changed while it was checked; report it again")
-    if checked.problem:
+    if checked.problem and (read.stats is None or read.stats.finite):  # malformed: refused, no more
         raise Rejected(f"update rejected: {checked.problem}", ctx.run_id)
+    if checked.problem:  # well-formed but not finite: no honest replica sends that
+        raise merge_checks.MergeCheckFailed(
+            f"update rejected: {checked.problem}", ctx.run_id, stage, epoch, b.sha256
+        )
+    st_key = conn.execute(
+        select(ST.c.weights_key).where(ST.c.run_id == ctx.run_id, ST.c.stage == stage)
+    ).scalar_one()
+    if st_key != read.base_key:  # the stage's weights were replaced while the update was read
+        raise Conflict("the stage's weights changed while your update was checked; report it again")
+    merge_checks.vet(conn, ctx, contributor_id, stage, epoch, b.sha256, read.stats, read.base_max)
     weight, mark = counted_work(conn, ctx, contributor_id, stage)
     step = report.step or a.steps
     conn.execute(update(db.blobs).where(db.blobs.c.key == key).values(sealed=True))
@@ -274,16 +300,19 @@ def due(conn: Connection, ctx: RunCtx, now: float) -> list[tuple[int, int]]:
     """
     out = []
     for rnd in conn.execute(select(R).where(R.c.run_id == ctx.run_id, R.c.state == "open")).all():
-        live = conn.execute(
-            select(A.c.contributor_id).where(
+        rows = conn.execute(
+            select(A).where(
                 A.c.run_id == ctx.run_id,
                 A.c.stage == rnd.stage,
                 A.c.state == "active",
                 A.c.epoch >= rnd.epoch - 1,
             )
-        ).scalars()
+        ).all()
+        # Nobody waits for a replica that may not merge, or whose update for this round failed its check.
+        failed = merge_checks.failed_here(conn, ctx.run_id, rnd.stage, rnd.epoch)
+        live = {a.contributor_id for a in rows if standing.may_merge(ctx, a)} - failed
         got = {c.contributor_id for c in contributions(conn, ctx.run_id, rnd.stage, rnd.epoch)}
-        if rnd.deadline > now and (set(live) - got or not got):
+        if rnd.deadline > now and (live - got or not got):
             continue
         if got:
             out.append((rnd.stage, rnd.epoch))

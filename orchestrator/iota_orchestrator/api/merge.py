@@ -5,7 +5,9 @@
     POST /v1/merge/part      MergePartDone -> MergePartReply       (a part blob uploaded to MergePart.upload)
 
 Uploads are read through outside the lock and off the event loop (they can be large); a refused one is a
-422 and a `rejected` fault of its sender, charged in a transaction of its own (faults.py).
+422 and a `rejected` fault of its sender, charged in a transaction of its own (faults.py). An update that
+fails its check (not finite, or past the optimizer's bound: merge_checks.py) is also a failed check of
+its sender (standing.failed: its unvetted credits clawed back, a penalty, a ban below zero standing).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from sqlalchemy import Connection
+from sqlalchemy import Connection, select
 
 from iota_cli.core import flat
 from iota_cli.core.protocol import (
@@ -26,7 +28,7 @@ from iota_cli.core.protocol import (
     MergePartReply,
     MergePlan,
 )
-from iota_orchestrator import butterfly, faults, integrity, rounds, runs
+from iota_orchestrator import butterfly, db, faults, integrity, merge_checks, rounds, runs
 from iota_orchestrator.api.deps import Contributor, StateDep, now, problems
 from iota_orchestrator.errors import Conflict
 from iota_orchestrator.faults import Rejected
@@ -45,22 +47,43 @@ def _charge(state: State, e: Rejected, cid: str) -> None:
         faults.lapse(conn, e.run_id, cid, e.detail, now(), kind="rejected")
 
 
+def _weights_key(conn: Connection, body: MergeComplete) -> str:
+    """The key of the stage's current weights blob ("" for a stage the run does not have)."""
+    S = db.stages
+    key = conn.execute(
+        select(S.c.weights_key).where(S.c.run_id == body.run_id, S.c.stage == body.stage)
+    ).scalar_one_or_none()
+    return key or ""
+
+
+def _charge_contribution(state: State, ctx: runs.RunCtx, e: Rejected, cid: str) -> None:
+    with state.tx() as conn:
+        keys = merge_checks.charge(conn, ctx, cid, e, now())
+    if keys:  # a ban gave its claimed work back: wake whoever waits for it
+        state.wake.notify(list(keys))
+
+
 @router.post("/complete", response_model=MergeCompleteReply)
 async def merge_complete(body: MergeComplete, cid: Contributor, state: StateDep) -> MergeCompleteReply:
     """Report the update uploaded for the stage's open round (409 if the epoch moved on or the round
     takes no more updates, 422 if it is not exactly {"update": wire dtype [N]}, all finite)."""
-    ctx = await state.in_tx(lambda conn: runs.context(conn, body.run_id))
+    ctx, base_key = await state.in_tx(
+        lambda conn: (runs.context(conn, body.run_id), _weights_key(conn, body))
+    )
     path = state.blobs.path(rounds.update_key(body.run_id, body.stage, body.epoch, cid))
     size, dtype = rounds.flat_size(ctx, body.stage), ctx.manifest.merge.wire_dtype
     checked = await asyncio.to_thread(integrity.check_with, path, lambda h: flat.check_update(h, size, dtype))
+    stats = await asyncio.to_thread(merge_checks.read_stats, path, size, dtype)
+    base_max = await asyncio.to_thread(merge_checks.base_max_abs, state.blobs, base_key) if base_key else None
+    read = rounds.Read(checked, stats, base_key, base_max)
 
     def contribute(conn: Connection) -> MergeCompleteReply:
-        return rounds.contribute(conn, ctx, cid, body, checked, now())
+        return rounds.contribute(conn, ctx, cid, body, read, now())
 
     try:
         reply = await state.in_tx(contribute)
     except Rejected as e:
-        await state.with_db(_charge, state, e, cid)
+        await state.with_db(_charge_contribution, state, ctx, e, cid)
         raise
     state.poke.set()  # the contribute phase may be over
     return reply
