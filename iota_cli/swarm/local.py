@@ -20,7 +20,7 @@ from typing import Any
 from iota_cli.core.manifest import RunManifest, tiny_manifest
 from iota_cli.core.protocol import RegisterRequest, RunStatus, StageStatus
 from iota_cli.swarm.corpus import default_data
-from iota_cli.swarm.orchestrator import OrchestratorProcess
+from iota_cli.swarm.orchestrator import OrchestratorProcess, ValidatorProcess
 from iota_cli.train.api import SwarmApi
 
 
@@ -33,6 +33,7 @@ class SwarmOptions:
     home: Path | None = None  # orchestrator data and worker homes; None: a fresh temp dir
     port: int = 0
     timeout_s: float = 1800.0
+    validate: bool = True  # run a validator beside the orchestrator (docs/trust.md)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class WorkerProcess:
     proc: subprocess.Popen[bytes] | None = None
     log: Any = None
     env: dict[str, str] = field(default_factory=dict)  # extra environment (tests: NOTIFY_SOCKET)
+    launcher: tuple[str, ...] = ("-m", "iota_cli")  # what runs `iota` (tests: a cheating worker's script)
 
     def start(self, url: str, run_id: str, extra: tuple[str, ...] = ()) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -60,8 +62,7 @@ class WorkerProcess:
         }
         cmd = [
             sys.executable,
-            "-m",
-            "iota_cli",
+            *self.launcher,
             "join",
             "--orchestrator",
             url,
@@ -115,6 +116,7 @@ class Swarm:
     url: str = ""
     run_id: str = ""
     orchestrator: OrchestratorProcess | None = None
+    validator: ValidatorProcess | None = None
     workers: list[WorkerProcess] = field(default_factory=list)
     started: float = 0.0
 
@@ -135,6 +137,9 @@ class Swarm:
             self.home / "orchestrator", port=port, admin_token=self.admin_token
         ).start()
         self.url = self.orchestrator.url
+        if self.options.validate and (self.validator is None or self.validator.proc is None):
+            log = self.home / "validator.log"
+            self.validator = ValidatorProcess(self.url, self.admin_token, log).start()
 
     def start(self) -> None:
         """Orchestrator, run, contributors, then the worker processes (stages covered round-robin)."""
@@ -210,6 +215,9 @@ class Swarm:
         return codes
 
     def stop_server(self) -> None:
+        if self.validator is not None:
+            self.validator.stop()
+            self.validator = None
         if self.orchestrator is not None:
             self.orchestrator.stop()
             (self.home / "orchestrator.log").write_text("\n".join(self.orchestrator.lines) + "\n")

@@ -126,6 +126,41 @@ class OrchestratorProcess:
         self.stop()
 
 
+class ValidatorProcess:
+    """`iota orchestrator validate` beside a local orchestrator: it judges the sampled checks."""
+
+    def __init__(self, url: str, admin_token: str, log_path: Path, backend: str = "torch-cpu") -> None:
+        self.url, self.admin_token, self.log_path, self.backend = url, admin_token, log_path, backend
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ValidatorProcess:
+        env = os.environ | {"IOTA_ADMIN_TOKEN": self.admin_token, "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "iota_cli", "orchestrator", "validate", "--url", self.url]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [*cmd, "--backend", self.backend],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        return self
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM (it finishes the check in hand and prints its tally), SIGKILL after timeout."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
 def wait_until(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.1) -> bool:
     """Poll predicate until it is truthy (True) or timeout seconds pass (False)."""
     end = time.monotonic() + timeout

@@ -10,7 +10,6 @@ checkpoints and leaves.
 from __future__ import annotations
 
 import logging
-import tempfile
 import threading
 import time
 import uuid
@@ -33,11 +32,12 @@ from iota_cli.core.protocol import (
     WorkComplete,
     WorkItem,
 )
-from iota_cli.core.tensors import RawTensor, TensorDict, TensorFormatError, column_slice, decode, encode
+from iota_cli.core.tensors import RawTensor, TensorDict, column_slice, encode
 from iota_cli.core.validation import WeightsReport
 from iota_cli.headless.notify import Notifier
 from iota_cli.headless.progress import Progress
 from iota_cli.machine.power import PowerGuard
+from iota_cli.train import fetch
 from iota_cli.train.api import SwarmApi
 from iota_cli.train.checkpoint import CheckpointStore, LoopState
 from iota_cli.train.errors import ApiError, ClientError, IntegrityError, Stopped
@@ -253,27 +253,7 @@ class Worker:
             self._forget(key)
 
     def _fetch(self, ref: BlobRef | None, name: str) -> RawTensor:
-        """The one tensor called name in a work item's input blob.
-
-        Anything but exactly one valid tensor called name is the sender's fault: StageInputError.
-        """
-        if ref is None:
-            raise StageInputError(f"work item lacks its {name}")
-        tensors = self._download(ref)
-        if set(tensors) != {name}:
-            raise StageInputError(f"expected exactly {{{name!r}}} in the blob, got {sorted(tensors)[:4]}")
-        return tensors[name]
-
-    def _download(self, ref: BlobRef) -> TensorDict:
-        """Download a verified blob to a temp file, decode it, delete the file (StageInputError: corrupt)."""
-        work_dir = self.cache_dir / "work"
-        work_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
-            path = self.api.download(ref, Path(tmp) / "blob")
-            try:
-                return decode(path.read_bytes())[0]
-            except TensorFormatError as e:
-                raise StageInputError(f"not a valid tensor container: {e}") from None
+        return fetch.tensor(self.api, ref, name, self.cache_dir / "work")
 
     # --- heartbeats, merged weights and merge rounds ---------------------------------------------------
 

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import logging
 import resource
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from iota_cli.core.backend import StageBackend, get_factory
+from iota_cli.core.backend import StageBackend, StageInputError, get_factory
 from iota_cli.core.protocol import BlobRef
-from iota_cli.core.tensors import TensorDict, TensorFormatError, decode
+from iota_cli.core.tensors import TensorDict
 from iota_cli.core.validation import AuditTask, AuditVerdict
+from iota_cli.train import fetch
 from iota_cli.train.api import SwarmApi
 from iota_cli.train.errors import ClientError, IntegrityError, Stopped
 from iota_orchestrator import recompute
@@ -74,19 +74,18 @@ class Validator:
     def check(self, task: AuditTask) -> AuditVerdict:
         """Recompute one check; a check that cannot be judged (its blobs gone) is left to time out."""
         stage = self._stage(task)
-        with tempfile.TemporaryDirectory(dir=self.work_dir) as tmp:
 
-            def fetch(ref: BlobRef) -> TensorDict:
-                path = self.api.download(ref, Path(tmp) / ref.sha256)
-                return decode(path.read_bytes())[0]
+        def read(ref: BlobRef) -> TensorDict:
+            return fetch.tensors(self.api, ref, self.work_dir)
 
-            t0 = time.perf_counter()
-            try:
-                verdict = recompute.judge(task, stage, fetch)
-            except (recompute.Unjudgeable, IntegrityError, TensorFormatError) as e:
-                self.tally.skipped += 1
-                raise ClientError(f"check {task.audit_id} cannot be judged: {e}") from None
-            self.tally.compute_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        try:
+            verdict = recompute.judge(task, stage, read)
+        except (recompute.Unjudgeable, IntegrityError, StageInputError) as e:
+            # Blobs the orchestrator accepted and no longer serves intact: nobody's fault, no verdict.
+            self.tally.skipped += 1
+            raise ClientError(f"check {task.audit_id} cannot be judged: {e}") from None
+        self.tally.compute_s += time.perf_counter() - t0
         self.tally.judged += 1
         if verdict.passed:
             self.tally.passed += 1

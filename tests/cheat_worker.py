@@ -1,0 +1,92 @@
+"""A real `iota join` process with one bad habit: the product's own worker, one method changed.
+
+tests/test_trust_e2e.py starts these beside an honest swarm; each cheats in the way its kind says and is
+otherwise a faithful worker (it heartbeats, checkpoints, answers checks with the weights it holds):
+
+    random-activations  head/body: sends random activations of the right shape and scale
+    scaled-activations  head/body: computes honestly, sends 3x the activations
+    fake-loss           tail: computes honestly, reports a loss of 0.01
+    no-backward         head: completes its backward items without running them (a made-up proof)
+
+Run one by hand against a local swarm (URL, run id and a token from `iota orchestrator status`):
+    IOTA_TOKEN=... python tests/cheat_worker.py scaled-activations join --orchestrator URL --run R \
+        --backend torch-cpu --stage 1 --force
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from iota_cli.core.stage import proof_size
+from iota_cli.core.tensors import RawTensor, TensorDict
+from iota_cli.core.validation import as_f32
+from iota_cli.train import worker as worker_module
+
+Honest = worker_module.Worker
+
+
+def _like(t: RawTensor, values: np.ndarray) -> RawTensor:
+    """values in t's shape and dtype (float32, or bf16 by truncation: close enough for a cheat)."""
+    v = np.asarray(values, dtype="<f4").reshape(t.shape)
+    if t.dtype == "BF16":
+        return RawTensor("BF16", t.shape, (v.view("<u4") >> 16).astype("<u2").tobytes())
+    return RawTensor("F32", t.shape, v.tobytes())
+
+
+class RandomActivations(Honest):
+    def _forward(self, item, key):  # type: ignore[no-untyped-def]
+        out, loss = super()._forward(item, key)
+        if out is None or "activations" not in out:
+            return out, loss
+        t = out["activations"]
+        scale = float(np.std(as_f32(t))) or 1.0
+        rng = np.random.default_rng(item.sample_id)
+        return {"activations": _like(t, rng.normal(0.0, scale, size=t.shape))}, loss
+
+
+class ScaledActivations(Honest):
+    def _forward(self, item, key):  # type: ignore[no-untyped-def]
+        out, loss = super()._forward(item, key)
+        if out is None or "activations" not in out:
+            return out, loss
+        t = out["activations"]
+        return {"activations": _like(t, 3.0 * as_f32(t))}, loss
+
+
+class FakeLoss(Honest):
+    def _forward(self, item, key):  # type: ignore[no-untyped-def]
+        out, loss = super()._forward(item, key)
+        return out, (0.01 if loss is not None else None)
+
+
+class NoBackward(Honest):
+    def _backward(self, item, key):  # type: ignore[no-untyped-def]
+        self._forget(key)  # the saved forward is dropped, never used: no gradient, no step's worth of work
+        n = proof_size(self.manifest.model, 0)
+        rng = np.random.default_rng(item.sample_id)
+        proof: TensorDict = {"proof": RawTensor("F32", (n,), rng.normal(0, 1e-3, n).astype("<f4").tobytes())}
+        return proof, None
+
+
+KINDS = {
+    "random-activations": RandomActivations,
+    "scaled-activations": ScaledActivations,
+    "fake-loss": FakeLoss,
+    "no-backward": NoBackward,
+}
+
+
+def main(argv: list[str]) -> None:
+    if not argv or argv[0] not in KINDS:
+        sys.exit(f"usage: cheat_worker.py {{{','.join(KINDS)}}} join ARGS...")
+    worker_module.Worker = KINDS[argv[0]]  # type: ignore[misc]  # join.py builds the Worker it finds here
+    from iota_cli.app import main as iota
+
+    sys.argv = ["iota", *argv[1:]]
+    iota()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
