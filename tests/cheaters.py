@@ -377,3 +377,15 @@ class Abandoner(Cheater):
             if item is not None:
                 self.give_back(item)
                 self.stop.wait(self.pace_s)
+
+
+if __name__ == "__main__":
+    # A cheater as its own process: `python tests/cheaters.py merge-<kind> URL RUN_ID --stage S`
+    # (tests/merge_cheaters.py holds the merge poisoner; this module keeps the in-process cheaters).
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import merge_cheaters
+
+    sys.exit(merge_cheaters.main(sys.argv[1:]))
