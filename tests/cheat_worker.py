@@ -7,6 +7,7 @@ otherwise a faithful worker (it heartbeats, checkpoints, answers checks with the
     scaled-activations  head/body: computes honestly, sends 3x the activations
     fake-loss           tail: computes honestly, reports a loss of 0.01
     no-backward         head: completes its backward items without running them (a made-up proof)
+    own-weights         body: computes honestly, but with weights of its own (never takes the swarm's)
 
 Run one by hand against a local swarm (URL, run id and a token from `iota orchestrator status`):
     IOTA_TOKEN=... python tests/cheat_worker.py scaled-activations join --orchestrator URL --run R \
@@ -16,6 +17,7 @@ Run one by hand against a local swarm (URL, run id and a token from `iota orches
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import numpy as np
 
@@ -70,11 +72,29 @@ class NoBackward(Honest):
         return proof, None
 
 
+class OwnWeights(Honest):
+    def run(self) -> None:
+        rng = np.random.default_rng(7)
+        mine = {
+            n: _like(t, as_f32(t) * (1.0 + rng.normal(0.0, 0.5, size=as_f32(t).shape)))
+            for n, t in self.backend.weights().items()
+        }
+        self.backend.load(mine)
+        super().run()
+
+    def _land(self) -> None:  # merged weights are ignored: it keeps training its own
+        self.merger.take()
+
+    def _catch_up(self, news) -> None:  # type: ignore[no-untyped-def]
+        self.state = replace(self.state, epoch=news.epoch)
+
+
 KINDS = {
     "random-activations": RandomActivations,
     "scaled-activations": ScaledActivations,
     "fake-loss": FakeLoss,
     "no-backward": NoBackward,
+    "own-weights": OwnWeights,
 }
 
 

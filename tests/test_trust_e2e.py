@@ -3,7 +3,8 @@
 A real orchestrator and validator (`iota orchestrator validate`) on loopback, one honest torch-cpu worker
 per stage, and one real cheating process per kind (tests/cheat_worker.py: the product's worker with one
 method changed), each its own contributor pinned to a stage: random activations (body), scaled
-activations (head), a fake loss (tail), backward items completed without running them (head). For each
+activations (head), a fake loss (tail), backward items completed without running them (head), honest
+compute with weights of its own (body). For each
 cheater: it is caught (a failed check, banned from the run), its credit balance ends at or below zero,
 and it never moved the merged weights beyond the optimizer's bound; the honest workers pass their checks
 and the swarm's vetted loss falls. The merge poisoner has its own test (test_trust_merge_e2e.py).
@@ -34,7 +35,13 @@ from iota_cli.train.api import SwarmApi
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 SAMPLES = 240
-CHEATS = {"random-activations": 1, "scaled-activations": 0, "fake-loss": 2, "no-backward": 0}
+CHEATS = {
+    "random-activations": 1,
+    "scaled-activations": 0,
+    "fake-loss": 2,
+    "no-backward": 0,
+    "own-weights": 1,
+}
 SCRIPT = Path(__file__).parent / "cheat_worker.py"
 
 

@@ -49,6 +49,10 @@ class AuditTask(Model):
     loss: float | None = None  # tail: the loss it reported
     grad: BlobRef | None = None  # head and body, once its backward is in: the gradient that came back
     grad_output: BlobRef | None = None  # body: the gradient it sent on; head: its proof of work
+    # The published weights of the epoch the contributor held, if still kept, and the most optimizer steps
+    # its counted work allows since: the snapshot must lie within core.bounds.update_bound of them.
+    base: BlobRef | None = None
+    max_steps: int | None = None
 
 
 class AuditVerdict(Model):

@@ -24,7 +24,7 @@ from sqlalchemy import Connection, and_, exists, func, insert, select, update
 from iota_cli.core.modelspec import stage_params, stage_spec
 from iota_cli.core.protocol import BlobRef, UploadRef
 from iota_cli.core.validation import AuditTask, AuditVerdict, WeightsReport
-from iota_orchestrator import db, standing
+from iota_orchestrator import db, merge_checks, runs, standing
 from iota_orchestrator.blobs import BlobStore
 from iota_orchestrator.chains import parse_work_id
 from iota_orchestrator.errors import BadRequest, Conflict, NotFound
@@ -88,6 +88,8 @@ def sample(
             deadline=now + ctx.manifest.train.work_timeout_s,
             ledger_mark=mark,
             basis=basis,
+            epoch=a.epoch,
+            steps=merge_checks.allowed_steps(conn, ctx, a.contributor_id, row.stage, a.epoch),
         )
     ).inserted_primary_key[0]  # type: ignore[index]
     return blobs.upload_ref(weights_key(ctx.run_id, audit_id), weights_max_size(ctx, row.stage))
@@ -224,6 +226,8 @@ def _task(conn: Connection, ctx: RunCtx, blobs: BlobStore, au: Any) -> AuditTask
         loss=loss,
         grad=ref(bwd.input_key) if bwd is not None else None,
         grad_output=ref(bwd.output_key) if bwd is not None else None,
+        base=ref(runs.weights_key(au.run_id, au.stage, au.epoch)) if au.epoch is not None else None,
+        max_steps=au.steps,
     )
 
 

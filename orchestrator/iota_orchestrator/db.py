@@ -230,6 +230,8 @@ audits = Table(
     Column("decided", Float),
     Column("ledger_mark", BigInteger, nullable=False),  # the audited item's ledger id
     Column("basis", Float, nullable=False),  # the audited item's credits (a failure costs a multiple)
+    Column("epoch", Integer),  # the stage weights epoch the worker held: the snapshot's base
+    Column("steps", Integer),  # the most optimizer steps its weights can be from that base (counted work)
     Column("loss", Float),  # the tail's loss as recomputed
     Column("detail", Text),
     Index("ix_audits_state", "state", "id"),

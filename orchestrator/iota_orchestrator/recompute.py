@@ -16,6 +16,8 @@ from collections.abc import Callable
 import numpy as np
 
 from iota_cli.core.backend import StageBackend, StageInputError
+from iota_cli.core.bounds import update_bound
+from iota_cli.core.flat import FlatLayout
 from iota_cli.core.modelspec import stage_spec
 from iota_cli.core.protocol import BlobRef
 from iota_cli.core.tensors import RawTensor, TensorDict, column_slice
@@ -51,10 +53,13 @@ def judge(task: AuditTask, stage: StageBackend, fetch: Fetch) -> AuditVerdict:
     cfg = task.manifest.model
     tol = tolerance(task.backend, cfg.wire_dtype, cfg.dtype)
     kind = stage_spec(cfg, task.stage).kind
+    snapshot = fetch(task.weights)
     try:
-        stage.load(fetch(task.weights))
+        stage.load(snapshot)
     except StageInputError as e:
         return AuditVerdict(passed=False, detail=f"the weights snapshot does not fit the stage: {e}")
+    if (far := _too_far(task, snapshot, fetch)) is not None:
+        return AuditVerdict(passed=False, detail=far)
     key = f"audit-{task.audit_id}"
     try:
         if kind == "head":
@@ -81,6 +86,22 @@ def judge(task: AuditTask, stage: StageBackend, fetch: Fetch) -> AuditVerdict:
     finally:
         stage.step()  # empties the accumulators (the next check loads its own weights)
     return _verdict(checks)
+
+
+def _too_far(task: AuditTask, snapshot: TensorDict, fetch: Fetch) -> str | None:
+    """Why the snapshot cannot be the base weights plus the steps its counted work allows (None: it can).
+
+    Without this, a contributor could compute honestly with weights of its own making (garbage, or
+    another model's) and pass every recomputation."""
+    if task.base is None or task.max_steps is None:
+        return None  # the base epoch is no longer kept: the recomputation alone judges
+    layout = FlatLayout.of(task.manifest.model, task.stage)
+    base = layout.flatten(fetch(task.base))
+    moved = float(np.abs(layout.flatten(snapshot) - base).max())
+    bound = update_bound(task.manifest.optim, task.max_steps, float(np.abs(base).max()))
+    if moved <= bound:
+        return None
+    return f"its weights are {moved:.3g} from the swarm's (at most {bound:.3g} in {task.max_steps} steps)"
 
 
 def _tail(task: AuditTask, stage: StageBackend, key: str, fetch: Fetch, tol: Tolerance) -> AuditVerdict:
