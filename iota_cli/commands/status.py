@@ -1,4 +1,4 @@
-"""`iota status`: this machine's assignment, last checkpoint, local counters and credits."""
+"""`iota status`: this machine's assignment, standing, last checkpoint, local counters and credits."""
 
 from __future__ import annotations
 
@@ -53,6 +53,12 @@ def render(r: dict) -> str:
             f"Contributor {remote['contributor_id']} ({remote['name']}): {where}; "
             f"{remote['credits']:.2f} credits"
         )
+        if remote.get("standing") is not None:
+            checks = remote.get("checks") or {}
+            lines.append(
+                f"Standing {remote['standing']:+d}: {checks.get('passed', 0)} checks passed, "
+                f"{checks.get('failed', 0)} failed (docs/trust.md)"
+            )
     cks = r["checkpoints"]
     if not cks:
         lines.append("No checkpoints on this machine yet.")

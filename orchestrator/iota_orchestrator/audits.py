@@ -166,6 +166,11 @@ def expire(conn: Connection, ctx: RunCtx, now: float) -> set[str]:
     return keys | ({WAKE} if n else set())
 
 
+def runs_pending(conn: Connection) -> list[str]:
+    """Runs with checks not yet decided (finished runs too: their checks are still judged)."""
+    return list(conn.execute(select(AU.c.run_id).where(AU.c.state.in_(PENDING)).distinct()).scalars())
+
+
 def _set(conn: Connection, audit_id: int, **values: Any) -> None:
     conn.execute(update(AU).where(AU.c.id == audit_id).values(**values))
 

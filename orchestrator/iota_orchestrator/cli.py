@@ -339,8 +339,13 @@ def _render(s: RunStatus) -> str:
         f"run {s.run_id} ({s.name}): {s.state}\n"
         f"  samples {s.samples_issued} issued of {s.max_samples or 'unlimited'}, {s.samples_completed} done, "
         f"{s.samples_dropped} dropped; tokens {s.tokens_processed:,}; "
-        f"loss {loss(s.first_loss)} -> {loss(s.last_loss)}"
+        f"loss {loss(s.first_loss)} -> {loss(s.last_loss)}{'' if s.loss_vetted else ' (unvetted)'}"
     )
+    if s.checks:
+        head += "\n  checks " + ", ".join(f"{n} {k}" for k, n in sorted(s.checks.items()))
+    banned = [w.name for st in s.stages for w in st.workers if w.banned]
+    if banned:
+        head += f"\n  banned: {', '.join(banned)}"
     rows = [
         (
             st.stage,

@@ -33,7 +33,6 @@ def tick(state: State, now: float | None = None) -> None:
         with state.tx() as conn:
             ctx = runs.context(conn, run_id)
             keys = lease.expire(conn, ctx, now)
-            keys |= audits.expire(conn, ctx, now)
             if runs.get_run(conn, run_id).stop_requested:
                 keys |= chains.drop_stranded(conn, ctx, now)
             assignment.rebalance(conn, ctx)
@@ -44,6 +43,11 @@ def tick(state: State, now: float | None = None) -> None:
             finished = finish_check(conn, ctx, now)
         if finished:
             state.wake.notify(chains.stage_key(run_id, s) for s in range(ctx.n_stages))
+    with state.tx() as conn:  # a finished run's checks are still judged (and their blobs then collected)
+        keys = set()
+        for run_id in audits.runs_pending(conn):
+            keys |= audits.expire(conn, runs.context(conn, run_id), now)
+    state.wake.notify(keys)
     collect_garbage(state)
 
 

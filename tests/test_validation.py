@@ -1,0 +1,193 @@
+"""Sampled checks, piece by piece: the comparison, standing, and the audit protocol over real HTTP.
+
+The API tests drive a real orchestrator (in this process) with simulated workers (tests/simworker.py)
+and play the validator's side by hand, so each rule is seen on its own: the first item of a newcomer is
+always checked, a passed check vets credits, a failed one claws them back with a penalty and bans the
+contributor when its standing falls below zero, a missing snapshot fails at the deadline, and a pending
+check keeps its chain's blobs from the garbage collector. test_trust_e2e.py has real cheating processes.
+
+    .venv/bin/python -m pytest -q tests/test_validation.py
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import requests
+from inprocess_orchestrator import InProcessOrchestrator
+from iota_orchestrator import standing
+from simworker import SimWorker
+
+from iota_cli.commands.status import render
+from iota_cli.core.manifest import TrustConfig, tiny_manifest
+from iota_cli.core.validation import EXACT, LOOSE, AuditVerdict, compare, loss_agrees, tolerance
+from iota_cli.swarm.corpus import write_corpus
+from iota_cli.train.api import SwarmApi
+from iota_cli.train.errors import ApiError
+
+ADMIN = "admin-token-for-validation-tests"
+
+
+# --- the comparison ------------------------------------------------------------------------------------
+
+
+def test_compare_catches_scaling_noise_and_non_finite_values():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=4096).astype(np.float32)
+    bf16 = (a.view(np.uint32) & 0xFFFF0000).view(np.float32)  # truncated to bf16: an honest wire
+    assert compare("x", a, a, EXACT).passed and compare("x", a, bf16, LOOSE).passed
+    assert not compare("x", a, 3 * a, LOOSE).passed, "3x has the right direction but not the magnitude"
+    assert not compare("x", a, a / 3, LOOSE).passed, "the ratio is symmetric"
+    noise = rng.normal(scale=float(np.std(a)), size=a.shape)
+    assert not compare("x", a, noise, LOOSE).passed, "random values of the right scale"
+    assert not compare("x", a, np.full_like(a, np.nan), LOOSE).passed
+    assert not compare("x", a, a[:-1], LOOSE).passed, "a misshapen result"
+    assert compare("x", np.zeros(3), np.zeros(3), EXACT).passed
+
+
+def test_tolerances_follow_the_backend_and_dtypes():
+    assert tolerance("torch-cpu", "float32") == EXACT and tolerance("mlx", "float32") == EXACT
+    assert tolerance("torch-cuda", "float32") == LOOSE, "CUDA may run bf16 autocast"
+    assert tolerance("torch-cpu", "bfloat16") == LOOSE
+    assert loss_agrees(3.0001, 3.0, EXACT) and not loss_agrees(0.01, 3.0, LOOSE)
+    assert not loss_agrees(None, 3.0, LOOSE)
+
+
+def test_standing_is_plus_one_minus_three():
+    assert standing.score(3, 1, 1, 3) == 0 and standing.score(3, 2, 1, 3) < 0
+    assert TrustConfig().pass_reward == 1 and TrustConfig().fail_penalty == 3
+
+
+# --- the protocol ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def orch(tmp_path_factory):
+    base = tmp_path_factory.mktemp("validation")
+    with InProcessOrchestrator(base / "data", admin_token=ADMIN, tick_s=0.1) as o:
+        o.corpus = write_corpus(base / "text")
+        yield o
+
+
+def make_run(orch, work_timeout_s: float = 30.0, **trust) -> str:
+    m = tiny_manifest(str(orch.corpus))
+    m = replace(m, train=replace(m.train, work_timeout_s=work_timeout_s), trust=TrustConfig(**trust))
+    with SwarmApi.connect(orch.url, ADMIN) as admin:
+        return admin.create_run(m).run_id
+
+
+def pinned(orch, run_id: str, stage: int, name: str) -> SimWorker:
+    w = SimWorker(orch.url, name).register()
+    w.assign(run_id, stage=stage)
+    return w
+
+
+def validator(orch) -> SwarmApi:
+    return SwarmApi.connect(orch.url, ADMIN, retries=0, max_wait_s=0.0)
+
+
+def me(w: SimWorker) -> dict:
+    return w.call("GET", "/v1/contributors/me")
+
+
+def credits(orch, w: SimWorker) -> float:
+    return requests.get(f"{orch.url}/v1/contributors/{w.contributor_id}/credits", timeout=10).json()["total"]
+
+
+def worker_status(orch, run_id: str, w: SimWorker) -> dict:
+    st = requests.get(f"{orch.url}/v1/runs/{run_id}/status", timeout=10).json()
+    return next(x for s in st["stages"] for x in s["workers"] if x["contributor_id"] == w.contributor_id)
+
+
+def test_a_newcomers_first_item_is_checked_and_a_pass_vets_it(orch, tmp_path):
+    run_id = make_run(orch)
+    head = pinned(orch, run_id, 0, "head")
+    item = head.claim()
+    reply = head.do(item)
+    assert reply["audit"], "no credit without a first check: the first forward item is always sampled"
+    second = head.do(head.claim())
+    assert not second["audit"], "one check in flight at a time while the contributor is new"
+    body = pinned(orch, run_id, 1, "body")
+    body.do(body.claim())  # the chain ends only with its backward; the tail is missing: nothing to wait on
+    with validator(orch) as v:
+        assert v.next_audit() is None, "a head's check waits for its backward (or its chain's end)"
+    requests.post(f"{orch.url}/v1/runs/{run_id}/abort", headers={"Authorization": f"Bearer {ADMIN}"})
+    with validator(orch) as v:
+        task = None
+        deadline = time.monotonic() + 10
+        while task is None and time.monotonic() < deadline:
+            task = v.next_audit(wait_s=1.0)
+            if task is not None and task.stage != 0:
+                v.judge(task.audit_id, AuditVerdict(passed=True))
+                task = None
+        assert task is not None and task.stage == 0 and task.tokens and task.output and task.weights
+        assert task.grad is None, "its chain ended before the backward: the forward alone is judged"
+        time.sleep(0.5)  # a few reaper ticks: the aborted chain's blobs would be collected by now
+        for ref in (task.tokens, task.output, task.weights):
+            assert v.download(ref, tmp_path / ref.sha256).stat().st_size == ref.size, "pinned by the check"
+        v.judge(task.audit_id, AuditVerdict(passed=True, detail="ok"))
+        v.judge(task.audit_id, AuditVerdict(passed=False, detail="a repeated verdict changes nothing"))
+    ws = worker_status(orch, run_id, head)
+    assert ws["checks"] == {"passed": 1, "failed": 0} and ws["standing"] == 1 and not ws["banned"]
+    assert credits(orch, head) > 0
+
+
+def test_a_failed_check_claws_back_charges_and_bans(orch):
+    run_id = make_run(orch)
+    head = pinned(orch, run_id, 0, "cheat")
+    earned = [head.do(head.claim()) for _ in range(2)]
+    assert earned[0]["audit"] and sum(r["credits"] for r in earned) > 0
+    requests.post(f"{orch.url}/v1/runs/{run_id}/abort", headers={"Authorization": f"Bearer {ADMIN}"})
+    with validator(orch) as v:
+        task = v.next_audit(wait_s=5.0)
+        while task is not None and task.run_id != run_id:
+            v.judge(task.audit_id, AuditVerdict(passed=True))
+            task = v.next_audit(wait_s=5.0)
+        assert task is not None
+        v.judge(task.audit_id, AuditVerdict(passed=False, detail="activations: cosine 0.01"))
+    assert credits(orch, head) < 0, "everything since the last vetted item, plus 3x the failed item"
+    ws = worker_status(orch, run_id, head)
+    assert ws["banned"] and ws["standing"] == -3 and ws["checks"] == {"passed": 0, "failed": 1}
+    assert ws["faults"].get("failed_check") == 1
+    with pytest.raises(ApiError) as e:
+        head.heartbeat()
+    assert e.value.status == 403 and "banned" in e.value.detail
+
+
+def test_a_snapshot_never_sent_fails_at_the_deadline(orch):
+    run_id = make_run(orch, work_timeout_s=0.5)
+    head = pinned(orch, run_id, 0, "silent")
+    item = head.claim()
+    data = head.boundary_tensor("activations")
+    reply = head.complete(item, head.upload(item["upload"], data), len(data))
+    assert reply["audit"], "sampled, but this worker never sends the weights"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not worker_status(orch, run_id, head)["banned"]:
+        time.sleep(0.2)
+    ws = worker_status(orch, run_id, head)
+    assert ws["banned"] and ws["checks"]["failed"] == 1 and credits(orch, head) < 0
+
+
+def test_a_snapshot_that_is_not_the_stages_weights_fails(orch):
+    run_id = make_run(orch)
+    head = pinned(orch, run_id, 0, "garbled")
+    item = head.claim()
+    data = head.boundary_tensor("activations")
+    reply = head.complete(item, head.upload(item["upload"], data), len(data))
+    sha = head.upload(reply["audit"], data)  # activations where the weights belong
+    r = head.request("POST", f"/v1/work/{item['work_id']}/weights", json={"sha256": sha, "size": len(data)})
+    assert r.status_code == 422 and "snapshot" in r.json()["detail"]
+    assert worker_status(orch, run_id, head)["banned"]
+
+
+def test_only_a_banned_contributor_is_refused_and_status_shows_standing(orch):
+    run_id = make_run(orch, sample_rate=0.0)
+    honest = pinned(orch, run_id, 0, "honest")
+    honest.do(honest.claim())
+    info = me(honest)
+    assert info["standing"] == 0 and info["checks"] == {"passed": 0, "failed": 0}
+    text = render({"orchestrator": info, "checkpoints": [], "orchestrator_url": orch.url})
+    assert "Standing +0: 0 checks passed, 0 failed" in text
