@@ -259,8 +259,10 @@ def test_bytes_per_replica_per_round_stay_constant_in_the_number_of_replicas(orc
         run_id = make_run(orch, wire_dtype="BF16")
         with pipeline(orch, run_id, tmp_path / f"r{count}") as crew:
             orch.unavailable.add(PART_DONE)
+            # Deltas within what an AdamW step at the run's lr can move (core.bounds, about 3.5e-3 a
+            # step): a replica moving further is refused and banned as a merge poisoner.
             tails = [
-                replica(orch, run_id, TAIL, tmp_path / f"r{count}" / f"t{i}", delta(1e-3 * (i + 1)))
+                replica(orch, run_id, TAIL, tmp_path / f"r{count}" / f"t{i}", delta(3e-4 * (i + 1)))
                 for i in range(count)
             ]
             crew.extend(t.start() for t in tails)
