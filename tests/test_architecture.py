@@ -34,6 +34,7 @@ PLUGIN_CLI_USES = (
     "iota_cli.train.client",
     "iota_cli.train.errors",
     "iota_cli.train.api",
+    "iota_cli.validate",  # `iota orchestrator validate`: the validator is a client of the API, like the rest
 )
 NOT_IN_CORE = FRAMEWORKS | SERVER_STACK | {"requests", "urllib3", "typer", "keyring", "tqdm", "platformdirs"}
 

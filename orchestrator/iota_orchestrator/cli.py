@@ -315,7 +315,7 @@ def validate(
 
     from iota_cli import output
     from iota_cli.config import settings
-    from iota_orchestrator.validator import Validator
+    from iota_cli.validate.validator import Validator
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

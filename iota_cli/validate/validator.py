@@ -23,7 +23,7 @@ from iota_cli.core.validation import AuditTask, AuditVerdict
 from iota_cli.train import fetch
 from iota_cli.train.api import SwarmApi
 from iota_cli.train.errors import ClientError, IntegrityError, Stopped
-from iota_orchestrator import recompute
+from iota_cli.validate import recompute
 
 log = logging.getLogger("iota.validator")
 WAIT_S = 10.0

@@ -6,7 +6,7 @@ runs on the gradient that came back and is compared with what the contributor se
 gradient, the head's proof of work); on the tail the loss and the gradient it sent are recomputed
 together. Every comparison uses core.validation (cosine, magnitude ratio, the contributor's tolerance).
 
-    python -c "from iota_orchestrator import recompute; help(recompute.judge)"
+    python -c "from iota_cli.validate import recompute; help(recompute.judge)"
 """
 
 from __future__ import annotations
