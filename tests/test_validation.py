@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,3 +192,63 @@ def test_only_a_banned_contributor_is_refused_and_status_shows_standing(orch):
     assert info["standing"] == 0 and info["checks"] == {"passed": 0, "failed": 0}
     text = render({"orchestrator": info, "checkpoints": [], "orchestrator_url": orch.url})
     assert "Standing +0: 0 checks passed, 0 failed" in text
+
+
+# --- merge updates on held-out tokens (the validator's arithmetic, on the real torch backend) ------------
+
+
+def test_a_merge_update_that_raises_the_held_out_loss_fails_within_the_bound():
+    pytest.importorskip("torch")
+    from iota_cli.core.backend import get_factory
+    from iota_cli.core.bounds import update_bound
+    from iota_cli.core.flat import FlatLayout, update_blob
+    from iota_cli.core.protocol import BlobRef
+    from iota_cli.core.tensors import RawTensor, column_slice, decode
+    from iota_cli.core.validation import AuditTask
+    from iota_cli.validate.recompute import judge_merge
+
+    m = tiny_manifest("unused")
+    cfg, tail = m.model, m.model.n_stages - 1
+    factory = get_factory("torch-cpu")
+    stages = [factory.create(cfg, s, m.optim, m.seed) for s in range(cfg.n_stages)]
+    text = (Path(np.__file__).parent / "__init__.py").read_bytes()
+    b, t = m.train.batch_size, m.train.seq_len
+
+    def batch(k: int) -> RawTensor:
+        ids = np.frombuffer(text[k * b * (t + 1) : (k + 1) * b * (t + 1)], dtype=np.uint8).astype("<i4")
+        return RawTensor("I32", (b, t + 1), ids.reshape(b, t + 1).tobytes())
+
+    base = [s.weights() for s in stages]
+    layout = FlatLayout.of(cfg, tail)
+    for k in range(2):  # two honest local steps of the tail, on training batches
+        for n in range(m.train.backward_per_step):
+            tokens, key = batch(1 + 2 * k + n), f"train{k}{n}"
+            x = stages[0].forward(key, {"tokens": column_slice(tokens, 0, -1)})
+            x = stages[1].forward(key, x)
+            stages[tail].forward(key, x)
+            stages[tail].backward(key, {"targets": column_slice(tokens, 1, None)})
+            stages[0].free(key)
+            stages[1].free(key)
+        stages[tail].step()
+    honest = layout.flatten(base[tail]) - layout.flatten(stages[tail].weights())
+    bound = update_bound(m.optim, 2, float(np.abs(layout.flatten(base[tail])).max()))
+    ascent = -np.sign(honest) * 0.9 * bound  # uphill at the optimizer's bound on every coordinate
+    assert np.abs(honest).max() <= bound and np.abs(ascent).max() <= bound
+
+    blobs = {"w0": base[0], "w1": base[1], "w2": base[tail], "held": {"tokens": batch(0)}}
+
+    def task(update: np.ndarray) -> AuditTask:
+        blobs["u"] = decode(update_blob(update.astype(np.float32), m.merge.wire_dtype))[0]
+        ref = lambda name: BlobRef(url=name, sha256="0" * 64, size=0)  # noqa: E731
+        return AuditTask(
+            audit_id=1, kind="merge", run_id="r", manifest=m, stage=tail, backend="torch-cpu",
+            update=ref("u"), pipeline=[ref("w0"), ref("w1"), ref("w2")], heldout=ref("held"),
+        )  # fmt: skip
+
+    def fetch(ref):
+        return blobs[ref.url]
+
+    good, bad = judge_merge(task(honest), stages, fetch), judge_merge(task(ascent), stages, fetch)
+    assert good.passed, good.detail
+    assert not bad.passed, bad.detail
+    assert bad.loss is not None and good.loss is not None and bad.loss > good.loss

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import Field
@@ -35,14 +35,18 @@ class WeightsReport(Model):
 
 
 class AuditTask(Model):
-    """GET /v1/audits/next (operator token): one sampled item to recompute, with everything it needs."""
+    """GET /v1/audits/next (operator token): one check to make, with everything it needs.
+
+    kind "work": recompute a sampled item. kind "merge": score a replica's merge update on held-out
+    tokens (the pipeline's loss with the stage at base - update, against the loss at base)."""
 
     audit_id: int
+    kind: Literal["work", "merge"] = "work"
     run_id: str
     manifest: RunManifest
     stage: int
     backend: str  # what the contributor said it computes with (picks the tolerance)
-    weights: BlobRef  # the stage's weights as the item used them (the contributor's snapshot)
+    weights: BlobRef | None = None  # work: the stage's weights as the item used them (its snapshot)
     tokens: BlobRef | None = None  # head: its input; tail: the targets (the batch, one token longer)
     input: BlobRef | None = None  # body and tail: the activations the item read
     output: BlobRef | None = None  # head and body: the activations it sent; tail: the gradient it sent
@@ -53,6 +57,11 @@ class AuditTask(Model):
     # its counted work allows since: the snapshot must lie within core.bounds.update_bound of them.
     base: BlobRef | None = None
     max_steps: int | None = None
+    # merge: the update ({"update": wire dtype [N]}), every stage's weights (the checked stage's at the
+    # round's epoch: the update's base) and a batch of tokens the run has not issued (held out).
+    update: BlobRef | None = None
+    pipeline: list[BlobRef] = []
+    heldout: BlobRef | None = None
 
 
 class AuditVerdict(Model):
@@ -124,6 +133,20 @@ def compare(name: str, expected: np.ndarray, got: np.ndarray, tol: Tolerance) ->
     cosine = float(np.dot(a, b) / (na * nb))
     magnitude = min(na, nb) / max(na, nb)
     return Comparison(name, cosine, magnitude, cosine >= tol.cosine and magnitude >= tol.magnitude)
+
+
+# A merge update may make the held-out loss worse by this much before it is refused (Templar's
+# loss-before/after test). The comparison is paired (one batch, before and after), so batch noise
+# cancels: what is left is the update's own effect, which a few honest local steps make negative or
+# tiny, and an update pushing up the loss at the optimizer's bound makes larger (docs/trust.md).
+MERGE_LOSS_SLACK_ABS = 0.01
+MERGE_LOSS_SLACK_REL = 0.005
+
+
+def merge_loss_ok(before: float, after: float) -> bool:
+    return math.isfinite(after) and after <= before + MERGE_LOSS_SLACK_ABS + MERGE_LOSS_SLACK_REL * abs(
+        before
+    )
 
 
 def loss_agrees(claimed: float | None, recomputed: float, tol: Tolerance) -> bool:

@@ -29,6 +29,7 @@ from iota_cli.core.validation import (
     as_f32,
     compare,
     loss_agrees,
+    merge_loss_ok,
     tolerance,
 )
 
@@ -53,6 +54,8 @@ def judge(task: AuditTask, stage: StageBackend, fetch: Fetch) -> AuditVerdict:
     cfg = task.manifest.model
     tol = tolerance(task.backend, cfg.wire_dtype, cfg.dtype)
     kind = stage_spec(cfg, task.stage).kind
+    if task.weights is None:
+        raise Unjudgeable("the check has no weights snapshot")
     snapshot = fetch(task.weights)
     try:
         stage.load(snapshot)
@@ -86,6 +89,52 @@ def judge(task: AuditTask, stage: StageBackend, fetch: Fetch) -> AuditVerdict:
     finally:
         stage.step()  # empties the accumulators (the next check loads its own weights)
     return _verdict(checks)
+
+
+def judge_merge(task: AuditTask, stages: list[StageBackend], fetch: Fetch) -> AuditVerdict:
+    """The verdict on a merge update: the pipeline's held-out loss with the stage at base - update must
+    not be worse than at base beyond core.validation.merge_loss_ok. `stages` holds one backend per stage."""
+    if task.update is None or task.heldout is None or len(task.pipeline) != len(stages):
+        raise Unjudgeable("the merge check lacks its update, held-out tokens or weights")
+    cfg = task.manifest.model
+    weights = [fetch(ref) for ref in task.pipeline]
+    tokens = _one(fetch, task.heldout, "tokens")
+    layout = FlatLayout.of(cfg, task.stage)
+    update = as_f32(_one(fetch, task.update, "update"))
+    base = layout.flatten(weights[task.stage])
+    if update.shape != base.shape:
+        raise Unjudgeable(f"the update has {update.size} values, the stage {base.size}")
+    before = _pipeline_loss(stages, weights, tokens, f"m{task.audit_id}b")
+    moved = list(weights)
+    moved[task.stage] = layout.unflatten(base - update)
+    try:
+        after = _pipeline_loss(stages, moved, tokens, f"m{task.audit_id}a")
+    except StageInputError as e:  # the update drives the model to non-finite values
+        return AuditVerdict(passed=False, detail=f"held-out loss: the updated stage fails: {e}")
+    detail = f"held-out loss {before:.4f} at the base, {after:.4f} with the update"
+    return AuditVerdict(passed=merge_loss_ok(before, after), detail=detail, loss=after)
+
+
+def _pipeline_loss(
+    stages: list[StageBackend], weights: list[TensorDict], tokens: RawTensor, key: str
+) -> float:
+    """Mean cross-entropy of the whole model on one batch (every stage loaded with its weights)."""
+    for stage, w in zip(stages, weights, strict=True):
+        stage.load(w)
+    x: TensorDict = {"tokens": column_slice(tokens, 0, -1)}
+    try:
+        for stage in stages[:-1]:
+            x = stage.forward(key, x)
+            stage.free(key)
+        stages[-1].forward(key, x)
+        result = stages[-1].backward(key, {"targets": column_slice(tokens, 1, None)})
+    finally:
+        for stage in stages:
+            stage.free(key)
+        stages[-1].step()  # empties its accumulators (the next pass loads its weights again)
+    if result.loss is None:
+        raise Unjudgeable("the tail returned no loss")
+    return result.loss
 
 
 def _too_far(task: AuditTask, snapshot: TensorDict, fetch: Fetch) -> str | None:

@@ -73,14 +73,17 @@ class Validator:
 
     def check(self, task: AuditTask) -> AuditVerdict:
         """Recompute one check; a check that cannot be judged (its blobs gone) is left to time out."""
-        stage = self._stage(task)
 
         def read(ref: BlobRef) -> TensorDict:
             return fetch.tensors(self.api, ref, self.work_dir)
 
         t0 = time.perf_counter()
         try:
-            verdict = recompute.judge(task, stage, read)
+            if task.kind == "merge":
+                stages = [self._stage(task, s) for s in range(task.manifest.model.n_stages)]
+                verdict = recompute.judge_merge(task, stages, read)
+            else:
+                verdict = recompute.judge(task, self._stage(task, task.stage), read)
         except (recompute.Unjudgeable, IntegrityError, StageInputError) as e:
             # Blobs the orchestrator accepted and no longer serves intact: nobody's fault, no verdict.
             self.tally.skipped += 1
@@ -91,12 +94,13 @@ class Validator:
             self.tally.passed += 1
         else:
             self.tally.failed += 1
-            log.warning("check %d of stage %d failed: %s", task.audit_id, task.stage, verdict.detail)
+            what = "merge update" if task.kind == "merge" else "check"
+            log.warning("%s %d of stage %d failed: %s", what, task.audit_id, task.stage, verdict.detail)
         return verdict
 
-    def _stage(self, task: AuditTask) -> StageBackend:
-        key = (task.run_id, task.stage)
+    def _stage(self, task: AuditTask, stage: int) -> StageBackend:
+        key = (task.run_id, stage)
         if key not in self._stages:
             m = task.manifest
-            self._stages[key] = self.factory.create(m.model, task.stage, m.optim, m.seed)
+            self._stages[key] = self.factory.create(m.model, stage, m.optim, m.seed)
         return self._stages[key]

@@ -1,7 +1,8 @@
 """Sampled checks of contributors' work: which items, the weights snapshot, the validator's queue, verdicts.
 
 When a forward item is accepted, standing.draw decides whether it is checked; the reply then asks its
-worker for the stage's weights as the item used them (WorkCompleteReply.audit). A check moves through:
+worker for the stage's weights as the item used them (WorkCompleteReply.audit). A check moves through
+(merge updates scored on held-out tokens share the table and the queue: merge_audits.py):
 
     weights  -> (snapshot reported)  backward (head, body) | ready (tail)
     backward -> (the sample's backward is in, or its chain ended)  ready
@@ -19,12 +20,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Connection, and_, exists, func, insert, select, update
+from sqlalchemy import Connection, and_, exists, func, insert, or_, select, update
 
 from iota_cli.core.modelspec import stage_params, stage_spec
 from iota_cli.core.protocol import BlobRef, UploadRef
 from iota_cli.core.validation import AuditTask, AuditVerdict, WeightsReport
-from iota_orchestrator import db, merge_checks, runs, standing
+from iota_orchestrator import db, merge_audits, merge_checks, runs, standing
 from iota_orchestrator.blobs import BlobStore
 from iota_orchestrator.chains import parse_work_id
 from iota_orchestrator.errors import BadRequest, Conflict, NotFound
@@ -59,7 +60,12 @@ def _prod(shape: tuple[int, ...]) -> int:
 
 def pinned() -> Any:
     """A condition on chains (db.chains as C): a pending check still needs the chain's blobs."""
-    return exists().where(AU.c.run_id == C.c.run_id, AU.c.sample_id == C.c.sample_id, AU.c.state.in_(PENDING))
+    return exists().where(
+        AU.c.run_id == C.c.run_id,
+        AU.c.sample_id == C.c.sample_id,
+        AU.c.kind == "work",
+        AU.c.state.in_(PENDING),
+    )
 
 
 # --- sampling ----------------------------------------------------------------------------------------------
@@ -71,7 +77,10 @@ def sample(
     """Maybe check this just-accepted forward item; the upload its worker's snapshot goes to if so."""
     pending = conn.execute(
         select(AU.c.id).where(
-            AU.c.run_id == ctx.run_id, AU.c.contributor_id == a.contributor_id, AU.c.state.in_(PENDING)
+            AU.c.run_id == ctx.run_id,
+            AU.c.contributor_id == a.contributor_id,
+            AU.c.kind == "work",
+            AU.c.state.in_(PENDING),
         )
     ).all()
     if len(pending) >= (1 if a.passes == 0 else MAX_PENDING) or not standing.draw(ctx, a):
@@ -144,7 +153,9 @@ def expire(conn: Connection, ctx: RunCtx, now: float) -> set[str]:
     """The reaper's part: missing snapshots fail, ended chains go forward-only, stale checks drop."""
     keys: set[str] = set()
     late = conn.execute(
-        select(AU).where(AU.c.run_id == ctx.run_id, AU.c.state == "weights", AU.c.deadline < now)
+        select(AU).where(
+            AU.c.run_id == ctx.run_id, AU.c.kind == "work", AU.c.state == "weights", AU.c.deadline < now
+        )
     ).all()
     for au in late:
         _set(conn, au.id, state="failed", decided=now, detail="no weights snapshot by the deadline")
@@ -158,9 +169,13 @@ def expire(conn: Connection, ctx: RunCtx, now: float) -> set[str]:
         .values(state="ready")
     ).rowcount
     timeout = ctx.manifest.trust.verdict_timeout_s
+    stale = or_(
+        and_(AU.c.kind == "work", AU.c.created < now - timeout),
+        and_(AU.c.kind == "merge", AU.c.deadline < now),  # the round goes on without its verdict
+    )
     conn.execute(
         update(AU)
-        .where(AU.c.run_id == ctx.run_id, AU.c.state.in_(PENDING[1:]), AU.c.created < now - timeout)
+        .where(AU.c.run_id == ctx.run_id, AU.c.state.in_(PENDING[1:]), stale)
         .values(state="void", decided=now, detail="not judged in time")
     )
     return keys | ({WAKE} if n else set())
@@ -187,17 +202,20 @@ def take(
         au = conn.execute(select(AU).where(AU.c.state == "ready").order_by(AU.c.id).limit(1)).first()
         if au is None:
             return None
-        task = _task(conn, context(au.run_id), blobs, au)
+        task = _task(conn, context(au.run_id), blobs, au, now)
         if task is not None:
             _set(conn, au.id, state="taken")
             return task
         _set(conn, au.id, state="void", decided=now, detail="its blobs are gone")
 
 
-def _task(conn: Connection, ctx: RunCtx, blobs: BlobStore, au: Any) -> AuditTask | None:
+def _task(conn: Connection, ctx: RunCtx, blobs: BlobStore, au: Any, now: float) -> AuditTask | None:
     def ref(key: str | None) -> BlobRef | None:
         b = conn.execute(select(B.c.sha256, B.c.size).where(B.c.key == key)).first() if key else None
         return None if b is None else blobs.ref(key, b.sha256, b.size)  # type: ignore[arg-type]
+
+    if au.kind == "merge":
+        return merge_audits.task(conn, ctx, blobs, au, ref, now)
 
     fwd = conn.execute(select(W).where(W.c.id == au.forward_id)).one()
     bwd = conn.execute(select(W).where(W.c.id == au.backward_id)).first() if au.backward_id else None
@@ -257,8 +275,12 @@ def decide(conn: Connection, ctx: RunCtx, audit_id: int, verdict: AuditVerdict, 
     if verdict.passed:
         standing.passed(conn, ctx, au.contributor_id, au.ledger_mark)
         return set()
+    ref = f"audit:{au.id}"
+    if au.kind == "merge":
+        merge_audits.leave_out(conn, ctx, au)
+        ref = merge_checks.REF.format(stage=au.stage, epoch=au.epoch, cid=au.contributor_id)  # rounds skip it
     return standing.failed(
-        conn, ctx, au.contributor_id, f"audit:{au.id}", au.basis, f"check failed: {verdict.detail}", now
+        conn, ctx, au.contributor_id, ref, au.basis, f"check failed: {verdict.detail}", now
     )
 
 

@@ -211,28 +211,30 @@ losses = Table(
     Index("ix_losses_run", "run_id", "id"),
 )
 
-# A sampled work item the validator recomputes (v5, audits.py): the forward item, the weights snapshot its
-# worker uploaded on request, and (head and body) the backward of the same sample, once it is in.
+# A check the validator makes (v5, audits.py). kind "work": a sampled forward item, the weights snapshot
+# its worker uploaded on request, and (head and body) the backward of the same sample once it is in.
+# kind "merge": a replica's update for a round, scored on held-out tokens before the round reduces.
 audits = Table(
     "audits",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     _id("run_id", nullable=False),
     _id("contributor_id", nullable=False),
+    Column("kind", String(8), nullable=False, default="work"),
     Column("stage", Integer, nullable=False),
-    Column("sample_id", BigInteger, nullable=False),
-    Column("forward_id", Integer, nullable=False),
+    Column("sample_id", BigInteger),  # work: the sample; merge: the held-out corpus sample
+    Column("forward_id", Integer),  # work: the forward item checked
     Column("backward_id", Integer),
-    Column("weights_key", Text),  # the snapshot blob, once reported
-    Column("state", String(8), nullable=False),  # weights | backward | ready | taken | passed | failed
+    Column("weights_key", Text),  # work: the snapshot blob, once reported; merge: the update blob
+    Column("state", String(8), nullable=False),  # weights | backward | ready | taken | passed | failed | void
     Column("created", Float, nullable=False),
     Column("deadline", Float, nullable=False),  # for the snapshot, then for the validator's verdict
     Column("decided", Float),
-    Column("ledger_mark", BigInteger, nullable=False),  # the audited item's ledger id
-    Column("basis", Float, nullable=False),  # the audited item's credits (a failure costs a multiple)
-    Column("epoch", Integer),  # the stage weights epoch the worker held: the snapshot's base
-    Column("steps", Integer),  # the most optimizer steps its weights can be from that base (counted work)
-    Column("loss", Float),  # the tail's loss as recomputed
+    Column("ledger_mark", BigInteger, nullable=False),  # the checked item's ledger id (merge: the latest)
+    Column("basis", Float, nullable=False),  # the checked item's credits (a failure costs a multiple)
+    Column("epoch", Integer),  # work: the epoch its worker held (the snapshot's base); merge: the round's
+    Column("steps", Integer),  # work: the most optimizer steps its weights can be from that base
+    Column("loss", Float),  # work: the tail's loss as recomputed; merge: the held-out loss after
     Column("detail", Text),
     Index("ix_audits_state", "state", "id"),
     Index("ix_audits_sample", "run_id", "sample_id"),

@@ -26,7 +26,7 @@ from sqlalchemy import Connection, bindparam, func, insert, or_, select, update
 from iota_cli.core.bounds import UpdateStats
 from iota_cli.core.flat import WIRE_SIZES, FlatLayout
 from iota_cli.core.protocol import MergeComplete, MergeCompleteReply, MergeRound
-from iota_orchestrator import db, merge_checks, standing
+from iota_orchestrator import db, merge_audits, merge_checks, standing
 from iota_orchestrator.blobs import BlobStore
 from iota_orchestrator.errors import BadRequest, Conflict, Forbidden
 from iota_orchestrator.faults import Rejected
@@ -279,6 +279,7 @@ def contribute(
     conn.execute(
         update(R).where(*_where(R, ctx.run_id, stage, epoch)).values(contributions=R.c.contributions + 1)
     )
+    merge_audits.sample(conn, ctx, contributor_id, stage, epoch, rnd.deadline, now)  # held-out loss
     # The next round is paced from this step, at the epoch this round will publish (see lease.beat).
     conn.execute(
         update(A)
@@ -312,7 +313,8 @@ def due(conn: Connection, ctx: RunCtx, now: float) -> list[tuple[int, int]]:
         failed = merge_checks.failed_here(conn, ctx.run_id, rnd.stage, rnd.epoch)
         live = {a.contributor_id for a in rows if standing.may_merge(ctx, a)} - failed
         got = {c.contributor_id for c in contributions(conn, ctx.run_id, rnd.stage, rnd.epoch)}
-        if rnd.deadline > now and (live - got or not got):
+        scoring = merge_audits.pending(conn, ctx.run_id, rnd.stage, rnd.epoch)  # held-out loss checks
+        if rnd.deadline > now and (live - got or not got or scoring):
             continue
         if got:
             out.append((rnd.stage, rnd.epoch))

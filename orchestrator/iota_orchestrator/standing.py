@@ -58,9 +58,12 @@ def may_merge(ctx: RunCtx, a: Any) -> bool:
     return a.passes > 0 or not ctx.manifest.trust.merge_requires_pass
 
 
-def draw(ctx: RunCtx, a: Any, rng: random.Random = random.SystemRandom()) -> bool:  # noqa: B008
-    """Sample this item? (An unpredictable draw: a contributor cannot tell which of its items count.)"""
-    return rng.random() < sample_rate(ctx, a)
+SYSTEM_RNG = random.SystemRandom()  # unpredictable draws: a contributor cannot tell which items count
+
+
+def draw(ctx: RunCtx, a: Any) -> bool:
+    """Check this item (or merge update)?"""
+    return SYSTEM_RNG.random() < sample_rate(ctx, a)
 
 
 def _where(run_id: str, contributor_id: str) -> tuple[Any, ...]:

@@ -20,7 +20,7 @@ from sqlalchemy import Connection
 
 from iota_cli.core.protocol import Ok
 from iota_cli.core.validation import AuditTask, AuditVerdict, WeightsReport
-from iota_orchestrator import audits, integrity, runs
+from iota_orchestrator import audits, integrity, merge_audits, runs
 from iota_orchestrator.api.deps import Admin, Contributor, StateDep, now, problems
 from iota_orchestrator.errors import Invalid
 from iota_orchestrator.runs import RunCtx
@@ -78,6 +78,7 @@ async def next_audit(
 
 def _take(state: State) -> AuditTask | None:
     with state.tx() as conn:
+        merge_audits.validator_seen(conn, now())
         return audits.take(conn, lambda run_id: runs.context(conn, run_id), state.blobs, now())
 
 
