@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from inprocess_orchestrator import InProcessOrchestrator
+from inprocess_orchestrator import InProcessOrchestrator, until
 from iota_orchestrator import db
 from simworker import SimWorker
 from sqlalchemy import select
@@ -243,3 +243,33 @@ def test_a_run_that_admits_only_vetted_contributors_to_merges(orch):
     reply = r.request("POST", "/v1/merge/complete", json=fake)
     assert reply.status_code in (403, 409), reply.text  # 409: no round is open (none could open)
     assert json.loads(reply.text)["detail"]
+
+
+def test_a_partition_owner_that_reduces_wrong_is_overruled_and_pays(orch):
+    crew = Crew(orch, make_run(orch), 2)
+    for r in crew.reps:
+        crew.carry(r)
+    honest, cheat = crew.reps
+    size, cfg = crew.layout().size, honest.assigned.manifest.merge
+    u = np.full(size, crew.bound(2, honest) * 0.5, np.float32)
+    base = crew.layout().flatten(honest.weights())
+    offer = honest.heartbeat()["merge"]
+    assert (
+        honest.contribute(offer, u)["accepted"]
+        and cheat.contribute(cheat.heartbeat()["merge"], -u)["accepted"]
+    )
+    plan = until(lambda: (pl := cheat.plan(0, wait_s=2.0)).state == "reducing" and pl, what="reducing")
+    for p in plan.parts:  # the cheater's results come first: right shape, wrong values
+        assert p.upload is not None
+        data = flat.part_blob(base[p.start : p.stop] + 0.5, None, cfg.wire_dtype)
+        sha = cheat.upload(p.upload.model_dump(mode="json"), data)
+        body = {"run_id": crew.run_id, "stage": STAGE, "epoch": 0, "part": p.part, "sha256": sha}
+        assert cheat.request("POST", "/v1/merge/part", json={**body, "size": len(data)}).status_code == 200
+    assert honest.reduce(0, base) == len(plan.parts)
+    published = crew.layout().flatten(honest.weights())
+    # The mean of u and -u (equal counted work): the honest owner's reduction, not the first result.
+    np.testing.assert_array_equal(published, base)
+    (a,) = crew.row(db.assignments, cheat.contributor_id)
+    assert a.state == "banned" and a.credits <= 0
+    assert any(x.work_id.startswith(f"part:{STAGE}:0:") for x in crew.row(db.ledger, cheat.contributor_id))
+    assert crew.row(db.assignments, honest.contributor_id)[0].fails == 0

@@ -4,8 +4,10 @@ When the contribute phase ends (rounds.due) the stage's flat vector is cut into 
 contributors (sorted by id), partition p owned by contributors p and p+1 (core.flat.partitions/owners),
 and the sha256 of every byte range an owner will read is taken from the stored blobs (the uploads'
 "update" ranges and the epoch-E momentum range). An owner reads its ranges with HTTP Range, reduces them
-with core.outer and sends a part blob back; the first valid result wins and the second owner's is
-compared with it by sha256 (merge_parts.agreed). publish.py makes epoch E+1 once every part is in.
+with core.outer and sends a part blob back; the first valid result is kept and the second owner's is
+compared with it by sha256 (merge_parts.agreed). No single owner decides a partition: publish.py makes
+epoch E+1 once every part is confirmed, reducing a disputed one (or one whose second owner is gone or
+late) itself, and an owner whose result differs from the orchestrator's fails a check (settle).
 
     GET /v1/merge/plan?run_id=R&stage=S&epoch=E&wait_s=10   (api/merge.py)
 """
@@ -24,7 +26,7 @@ from sqlalchemy import Connection, delete, insert, select, update
 from iota_cli.core import flat
 from iota_cli.core.protocol import MergePart, MergePartDone, MergePartReply, MergePlan, MergeSlice
 from iota_cli.core.tensors import read_header
-from iota_orchestrator import db, rounds
+from iota_orchestrator import db, ledger, rounds, standing
 from iota_orchestrator.blobs import BlobStore
 from iota_orchestrator.errors import BadRequest, Conflict, Forbidden
 from iota_orchestrator.faults import Rejected
@@ -254,9 +256,12 @@ def check_part(ctx: RunCtx, path: Path, n: int) -> Checked:
 
 
 def report_part(
-    conn: Connection, ctx: RunCtx, contributor_id: str, done: MergePartDone, checked: Checked
+    conn: Connection, ctx: RunCtx, contributor_id: str, done: MergePartDone, checked: Checked, now: float
 ) -> tuple[MergePartReply, list[str]]:
-    """Take an owner's result for a partition; return the reply and blob keys nobody needs any more."""
+    """Take an owner's result for a partition; return the reply and blob keys nobody needs any more.
+
+    The first result is held until the second owner's agrees with it (publish.py settles a dispute by
+    reducing the partition itself); one that differs from a result the orchestrator computed is wrong."""
     rnd = rounds.get_round(conn, ctx.run_id, done.stage, done.epoch)
     p = find_part(conn, ctx.run_id, done.stage, done.epoch, done.part)
     if rnd is None or p is None:
@@ -294,6 +299,11 @@ def report_part(
     conn.execute(
         update(MP).where(*where).values(second_by=contributor_id, second_sha=b.sha256, agreed=agreed)
     )
+    if not agreed and p.first_by == ORCHESTRATOR:  # the orchestrator's own reduction is the reference
+        basis = ledger.work_credits(ctx.gflops[done.stage], ctx.tokens_per_sample, "backward", False)
+        ref = f"part:{done.stage}:{done.epoch}:{done.part}:{contributor_id}"
+        detail = f"partition {done.part} of stage {done.stage} epoch {done.epoch} reduced wrong"
+        standing.failed(conn, ctx, contributor_id, ref, basis, detail, now)
     conn.execute(delete(B).where(B.c.key == key))
     return MergePartReply(accepted=agreed, state=rnd.state), [key]
 
@@ -305,6 +315,54 @@ def record_result(
     fresh = find_part(conn, ctx.run_id, part.stage, part.epoch, part.part)
     if fresh is None or fresh.result_sha is not None:
         return False
+    _take(conn, ctx, part, key, sha, size, now)
+    return True
+
+
+def unconfirmed(part: Any) -> bool:
+    """An owner's result no second owner confirmed yet (a lone replica's own partition needs none)."""
+    return (
+        part.result_sha is not None
+        and part.first_by != ORCHESTRATOR
+        and not part.agreed
+        and len(rounds.owners(part)) > 1
+    )
+
+
+def settle(
+    conn: Connection, ctx: RunCtx, part: Any, key: str, sha: str, size: int, now: float
+) -> tuple[list[str], set[str]]:
+    """The orchestrator's own result for a disputed or unconfirmed partition: it confirms the first
+    owner's (the orchestrator is then its second), or replaces it; each owner whose result differs
+    failed a check (standing.failed). Returns (blob keys nobody needs, the wake-up keys of a ban's
+    given-back work); nothing is changed when the partition was settled meanwhile."""
+    fresh = find_part(conn, ctx.run_id, part.stage, part.epoch, part.part)
+    if fresh is None or not unconfirmed(fresh):
+        return [key], set()
+    where = (
+        MP.c.run_id == ctx.run_id,
+        MP.c.stage == part.stage,
+        MP.c.epoch == part.epoch,
+        MP.c.part == part.part,
+    )
+    confirms = fresh.result_sha == sha
+    dead = [key] if confirms else [fresh.result_key] if fresh.result_key else []
+    conn.execute(delete(B).where(B.c.key.in_(dead)))
+    wake: set[str] = set()
+    basis = ledger.work_credits(ctx.gflops[part.stage], ctx.tokens_per_sample, "backward", False)
+    for who, theirs in ((fresh.first_by, fresh.result_sha), (fresh.second_by, fresh.second_sha)):
+        if who and theirs and theirs != sha:
+            ref = f"part:{part.stage}:{part.epoch}:{part.part}:{who}"
+            detail = f"partition {part.part} of stage {part.stage} epoch {part.epoch} reduced wrong"
+            wake |= standing.failed(conn, ctx, who, ref, basis, detail, now)
+    if confirms:
+        conn.execute(update(MP).where(*where).values(agreed=True, second_by=ORCHESTRATOR, second_sha=sha))
+    else:
+        _take(conn, ctx, part, key, sha, size, now)
+    return dead, wake
+
+
+def _take(conn: Connection, ctx: RunCtx, part: Any, key: str, sha: str, size: int, now: float) -> None:
     conn.execute(insert(B).values(key=key, sha256=sha, size=size, created=now, sealed=True))
     where = (
         MP.c.run_id == ctx.run_id,
@@ -313,4 +371,3 @@ def record_result(
         MP.c.part == part.part,
     )
     conn.execute(update(MP).where(*where).values(result_key=key, result_sha=sha, first_by=ORCHESTRATOR))
-    return True

@@ -3,7 +3,9 @@
 The reaper calls `advance` every tick. It fixes the partitions of rounds whose contribute phase is over
 (butterfly.py), computes a partition itself when both its owners are gone (their leases lapsed) or the
 reducing phase has passed merge.timeout_s (with the same core.outer code on the uploads, its own
-epoch-E weights and momentum, so the bytes are the owners'), and once every partition has a result
+epoch-E weights and momentum, so the bytes are the owners'), does the same to settle a partition whose
+two owners disagree or whose result the second owner cannot confirm in time (butterfly.settle: a wrong
+owner fails a check), and once every partition has a confirmed result
 assembles the stage's epoch E+1 weights (header + the parts' "weights" in order) and, for diloco, the
 momentum blob, then in one transaction keyed on (stage, E) moves the stage to E+1. Everything it needs
 is in rows and blobs, so after a restart a reducing round simply carries on, and a publish whose
@@ -80,9 +82,18 @@ def _settle(state: State, ctx: RunCtx, rnd: Any, now: float) -> None:
         return
     late = now > rnd.reducing + ctx.manifest.merge.timeout_s
     orphans = [p for p in parts if p.result_sha is None and (late or not live & set(rounds.owners(p)))]
+    # No single owner decides a partition: its result waits for the other owner's, and a dispute, or a
+    # result the other owner can no longer confirm, is settled by reducing it here (butterfly.settle).
+    waiting = [p for p in parts if butterfly.unconfirmed(p) and p.second_sha is None and not late]
+    waiting = [p for p in waiting if live & (set(rounds.owners(p)) - {p.first_by})]
+    checks = [p for p in parts if butterfly.unconfirmed(p) and p not in waiting]
     if orphans and not fallback(state, ctx, rnd, orphans, now):
         return
-    if orphans or all(p.result_sha is not None for p in parts):
+    if checks and not fallback(state, ctx, rnd, checks, now, settle=True) and not late:
+        return  # (once late, a result that cannot be checked here is published as its owner sent it)
+    if waiting:
+        return
+    if orphans or checks or all(p.result_sha is not None for p in parts):
         publish(state, ctx, rnd.stage, rnd.epoch, now)
 
 
@@ -92,9 +103,10 @@ def _slice(path: Any, offset: int, length: int) -> bytes:
         return f.read(length)
 
 
-def fallback(state: State, ctx: RunCtx, rnd: Any, parts: list[Any], now: float) -> bool:
+def fallback(state: State, ctx: RunCtx, rnd: Any, parts: list[Any], now: float, settle: bool = False) -> bool:
     """Compute these partitions here, as an owner would; False when it cannot (its epoch-E weights are
-    damaged or an upload no longer matches its hashes: the owners' results are then awaited)."""
+    damaged or an upload no longer matches its hashes: the owners' results are then awaited). With
+    settle, the result replaces the owners' unconfirmed or disputed one and a wrong owner pays."""
     blobs, m = state.blobs, ctx.manifest.merge
     with state.tx() as conn:
         contribs = rounds.contributions(conn, ctx.run_id, rnd.stage, rnd.epoch)
@@ -125,6 +137,18 @@ def fallback(state: State, ctx: RunCtx, rnd: Any, parts: list[Any], now: float) 
             new, new_m = outer.reduce_partition(m, base[p.start : p.stop], updates, weights, mom, rnd.epoch)
             key = rounds.part_key(ctx.run_id, rnd.stage, rnd.epoch, p.part, butterfly.ORCHESTRATOR)
             b = blobs.write(key, flat.part_blob(new, new_m, m.wire_dtype))
+            if settle:
+                with state.tx() as conn:
+                    dead, wake = butterfly.settle(conn, ctx, p, key, b.sha256, b.size, now)
+                _delete(state, dead)
+                state.wake.notify(list(wake))
+                if p.result_sha != b.sha256:
+                    log.warning(
+                        "run %s stage %d epoch %d: partition %d reduced here; owners %s sent %s, %s",
+                        ctx.run_id, rnd.stage, rnd.epoch, p.part, ", ".join(rounds.owners(p)),
+                        (p.result_sha or "-")[:12], (p.second_sha or "-")[:12],
+                    )  # fmt: skip
+                continue
             with state.tx() as conn:
                 taken = butterfly.record_result(conn, ctx, p, key, b.sha256, b.size, now)
             if not taken:

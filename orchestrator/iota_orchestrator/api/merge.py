@@ -145,7 +145,7 @@ async def merge_part(body: MergePartDone, cid: Contributor, state: StateDep) -> 
     checked = await asyncio.to_thread(butterfly.check_part, ctx, path, n)
 
     def report(conn: Connection) -> tuple[MergePartReply, list[str]]:
-        return butterfly.report_part(conn, ctx, cid, body, checked)
+        return butterfly.report_part(conn, ctx, cid, body, checked, now())
 
     try:
         reply, dead = await state.in_tx(report)
