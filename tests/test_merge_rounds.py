@@ -176,7 +176,9 @@ class Replica:
                     else:
                         ups.append(flat.from_wire(self.read(s), self.cfg.wire_dtype))
                 mom = flat.from_wire(self.read(p.momentum), self.cfg.wire_dtype) if p.momentum else None
-                new, m = outer.reduce_partition(self.cfg, base[p.start : p.stop], ups, p.weights, mom, epoch)
+                new, m = outer.reduce_partition(
+                    self.cfg, base[p.start : p.stop], ups, p.weights, mom, epoch, p.scales
+                )
                 data = flat.part_blob(new, m, self.cfg.wire_dtype)
                 assert p.upload is not None
                 sha = self.put(p.upload.url, data)

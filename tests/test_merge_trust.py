@@ -110,12 +110,12 @@ def orch(tmp_path_factory):
         yield o
 
 
-def make_run(orch: InProcessOrchestrator, **trust: Any) -> str:
+def make_run(orch: InProcessOrchestrator, timeout_s: float = 20.0, **trust: Any) -> str:
     m: RunManifest = tiny_manifest(str(orch.corpus))
     m = replace(
         m,
         train=replace(m.train, backward_per_step=1),
-        merge=replace(m.merge, interval=1, strategy="average", timeout_s=20.0),
+        merge=replace(m.merge, interval=1, strategy="average", timeout_s=timeout_s),
         trust=replace(m.trust, **trust),
     )
     with SwarmApi.connect(orch.url, ADMIN) as admin:
@@ -273,3 +273,36 @@ def test_a_partition_owner_that_reduces_wrong_is_overruled_and_pays(orch):
     assert a.state == "banned" and a.credits <= 0
     assert any(x.work_id.startswith(f"part:{STAGE}:0:") for x in crew.row(db.ledger, cheat.contributor_id))
     assert crew.row(db.assignments, honest.contributor_id)[0].fails == 0
+
+
+def test_clip_scales_keep_each_norm_within_twice_the_median_per_counted_step():
+    from iota_cli.core.outer import clip_scales, weighted_mean
+
+    assert clip_scales([1.0, 100.0], [1, 1]) == [1.0, 1.0], "two contributions: no median to trust"
+    assert clip_scales([1.0, 1.2, 100.0], [1, 1, 1]) == [1.0, 1.0, pytest.approx(2 * 1.2 / 100)]
+    assert clip_scales([1.0, 2.0, 3.0], [1, 2, 3]) == [1.0, 1.0, 1.0], "norms grow with counted steps"
+    u = [np.ones(4, np.float32), np.full(4, 9.0, np.float32)]
+    np.testing.assert_allclose(weighted_mean(u, [1.0, 1.0], [1.0, 0.5]), np.full(4, 2.75), rtol=1e-7)
+
+
+def test_with_three_replicas_an_outsized_update_within_the_bound_is_clipped(orch):
+    # Nobody reduces: after the 2 s reducing phase the orchestrator does, with the plan's clips.
+    crew = Crew(orch, make_run(orch, timeout_s=2.0), 3)
+    for r in crew.reps:
+        crew.carry(r)
+    size = crew.layout().size
+    b = crew.bound(2, crew.reps[0])
+    rng = np.random.default_rng(1)
+    small = [rng.uniform(-0.1 * b, 0.1 * b, size).astype(np.float32) for _ in range(2)]
+    big = np.full(size, 0.9 * b, np.float32)  # every coordinate near the bound: ~15x their norm
+    base = crew.layout().flatten(crew.reps[0].weights())
+    offers = [r.heartbeat()["merge"] for r in crew.reps]
+    for r, offer, u in zip(crew.reps, offers, [*small, big], strict=True):
+        assert r.contribute(offer, u)["accepted"]
+    plan = until(lambda: (p := crew.reps[0].plan(0, wait_s=2.0)).state == "reducing" and p, what="reducing")
+    ids = sorted(r.contributor_id for r in crew.reps)
+    scales = dict(zip(ids, next(p for p in plan.parts if p.scales).scales, strict=True))
+    assert scales[crew.reps[2].contributor_id] < 0.2 and scales[crew.reps[0].contributor_id] == 1.0
+    until(lambda: crew.reps[0].heartbeat()["epoch"] == 1, timeout=20, what="the orchestrator to publish")
+    moved = base - crew.layout().flatten(crew.reps[0].weights())
+    assert np.abs(moved).max() < 0.3 * b, "the outsized update moved the mean by a clipped share only"

@@ -4,9 +4,13 @@ Every party that reduces a partition (its two owners, the orchestrator when they
 the same decoded inputs in the same order, and numpy's element-wise float64/float32 arithmetic is exact
 IEEE with no fusing, so they all produce identical bytes whatever framework trained the replicas.
 
-    mean = sum(w_i * u_i) / sum(w_i)                       (float64, contributors sorted by id)
+    mean = sum(w_i * s_i * u_i) / sum(w_i)                 (float64, contributors sorted by id)
     average: new = base - mean
     diloco:  mu = momentum_at(cfg, E); m' = wire_round(mu * m + mean); new = base - lr * (mean + mu * m')
+
+w_i is the work the orchestrator counted for contribution i, s_i <= 1 the norm clip it fixed for it in
+the plan (clip_scales: with three or more contributions none may exceed CLIP times the median norm per
+counted step; 1 otherwise), so no single contributor steers the mean.
 
 Try it:
     python -c "import numpy as np; from iota_cli.core.manifest import MergeConfig; \
@@ -33,24 +37,54 @@ def momentum_at(cfg: MergeConfig, round_index: int) -> float:
     return cfg.momentum_start + (cfg.outer_momentum - cfg.momentum_start) * frac
 
 
-def weighted_mean(updates: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
-    """sum(w_i * u_i) / sum(w_i) as float32, accumulated in float64 in the order given."""
+CLIP = 2.0  # how far past the median norm per counted step a contribution may reach (clip_scales)
+MIN_FOR_CLIP = 3  # a median of two is their mean: it cannot tell which of two contributions is wrong
+
+
+def clip_scales(norms: Sequence[float], steps: Sequence[int]) -> list[float]:
+    """Per contribution, the factor s_i <= 1 that keeps its L2 norm within CLIP x the median of the
+    round's norms per counted step x its own counted steps (all 1 below MIN_FOR_CLIP contributions).
+
+    Computed once by the orchestrator from the whole uploads and handed to every owner in the plan, so
+    each partition is clipped by the same factor everywhere and the reduction stays partition-local."""
+    if len(norms) != len(steps):
+        raise ValueError(f"{len(norms)} norms but {len(steps)} step counts")
+    if len(norms) < MIN_FOR_CLIP:
+        return [1.0] * len(norms)
+    per_step = sorted(n / max(k, 1) for n, k in zip(norms, steps, strict=True))
+    mid = len(per_step) // 2
+    median = per_step[mid] if len(per_step) % 2 else (per_step[mid - 1] + per_step[mid]) / 2
+    out = []
+    for n, k in zip(norms, steps, strict=True):
+        tau = CLIP * median * max(k, 1)
+        out.append(1.0 if n <= tau or n <= 0 else tau / n)
+    return out
+
+
+def weighted_mean(
+    updates: Sequence[np.ndarray], weights: Sequence[float], scales: Sequence[float] = ()
+) -> np.ndarray:
+    """sum(w_i * s_i * u_i) / sum(w_i) as float32, accumulated in float64 in the order given (scales
+    empty: all 1)."""
     if not updates:
         raise ValueError("no updates to average")
     if len(updates) != len(weights):
         raise ValueError(f"{len(updates)} updates but {len(weights)} weights")
     if any(not math.isfinite(w) or w < 0 for w in weights):
         raise ValueError(f"weights must be finite and non-negative, got {list(weights)[:8]}")
+    scales = list(scales) or [1.0] * len(updates)
+    if len(scales) != len(updates) or any(not 0 <= s <= 1 for s in scales):
+        raise ValueError(f"scales must be one in [0, 1] per update, got {scales[:8]}")
     total = math.fsum(weights)
     if total <= 0:
         raise ValueError("the weights sum to zero")
     size = np.asarray(updates[0]).shape
     acc = np.zeros(size, dtype=np.float64)
-    for u, w in zip(updates, weights, strict=True):
+    for u, w, c in zip(updates, weights, scales, strict=True):
         u = np.asarray(u)
         if u.ndim != 1 or u.shape != size:
             raise ValueError(f"updates must be 1-D of one length, got {list(u.shape)} and {list(size)}")
-        acc += np.float64(w) * u.astype(np.float64)
+        acc += (np.float64(w) * np.float64(c)) * u.astype(np.float64)
     return (acc / np.float64(total)).astype(np.float32)
 
 
@@ -89,9 +123,11 @@ def reduce_partition(
     weights: Sequence[float],
     momentum: np.ndarray | None,
     round_index: int,
+    scales: Sequence[float] = (),
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """One owner's whole job for a partition: the weighted mean of the updates, then the outer step."""
-    return outer_step(cfg, base, weighted_mean(updates, weights), momentum, round_index)
+    """One owner's whole job for a partition: the weighted (clipped) mean of the updates, then the outer
+    step."""
+    return outer_step(cfg, base, weighted_mean(updates, weights, scales), momentum, round_index)
 
 
 def overlap(current: np.ndarray, snapshot: np.ndarray, merged: np.ndarray) -> np.ndarray:

@@ -261,6 +261,7 @@ class MergePart(Model):
     # every owner), the work the orchestrator counted for each, and where the epoch-E momentum is.
     sources: list[MergeSlice] = []
     weights: list[float] = []
+    scales: list[float] = []  # the norm clip of each source (core.outer.clip_scales); empty: all 1
     mine: int | None = None  # which of sources is the caller's own upload (it may use its local copy)
     momentum: MergeSlice | None = None  # None: zeros (first round) or a strategy without momentum
     upload: UploadRef | None = None  # where the owner puts its part blob

@@ -235,7 +235,7 @@ class Merger:
             return np.empty(0, np.float32), None
         base = rnd.base[start:stop]
         weights, new_momentum = outer.reduce_partition(
-            self.cfg, base, updates, part.weights, momentum, plan.round_index
+            self.cfg, base, updates, part.weights, momentum, plan.round_index, part.scales
         )
         blob = part_blob(weights, new_momentum, dtype)
         assert part.upload is not None

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy import Connection, delete, insert, select, update
 
-from iota_cli.core import flat
+from iota_cli.core import flat, outer
 from iota_cli.core.protocol import MergePart, MergePartDone, MergePartReply, MergePlan, MergeSlice
 from iota_cli.core.tensors import read_header
 from iota_orchestrator import db, ledger, rounds, standing
@@ -84,14 +85,21 @@ class Fixed:
     ranges: list[tuple[int, int]]
     spans: dict[str, list[tuple[int, int, str]]]  # contributor -> (offset, length, sha256) per partition
     momentum: list[str | None]
+    scales: dict[str, float]  # contributor -> its norm clip (core.outer.clip_scales)
 
 
 def hash_ranges(
-    ctx: RunCtx, blobs: BlobStore, stage: int, contribs: Sequence[Any], momentum: str | None
+    ctx: RunCtx,
+    blobs: BlobStore,
+    stage: int,
+    contribs: Sequence[Any],
+    momentum: str | None,
+    steps: Sequence[int] = (),
 ) -> Fixed:
-    """Cut the stage's vector over these contributions and hash each range an owner will read."""
+    """Cut the stage's vector over these contributions, hash each range an owner will read, and fix each
+    contribution's norm clip from its whole update and its counted steps (steps: merge_checks)."""
     ranges = flat.partitions(rounds.flat_size(ctx, stage), len(contribs))
-    spans = {}
+    spans, norms = {}, []
     for c in contribs:
         path = blobs.path(c.blob_key)
         header = read_header(path)
@@ -100,11 +108,29 @@ def hash_ranges(
             offset, length = flat.update_span(header, start, stop)
             out.append((offset, length, _sha_range(path, offset, length)))
         spans[c.contributor_id] = out
+        offset, length = flat.update_span(header, 0, ranges[-1][1])
+        u = flat.from_wire(path.read_bytes()[offset : offset + length], ctx.manifest.merge.wire_dtype).astype(
+            np.float64
+        )
+        norms.append(float(np.sqrt(np.dot(u, u))))
+    clip = outer.clip_scales(norms, list(steps) or [1] * len(norms))
+    scales = {c.contributor_id: s for c, s in zip(contribs, clip, strict=True)}
     moms: list[str | None] = [None] * len(ranges)
     if momentum is not None and ctx.manifest.merge.strategy == "diloco":
         base, width = data_start(blobs, momentum), flat.WIRE_SIZES[ctx.manifest.merge.wire_dtype]
         moms = [_sha_range(blobs.path(momentum), base + a * width, (b - a) * width) for a, b in ranges]
-    return Fixed(tuple(c.contributor_id for c in contribs), ranges, spans, moms)
+    return Fixed(tuple(c.contributor_id for c in contribs), ranges, spans, moms, scales)
+
+
+def spans_of(c: Any) -> list[list[Any]]:
+    """A contribution's (offset, length, sha256) per partition, as start_reducing stored them (a bare
+    list: stored before norm clips, scale 1)."""
+    stored = json.loads(c.slices)
+    return list(stored["spans"] if isinstance(stored, dict) else stored)
+
+
+def scale_of(c: Any) -> float:
+    return float(s.get("scale", 1.0)) if isinstance(s := json.loads(c.slices), dict) else 1.0
 
 
 def start_reducing(conn: Connection, ctx: RunCtx, stage: int, epoch: int, fixed: Fixed, now: float) -> bool:
@@ -123,7 +149,7 @@ def start_reducing(conn: Connection, ctx: RunCtx, stage: int, epoch: int, fixed:
                 MC.c.epoch == epoch,
                 MC.c.contributor_id == cid,
             )
-            .values(slices=json.dumps(spans))
+            .values(slices=json.dumps({"spans": spans, "scale": fixed.scales.get(cid, 1.0)}))
         )
     for p, (start, stop) in enumerate(fixed.ranges):
         conn.execute(
@@ -182,7 +208,7 @@ def _to_reduce(
 ) -> MergePart:
     sources = []
     for c in contribs:
-        offset, length, sha = json.loads(c.slices)[p.part]
+        offset, length, sha = spans_of(c)[p.part]
         sources.append(
             MergeSlice(url=blobs.download_url(c.blob_key), offset=offset, length=length, sha256=sha)
         )
@@ -202,6 +228,7 @@ def _to_reduce(
         update={
             "sources": sources,
             "weights": rounds.round_weights(list(contribs)),
+            "scales": [scale_of(c) for c in contribs],
             "mine": ids.index(contributor_id) if contributor_id in ids else None,
             "momentum": mom,
             "upload": blobs.upload_ref(key, rounds.part_max_size(ctx, p.stop - p.start)),

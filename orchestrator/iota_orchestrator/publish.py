@@ -17,7 +17,6 @@ transaction did not commit is done again (same bytes), never twice.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from typing import Any
 
@@ -26,7 +25,7 @@ from sqlalchemy import delete, insert, select, update
 
 from iota_cli.core import flat, outer, tensors
 from iota_cli.core.tensors import RawTensor
-from iota_orchestrator import butterfly, db, rounds, runs
+from iota_orchestrator import butterfly, db, merge_checks, rounds, runs
 from iota_orchestrator.runs import RunCtx
 from iota_orchestrator.state import State
 
@@ -51,7 +50,8 @@ def _fix(state: State, ctx: RunCtx, stage: int, epoch: int, now: float) -> None:
     with state.tx() as conn:
         contribs = rounds.contributions(conn, ctx.run_id, stage, epoch)
         momentum = butterfly.momentum_of(conn, ctx.run_id, stage, epoch)
-    fixed = butterfly.hash_ranges(ctx, state.blobs, stage, contribs, momentum)
+        steps = [merge_checks.allowed_steps(conn, ctx, c.contributor_id, stage, epoch) for c in contribs]
+    fixed = butterfly.hash_ranges(ctx, state.blobs, stage, contribs, momentum, steps)
     with state.tx() as conn:
         started = butterfly.start_reducing(conn, ctx, stage, epoch, fixed, now)
     if started:
@@ -122,7 +122,7 @@ def fallback(state: State, ctx: RunCtx, rnd: Any, parts: list[Any], now: float, 
         for p in parts:
             updates = []
             for c in contribs:
-                offset, length, sha = json.loads(c.slices)[p.part]
+                offset, length, sha = butterfly.spans_of(c)[p.part]
                 raw = _slice(blobs.path(c.blob_key), offset, length)
                 if hashlib.sha256(raw).hexdigest() != sha:
                     raise ValueError(f"the update of {c.contributor_id} no longer matches its hashes")
@@ -134,7 +134,10 @@ def fallback(state: State, ctx: RunCtx, rnd: Any, parts: list[Any], now: float, 
                 mom = flat.from_wire(
                     _slice(blobs.path(momentum), at, (p.stop - p.start) * width), m.wire_dtype
                 )
-            new, new_m = outer.reduce_partition(m, base[p.start : p.stop], updates, weights, mom, rnd.epoch)
+            scales = [butterfly.scale_of(c) for c in contribs]
+            new, new_m = outer.reduce_partition(
+                m, base[p.start : p.stop], updates, weights, mom, rnd.epoch, scales
+            )
             key = rounds.part_key(ctx.run_id, rnd.stage, rnd.epoch, p.part, butterfly.ORCHESTRATOR)
             b = blobs.write(key, flat.part_blob(new, new_m, m.wire_dtype))
             if settle:
