@@ -275,11 +275,11 @@ def test_a_partition_owner_that_reduces_wrong_is_overruled_and_pays(orch):
     assert crew.row(db.assignments, honest.contributor_id)[0].fails == 0
 
 
-def test_clip_scales_keep_each_norm_within_twice_the_median_per_counted_step():
+def test_clip_scales_keep_each_norm_within_three_times_the_median_per_counted_step():
     from iota_cli.core.outer import clip_scales, weighted_mean
 
     assert clip_scales([1.0, 100.0], [1, 1]) == [1.0, 1.0], "two contributions: no median to trust"
-    assert clip_scales([1.0, 1.2, 100.0], [1, 1, 1]) == [1.0, 1.0, pytest.approx(2 * 1.2 / 100)]
+    assert clip_scales([1.0, 1.2, 100.0], [1, 1, 1]) == [1.0, 1.0, pytest.approx(3 * 1.2 / 100)]
     assert clip_scales([1.0, 2.0, 3.0], [1, 2, 3]) == [1.0, 1.0, 1.0], "norms grow with counted steps"
     u = [np.ones(4, np.float32), np.full(4, 9.0, np.float32)]
     np.testing.assert_allclose(weighted_mean(u, [1.0, 1.0], [1.0, 0.5]), np.full(4, 2.75), rtol=1e-7)

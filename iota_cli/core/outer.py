@@ -37,7 +37,7 @@ def momentum_at(cfg: MergeConfig, round_index: int) -> float:
     return cfg.momentum_start + (cfg.outer_momentum - cfg.momentum_start) * frac
 
 
-CLIP = 2.0  # how far past the median norm per counted step a contribution may reach (clip_scales)
+CLIP = 3.0  # how far past the median norm per counted step a contribution may reach (clip_scales)
 MIN_FOR_CLIP = 3  # a median of two is their mean: it cannot tell which of two contributions is wrong
 
 

@@ -56,6 +56,8 @@ def _fix(state: State, ctx: RunCtx, stage: int, epoch: int, now: float) -> None:
         started = butterfly.start_reducing(conn, ctx, stage, epoch, fixed, now)
     if started:
         state.wake.notify([rounds.wake_key(ctx.run_id, stage, epoch)])
+        if clipped := {c: round(s, 4) for c, s in fixed.scales.items() if s < 1.0}:
+            log.warning("run %s stage %d epoch %d: updates clipped %s", ctx.run_id, stage, epoch, clipped)
         log.info(
             "run %s stage %d epoch %d: %d contributions, reducing", ctx.run_id, stage, epoch, len(contribs)
         )
