@@ -197,13 +197,10 @@ def test_merge_poisoners_are_caught_and_never_move_the_weights_past_the_bound(tm
         ratios.append(moved / bound)
         pairs += 1
     assert pairs >= 3, f"too few consecutive epochs were seen to check: {sorted(copier.got)}"
-    log = (swarm.home / "orchestrator.log").read_text(errors="replace")
-    honest_ratios = [
-        float(x.split("update at ")[1].split(" of")[0]) for x in log.splitlines() if "of its bound" in x
-    ]
+    # Each stage has one honest replica (the poisoners are left out), so an epoch's move is its update.
     print(
-        f"{pairs} published epochs checked; moved / bound max {max(ratios):.3f}; honest update / bound "
-        f"max {max(honest_ratios, default=0):.3f} over {len(honest_ratios)} contributions"
+        f"{pairs} published epochs checked; honest update / bound: max {max(ratios):.3f}, "
+        f"mean {float(np.mean(ratios)):.3f}"
     )
     assert status.first_loss is not None and status.last_loss is not None
     assert status.first_loss > status.last_loss, (status.first_loss, status.last_loss)
