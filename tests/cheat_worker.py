@@ -8,6 +8,8 @@ otherwise a faithful worker (it heartbeats, checkpoints, answers checks with the
     fake-loss           tail: computes honestly, reports a loss of 0.01
     no-backward         head: completes its backward items without running them (a made-up proof)
     own-weights         body: computes honestly, but with weights of its own (never takes the swarm's)
+    ascent              any stage: works honestly, but every merge update it sends pushes the loss up,
+                        at 0.9 of the optimizer's bound on every coordinate (so the bound lets it in)
 
 Run one by hand against a local swarm (URL, run id and a token from `iota orchestrator status`):
     IOTA_TOKEN=... python tests/cheat_worker.py scaled-activations join --orchestrator URL --run R \
@@ -21,6 +23,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from iota_cli.core.bounds import update_bound
 from iota_cli.core.stage import proof_size
 from iota_cli.core.tensors import RawTensor, TensorDict
 from iota_cli.core.validation import as_f32
@@ -89,12 +92,35 @@ class OwnWeights(Honest):
         self.state = replace(self.state, epoch=news.epoch)
 
 
+class Ascent(Honest):
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        honest_begin, m = self.merger.begin, self.merger
+
+        def begin(offer, weights, step):  # type: ignore[no-untyped-def]
+            downhill = np.sign(m.layout.flatten(weights) - m.base)  # where its honest steps went
+            o = self.manifest
+            reach = 0.9 * update_bound(o.optim, o.merge.interval, float(np.abs(m.base).max()))
+            uphill = (m.base - downhill * reach).astype(np.float32)  # its update: the opposite way
+            return honest_begin(offer, m.layout.unflatten(uphill), step)
+
+        self.merger.begin = begin  # type: ignore[method-assign]
+
+    def _land(self) -> None:  # the merged weights as they are (its own poisoned snapshot is not kept)
+        landed = self.merger.take()
+        if landed is None or landed.merged is None or landed.epoch != self.state.epoch:
+            return
+        self.backend.load(self.merger.layout.unflatten(landed.merged))
+        self._synced(landed.merged, landed.epoch + 1)
+
+
 KINDS = {
     "random-activations": RandomActivations,
     "scaled-activations": ScaledActivations,
     "fake-loss": FakeLoss,
     "no-backward": NoBackward,
     "own-weights": OwnWeights,
+    "ascent": Ascent,
 }
 
 

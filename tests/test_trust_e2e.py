@@ -4,7 +4,8 @@ A real orchestrator and validator (`iota orchestrator validate`) on loopback, on
 per stage, and one real cheating process per kind (tests/cheat_worker.py: the product's worker with one
 method changed), each its own contributor pinned to a stage: random activations (body), scaled
 activations (head), a fake loss (tail), backward items completed without running them (head), honest
-compute with weights of its own (body). For each
+compute with weights of its own (body), honest work but merge updates that push the loss up within the
+optimizer's bound (tail; caught by the held-out loss check). For each
 cheater: it is caught (a failed check, banned from the run), its credit balance ends at or below zero,
 and it never moved the merged weights beyond the optimizer's bound; the honest workers pass their checks
 and the swarm's vetted loss falls. The merge poisoner has its own test (test_trust_merge_e2e.py).
@@ -41,6 +42,7 @@ CHEATS = {
     "fake-loss": 2,
     "no-backward": 0,
     "own-weights": 1,
+    "ascent": 2,
 }
 SCRIPT = Path(__file__).parent / "cheat_worker.py"
 
@@ -164,7 +166,10 @@ def test_the_vetted_loss_falls(trust_run):
     assert status.last_loss > 1.0, "a fake loss of 0.01 must not reach the run's loss"
 
 
-@pytest.mark.parametrize("kind", sorted(CHEATS))
+WORK_CHEATS = sorted(k for k in CHEATS if k != "ascent")
+
+
+@pytest.mark.parametrize("kind", WORK_CHEATS)
 def test_each_cheater_is_caught_banned_and_earns_nothing(trust_run, kind):
     _, cheaters, status, _, credits, _ = trust_run
     w = cheaters[kind]
@@ -174,6 +179,16 @@ def test_each_cheater_is_caught_banned_and_earns_nothing(trust_run, kind):
     assert credits[w.contributor_id]["total"] <= 0, credits[w.contributor_id]
     log = (w.home / "worker.log").read_text(errors="replace")
     assert "banned" in log, f"the cheater was never told it is banned:\n{log_tail(w.home / 'worker.log')}"
+
+
+def test_updates_that_raise_the_held_out_loss_are_left_out_and_unpaid(trust_run):
+    """The ascent cheater works honestly, so its work passes; every update it sends is scored on held-out
+    tokens (it never passes that test), left out of its round and the work it carried is not paid."""
+    _, cheaters, status, _, credits, _ = trust_run
+    w = cheaters["ascent"]
+    ws = by_id(status)[w.contributor_id]
+    assert ws.faults.get("harmful_update", 0) >= 1, ws
+    assert credits[w.contributor_id]["clawed_back"] > 0, credits[w.contributor_id]
 
 
 def test_no_contributor_moved_the_merged_weights_beyond_the_bound(trust_run):

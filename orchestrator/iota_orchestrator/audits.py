@@ -273,14 +273,16 @@ def decide(conn: Connection, ctx: RunCtx, audit_id: int, verdict: AuditVerdict, 
     state = "passed" if verdict.passed else "failed"
     _set(conn, au.id, state=state, decided=now, loss=verdict.loss, detail=verdict.detail[:500])
     if verdict.passed:
-        standing.passed(conn, ctx, au.contributor_id, au.ledger_mark)
+        if au.kind == "work":  # a merge update's score does not judge its worker (merge_audits.py)
+            standing.passed(conn, ctx, au.contributor_id, au.ledger_mark)
         return set()
-    ref = f"audit:{au.id}"
-    if au.kind == "merge":
+    if au.kind == "merge":  # left out and unpaid, but not a failed check of its worker (merge_audits.py)
         merge_audits.leave_out(conn, ctx, au)
         ref = merge_checks.REF.format(stage=au.stage, epoch=au.epoch, cid=au.contributor_id)  # rounds skip it
+        standing.unpaid(conn, ctx, au.contributor_id, ref, au.basis, f"held-out loss: {verdict.detail}", now)
+        return set()
     return standing.failed(
-        conn, ctx, au.contributor_id, ref, au.basis, f"check failed: {verdict.detail}", now
+        conn, ctx, au.contributor_id, f"audit:{au.id}", au.basis, f"check failed: {verdict.detail}", now
     )
 
 

@@ -4,7 +4,9 @@ While a validator is there (it asked for work within ACTIVE_S), an update record
 sampled (standing.draw): its round then waits, until its deadline, for the validator's score: the
 pipeline's loss on a batch the run has not issued yet, with the stage at base - update, against the loss
 at base (core.validation.merge_loss_ok). A failed update leaves its round if it has not begun reducing,
-and costs its sender a failed check (audits.decide). The checks share audits.py's table (kind "merge").
+and the work it carried is unpaid (standing.unpaid). Its sender's standing does not move either way: a
+replica that trained on what a cheater sent it fails this test too, and the recomputation of work items
+is what judges honesty. The checks share audits.py's table (kind "merge").
 
     python -c "from iota_orchestrator import merge_audits; print(merge_audits.heldout_key('r', 3))"
 """
@@ -52,7 +54,7 @@ def sample(
     # Held out: a random corpus sample the run has not issued yet, unpredictable to the replicas.
     ahead = int(run) + standing.SYSTEM_RNG.randrange(1, max(2, ctx.layout.n_samples))
     index = data.data_index(ahead, ctx.layout.n_samples, ctx.manifest.seed)
-    # A failed update costs fail_penalty times the work it carried (its counted weight), not one item's.
+    # A failed update leaves the work it carried (its counted weight) unpaid.
     MC = db.merge_contribs
     carried = conn.execute(
         select(MC.c.weight).where(

@@ -79,6 +79,19 @@ def passed(conn: Connection, ctx: RunCtx, contributor_id: str, mark: int) -> Non
     )
 
 
+def unpaid(
+    conn: Connection, ctx: RunCtx, contributor_id: str, ref: str, amount: float, detail: str, now: float
+) -> None:
+    """Take back credits for work whose product was refused, without judging its worker: a merge update
+    that raised the held-out loss (its replica may have trained on what a cheater sent it). Standing is
+    not touched; the fault is counted for operators."""
+    a = conn.execute(select(A.c.stage).where(*_where(ctx.run_id, contributor_id))).first()
+    if a is None or conn.execute(select(L.c.id).where(L.c.work_id == ref)).first() is not None:
+        return
+    ledger.record(conn, ctx.run_id, contributor_id, ref, "clawback", a.stage, 0, -round(amount, 6), now)
+    faults.charge(conn, ctx.run_id, contributor_id, "harmful_update", detail[:500], now)
+
+
 def failed(
     conn: Connection, ctx: RunCtx, contributor_id: str, ref: str, basis: float, detail: str, now: float
 ) -> set[str]:
