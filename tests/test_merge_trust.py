@@ -110,12 +110,18 @@ def orch(tmp_path_factory):
         yield o
 
 
-def make_run(orch: InProcessOrchestrator, timeout_s: float = 20.0, **trust: Any) -> str:
+def make_run(
+    orch: InProcessOrchestrator,
+    timeout_s: float = 20.0,
+    interval: int = 1,
+    max_samples: int = 0,
+    **trust: Any,
+) -> str:
     m: RunManifest = tiny_manifest(str(orch.corpus))
     m = replace(
         m,
-        train=replace(m.train, backward_per_step=1),
-        merge=replace(m.merge, interval=1, strategy="average", timeout_s=timeout_s),
+        train=replace(m.train, backward_per_step=1, max_samples=max_samples),
+        merge=replace(m.merge, interval=interval, strategy="average", timeout_s=timeout_s),
         trust=replace(m.trust, **trust),
     )
     with SwarmApi.connect(orch.url, ADMIN) as admin:
@@ -306,3 +312,33 @@ def test_with_three_replicas_an_outsized_update_within_the_bound_is_clipped(orch
     until(lambda: crew.reps[0].heartbeat()["epoch"] == 1, timeout=20, what="the orchestrator to publish")
     moved = base - crew.layout().flatten(crew.reps[0].weights())
     assert np.abs(moved).max() < 0.3 * b, "the outsized update moved the mean by a clipped share only"
+
+
+def test_a_made_up_step_at_the_drain_opens_no_final_round_and_the_run_ends(orch):
+    crew = Crew(orch, make_run(orch, timeout_s=1.0, interval=1000, max_samples=1), 1)
+    (r,) = crew.reps
+    liar = crew.sim("liar", STAGE)
+    liar.heartbeat()
+    liar.step = 10**9  # it never works, but says it stepped
+    crew.carry(r)  # the run's only sample
+    base = crew.layout().flatten(r.weights())
+    r.step += 1
+    everyone = (crew.head, crew.tail, r, liar)
+
+    def offered() -> Any:  # the end waits for every live replica's heartbeat since the drain
+        return [w.heartbeat() for w in everyone][2]["merge"]
+
+    offer = until(offered, what="the final round of the replica that worked")
+    r.contribute(offer, np.zeros(crew.layout().size, np.float32))
+    r.reduce(0, base)
+
+    def beat() -> bool:
+        liar.step += 1000  # ever further "ahead", and holding the current epoch
+        liar.epoch = r.heartbeat()["epoch"]
+        told = liar.heartbeat()
+        assert told["merge"] is None, "the liar's steps opened a round"
+        return told["run_state"] == "finished" and all(
+            w.heartbeat()["run_state"] == "finished" for w in everyone
+        )
+
+    until(beat, timeout=20, what="the run to finish despite the liar's steps")

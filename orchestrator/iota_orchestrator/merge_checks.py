@@ -124,12 +124,17 @@ def allowed_steps(conn: Connection, ctx: RunCtx, cid: str, stage: int, epoch: in
     since it loaded E; both came after round E-1 opened, and a replica steps only after reporting the
     passes of that step, so the passes counted since then bound its steps (core.bounds.steps_from_items).
     """
+    items = since_last_round(conn, ctx, cid, stage, epoch) / max(ctx.tokens_per_sample, 1)
+    return bounds.steps_from_items(items, ctx.manifest.train.backward_per_step)
+
+
+def since_last_round(conn: Connection, ctx: RunCtx, cid: str, stage: int, epoch: int) -> float:
+    """Backward tokens counted for cid on the stage since the stage's previous round (before epoch)
+    opened: all the work an update at epoch can hold (allowed_steps), and what a final round merges."""
     opened = conn.execute(
         select(func.max(R.c.opened)).where(R.c.run_id == ctx.run_id, R.c.stage == stage, R.c.epoch < epoch)
     ).scalar_one()
-    since_t = -math.inf if opened is None else float(opened)
-    items = _tokens(conn, ctx, cid, stage, 0, since_t) / max(ctx.tokens_per_sample, 1)
-    return bounds.steps_from_items(items, ctx.manifest.train.backward_per_step)
+    return _tokens(conn, ctx, cid, stage, 0, -math.inf if opened is None else float(opened))
 
 
 # --- the check and its cost -------------------------------------------------------------------------

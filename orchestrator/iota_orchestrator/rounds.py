@@ -341,12 +341,13 @@ def final_pending(conn: Connection, ctx: RunCtx, since: float, now: float) -> in
 
     A stage waits until each live replica has heartbeated since the drain (that beat reports its last
     step; claims renew a lease but carry no step). Then it opens a round if a replica took steps after the
-    update it last gave (steps > sync_step); a round already in flight at the drain took its updates
-    before those steps, so it does not settle the stage."""
+    update it last gave (steps > sync_step) and the ledger counted work of its since the previous round
+    opened (a reported step alone opens nothing); a round already in flight at the drain took its
+    updates before those steps, so it does not settle the stage."""
     pending = 0
     for s in range(ctx.n_stages):
         live = conn.execute(
-            select(A.c.steps, A.c.sync_step, A.c.beat).where(
+            select(A.c.contributor_id, A.c.steps, A.c.sync_step, A.c.beat).where(
                 A.c.run_id == ctx.run_id, A.c.stage == s, A.c.state == "active"
             )
         ).all()
@@ -356,7 +357,10 @@ def final_pending(conn: Connection, ctx: RunCtx, since: float, now: float) -> in
         heard = all(r.beat is not None and r.beat >= since for r in live)
         if get_round(conn, ctx.run_id, s, epoch) is not None or not heard:
             pending += 1
-        elif any(r.steps > r.sync_step for r in live):
+        elif any(
+            r.steps > r.sync_step and merge_checks.since_last_round(conn, ctx, r.contributor_id, s, epoch) > 0
+            for r in live
+        ):
             open_round(conn, ctx, s, epoch, now)
             pending += 1
     return pending
