@@ -30,6 +30,7 @@ from iota_orchestrator.runs import RunCtx
 log = logging.getLogger("iota_orchestrator")
 MC, L, ST, R = db.merge_contribs, db.ledger, db.stages, db.merge_rounds
 REF = "merge:{stage}:{epoch}:{cid}"  # the ledger work_id prefix of a failed merge check
+UNREADABLE_MAX_W = 100.0  # max |w| assumed when the stage's weights cannot be read (far above any init)
 _max_abs: dict[str, float] = {}  # weights blob key -> max |w| (sealed blobs never change)
 
 
@@ -151,8 +152,18 @@ def vet(
     base_max: float | None,
 ) -> None:
     """Raise MergeCheckFailed unless the update is finite and within the optimizer's bound."""
-    if stats is None or base_max is None:  # could not be read here: not the sender's fault, try again
-        raise Conflict("the update or the stage's weights could not be read; report it again")
+    if stats is None:  # could not be read here: not the sender's fault, try again
+        raise Conflict("the update could not be read; report it again")
+    if base_max is None:
+        # The stage's weights are damaged here, and this round is what replaces them (reaper.py): bound
+        # weight decay's share with a generous max |w| rather than refuse every update.
+        log.warning(
+            "run %s stage %d: weights unreadable, bounding updates with max |w| = %g",
+            ctx.run_id,
+            stage,
+            UNREADABLE_MAX_W,
+        )
+        base_max = UNREADABLE_MAX_W
     n = allowed_steps(conn, ctx, cid, stage, epoch)
     bound = bounds.update_bound(ctx.manifest.optim, n, base_max, ctx.manifest.merge.wire_dtype)
     problem = bounds.violation(stats, bound)
