@@ -340,8 +340,17 @@ def test_hostile_safetensors_uploads_get_no_5xx(target):
                 item = w.claim()
 
         upload_and_report(probe, item["upload"]["url"], data, complete)
-    w.heartbeat()  # holds epoch 0 from here; the next beat past merge_interval steps opens a round
-    w.step += 10
+    # A round opens from counted work (merge_checks), not a reported step: a fresh head (the uploader's
+    # claims are benched for its refusals) carries samples through a body and a tail, forward and back.
+    w = SimWorker(target.url, "merger").register()
+    w.assign(target.run_id, stage=0)
+    body_w, tail_w = SimWorker(target.url, "body").register(), SimWorker(target.url, "tail").register()
+    body_w.assign(target.run_id, stage=1)
+    tail_w.assign(target.run_id, stage=2)
+    w.heartbeat()  # holds epoch 0 from here
+    for _ in range(m.merge.interval * m.train.backward_per_step):
+        for x in (w, body_w, tail_w, body_w, w):
+            x.do(x.claim(wait_s=5.0))
     offer = w.heartbeat()["merge"]
     assert offer is not None, "a merge round opens"
     for data in hostile_tensors("update", [16], "F32"):
