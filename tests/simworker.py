@@ -232,7 +232,8 @@ class SimWorker:
                 if p.momentum is not None:
                     raw = self.read_slice(p.momentum.url, p.momentum.offset, p.momentum.length)
                     mom = flat.from_wire(raw, m.wire_dtype)
-                new, new_m = outer.reduce_partition(m, base[p.start : p.stop], ups, p.weights, mom, epoch)
+                part = base[p.start : p.stop]
+                new, new_m = outer.reduce_partition(m, part, ups, p.weights, mom, epoch, p.scales)
                 assert p.upload is not None
                 data = flat.part_blob(new, new_m, m.wire_dtype)
                 sha = self.api.upload(p.upload, data)
