@@ -46,7 +46,8 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="iota-validator-cost-"))
     options = SwarmOptions(workers=args.workers, max_steps=args.max_steps, backends=("torch-cpu",), home=home)
     swarm = Swarm.create(options, home)
-    swarm.manifest = replace(swarm.manifest, trust=replace(swarm.manifest.trust, sample_rate=args.sample_rate))
+    trust = replace(swarm.manifest.trust, sample_rate=args.sample_rate)
+    swarm.manifest = replace(swarm.manifest, trust=trust)
     last: dict[str, float] = {}
     t0 = time.monotonic()
     try:
