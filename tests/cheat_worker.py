@@ -98,19 +98,27 @@ class Ascent(Honest):
         honest_begin, m = self.merger.begin, self.merger
 
         def begin(offer, weights, step):  # type: ignore[no-untyped-def]
-            downhill = np.sign(m.layout.flatten(weights) - m.base)  # where its honest steps went
+            honest = m.layout.flatten(weights)
+            downhill = np.sign(honest - m.base)  # where its honest steps went (none yet: noise)
+            if not downhill.any():
+                downhill = np.random.default_rng(step).choice([-1.0, 1.0], size=downhill.shape)
             o = self.manifest
             reach = 0.9 * update_bound(o.optim, o.merge.interval, float(np.abs(m.base).max()))
             uphill = (m.base - downhill * reach).astype(np.float32)  # its update: the opposite way
-            return honest_begin(offer, m.layout.unflatten(uphill), step)
+            began = honest_begin(offer, m.layout.unflatten(uphill), step)
+            if began:
+                self.honest_snapshot = honest
+            return began
 
         self.merger.begin = begin  # type: ignore[method-assign]
 
-    def _land(self) -> None:  # the merged weights as they are (its own poisoned snapshot is not kept)
+    def _land(self) -> None:  # merged + its own steps since its honest snapshot (not the poisoned one)
         landed = self.merger.take()
         if landed is None or landed.merged is None or landed.epoch != self.state.epoch:
             return
-        self.backend.load(self.merger.layout.unflatten(landed.merged))
+        layout = self.merger.layout
+        current = layout.flatten(self.backend.weights())
+        self.backend.load(layout.unflatten(landed.merged + (current - self.honest_snapshot)))
         self._synced(landed.merged, landed.epoch + 1)
 
 

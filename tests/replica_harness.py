@@ -225,16 +225,16 @@ def published(api: SwarmApi, run_id: str, epoch: int, layout: FlatLayout) -> np.
     return layout.flatten(decode(data)[0])
 
 
-def contributions(orch: InProcessOrchestrator, run_id: str, epoch: int) -> list[tuple[str, float]]:
-    """(contributor id, the weight the orchestrator counted) of a round, in the order every party reduces."""
-    from iota_orchestrator import db
+def contributions(orch: InProcessOrchestrator, run_id: str, epoch: int) -> list[tuple[str, float, float]]:
+    """(contributor id, the weight the orchestrator counted, its norm clip) of a round, in the order every
+    party reduces (the clip: butterfly.scale_of, 1 unless three or more replicas and one is outsized)."""
+    from iota_orchestrator import butterfly, db
 
     MC = db.merge_contribs
-    q = select(MC.c.contributor_id, MC.c.weight).where(
-        MC.c.run_id == run_id, MC.c.stage == TAIL, MC.c.epoch == epoch
-    )
+    q = select(MC).where(MC.c.run_id == run_id, MC.c.stage == TAIL, MC.c.epoch == epoch)
     with orch.state.tx() as conn:
-        return sorted((r.contributor_id, float(r.weight)) for r in conn.execute(q))
+        rows = conn.execute(q).all()
+    return sorted((r.contributor_id, float(r.weight), butterfly.scale_of(r)) for r in rows)
 
 
 def check_overlap(r: Replica, merged: np.ndarray, atol: float) -> int:

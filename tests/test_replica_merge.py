@@ -105,11 +105,12 @@ def test_three_replicas_merge_and_keep_the_steps_they_took_since_contributing(
     # the snapshots the backends kept (F32 on the wire, so no rounding to model).
     ids = {t.worker.state.contributor_id: t for t in tails}
     rows = contributions(orch, run_id, 0)
-    assert [cid for cid, _ in rows] == sorted(ids)
-    u = [base0.astype(np.float64) - ids[cid].backend.after_step[ids[cid].stats[0].step] for cid, _ in rows]
-    w = np.array([weight for _, weight in rows])
-    assert (w > 0).all()
-    mean = sum(wi * ui for wi, ui in zip(w, u, strict=True)) / w.sum()
+    assert [cid for cid, _, _ in rows] == sorted(ids)
+    u = [base0.astype(np.float64) - ids[cid].backend.after_step[ids[cid].stats[0].step] for cid, _, _ in rows]
+    w = np.array([weight for _, weight, _ in rows])
+    clip = np.array([scale for _, _, scale in rows])  # the orchestrator's norm clips (usually 1)
+    assert (w > 0).all() and (clip > 0).all() and (clip <= 1).all()
+    mean = sum(wi * si * ui for wi, si, ui in zip(w, clip, u, strict=True)) / w.sum()
     cfg = tails[0].worker.manifest.merge
     mu = cfg.momentum_start  # the first round: no warm-up yet, momentum from zeros
     expected = base0 - cfg.outer_lr * (mean + mu * mean) if strategy == "diloco" else base0 - mean

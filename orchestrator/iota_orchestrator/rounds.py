@@ -279,7 +279,8 @@ def contribute(
     conn.execute(
         update(R).where(*_where(R, ctx.run_id, stage, epoch)).values(contributions=R.c.contributions + 1)
     )
-    merge_audits.sample(conn, ctx, contributor_id, stage, epoch, rnd.deadline, now)  # held-out loss
+    if read.stats is not None and read.stats.max_abs > 0:  # an empty update cannot harm: not scored
+        merge_audits.sample(conn, ctx, contributor_id, stage, epoch, rnd.deadline, now)  # held-out loss
     # The next round is paced from this step, at the epoch this round will publish (see lease.beat).
     conn.execute(
         update(A)
