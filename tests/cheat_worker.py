@@ -99,9 +99,7 @@ class Ascent(Honest):
 
         def begin(offer, weights, step):  # type: ignore[no-untyped-def]
             honest = m.layout.flatten(weights)
-            downhill = np.sign(honest - m.base)  # where its honest steps went (none yet: noise)
-            if not downhill.any():
-                downhill = np.random.default_rng(step).choice([-1.0, 1.0], size=downhill.shape)
+            downhill = np.sign(honest - m.base)  # where its honest steps went (none yet: an empty update)
             o = self.manifest
             reach = 0.9 * update_bound(o.optim, o.merge.interval, float(np.abs(m.base).max()))
             uphill = (m.base - downhill * reach).astype(np.float32)  # its update: the opposite way

@@ -35,7 +35,7 @@ from iota_cli.train.api import SwarmApi
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-SAMPLES = 240
+SAMPLES = 180
 CHEATS = {
     "random-activations": 1,
     "scaled-activations": 0,
