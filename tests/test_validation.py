@@ -184,7 +184,7 @@ def test_a_snapshot_that_is_not_the_stages_weights_fails(orch):
     assert worker_status(orch, run_id, head)["banned"]
 
 
-def test_only_a_banned_contributor_is_refused_and_status_shows_standing(orch):
+def test_iota_status_shows_an_unchecked_contributors_standing(orch):
     run_id = make_run(orch, sample_rate=0.0)
     honest = pinned(orch, run_id, 0, "honest")
     honest.do(honest.claim())

@@ -17,6 +17,7 @@ reaper's garbage collection skips them). Verdicts move the contributor's standin
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -48,14 +49,7 @@ def weights_want(ctx: RunCtx, stage: int) -> Want:
 
 def weights_max_size(ctx: RunCtx, stage: int) -> int:
     params = stage_params(ctx.cfg, stage_spec(ctx.cfg, stage))
-    return sum(4 * _prod(p.shape) for p in params) + HEADER_SLACK
-
-
-def _prod(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return sum(4 * math.prod(p.shape) for p in params) + HEADER_SLACK
 
 
 def pinned() -> Any:
@@ -75,6 +69,8 @@ def sample(
     conn: Connection, ctx: RunCtx, blobs: BlobStore, row: Any, a: Any, mark: int, basis: float, now: float
 ) -> UploadRef | None:
     """Maybe check this just-accepted forward item; the upload its worker's snapshot goes to if so."""
+    if not standing.draw(ctx, a):  # first: the usual answer, and it needs no query
+        return None
     pending = conn.execute(
         select(AU.c.id).where(
             AU.c.run_id == ctx.run_id,
@@ -83,7 +79,7 @@ def sample(
             AU.c.state.in_(PENDING),
         )
     ).all()
-    if len(pending) >= (1 if a.passes == 0 else MAX_PENDING) or not standing.draw(ctx, a):
+    if len(pending) >= (1 if a.passes == 0 else MAX_PENDING):
         return None
     audit_id = conn.execute(
         insert(AU).values(
