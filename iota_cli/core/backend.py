@@ -134,6 +134,11 @@ def factories() -> dict[str, BackendFactory]:
     return out
 
 
+def known_names() -> list[str]:
+    """The registered backend names, without loading any factory (cheap enough for argument checks)."""
+    return sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+
+
 def list_backends() -> list[BackendInfo]:
     infos = []
     for name, f in sorted(factories().items()):
