@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperArgument, TyperGroup
 
-from iota_cli import __version__
+from iota_cli import __version__, output
 from iota_cli.commands import auth, backends, config, doctor, errors, join, service, status, swarm
 
 COMMANDS_GROUP = "iota.commands"  # entry points: register(app: typer.Typer) -> None
@@ -22,12 +22,45 @@ COMMANDS_GROUP = "iota.commands"  # entry points: register(app: typer.Typer) -> 
 class Root(TyperGroup):
     """The `iota` group: every command runs inside it, so known exceptions are reported in one place."""
 
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            plain_usage(command)
+        return command
+
     def invoke(self, ctx: Any) -> Any:
+        from typer.exceptions import Abort, Exit, TyperException
+
         try:
             return super().invoke(ctx)
+        except (Exit, Abort, TyperException):
+            raise  # exit codes and usage errors: Typer reports those itself
+        except KeyboardInterrupt:
+            typer.echo("", err=True)  # end the line the ^C was echoed on
+            raise typer.Exit(output.EXIT_INTERRUPTED) from None
         except Exception as e:
             errors.report(e)  # exits with the table's code; returns for anything it does not know
+            errors.report_unexpected(e)  # exits 70, the traceback in a log file (IOTA_DEBUG=1: returns)
             raise
+
+
+class PlainArgument(TyperArgument):
+    """An argument shown in usage lines as gh and git show them: KEY, or [KEY] when optional (Typer 0.29
+    writes a required one as {key}, which reads as a placeholder left unfilled)."""
+
+    def get_usage_pieces(self, ctx: Any) -> list[str]:
+        name = (self.metavar or self.name or "").upper()
+        name = name if self.required else f"[{name}]"
+        return [name + ("..." if self.nargs != 1 else "")]
+
+
+def plain_usage(command: Any) -> None:
+    """Give every argument of command (and of its subcommands) the plain usage form."""
+    for param in command.params:
+        if type(param) is TyperArgument:
+            param.__class__ = PlainArgument
+    for sub in getattr(command, "commands", {}).values():
+        plain_usage(sub)
 
 
 app = typer.Typer(

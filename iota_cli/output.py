@@ -1,10 +1,19 @@
-"""The one output sink: human text by default, JSON with --json, errors on stderr, meaningful exit codes."""
+"""The one output sink: human text by default, JSON with --json, errors on stderr, meaningful exit codes.
+
+A command builds its result as plain data and hands it to a Sink with the function that renders it for
+people; the sink alone decides between the two, so no command branches on --json:
+
+    out = output.Sink(as_json)
+    out.result({"ok": True, "checks": [...]}, render)   # render(data) -> str; --json prints the data
+    out.note("Wrote /etc/iota/token")                    # for people only: stderr under --json
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -13,7 +22,29 @@ EXIT_OK = 0
 EXIT_FAIL = 1  # a check failed, or the command could not do its job
 EXIT_USAGE = 2  # bad arguments (Typer's own)
 EXIT_UNAVAILABLE = 69  # the orchestrator or a service could not be reached
+EXIT_BUG = 70  # an unexpected error inside iota (sysexits' EX_SOFTWARE): the traceback is in a log
 EXIT_CONFIG = 78  # bad configuration or credentials: restarting will not help
+EXIT_INTERRUPTED = 130  # stopped by Ctrl-C before the command could finish
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+
+
+@dataclass(frozen=True)
+class Sink:
+    """Where a command's result goes: rendered for people, or as one JSON document (json=True)."""
+
+    json: bool = False
+
+    def result(self, data: Any, render: Callable[[Any], str] | None = None) -> None:
+        """The command's result: data as JSON, or render(data) (str(data) without render) as text."""
+        if self.json:
+            print_json(data)
+        else:
+            echo(render(data) if render else str(data))
+
+    def note(self, text: str) -> None:
+        """A line for people beside the result; under --json it goes to stderr so stdout stays JSON."""
+        typer.echo(text, err=self.json)
 
 
 def print_json(obj: Any) -> None:

@@ -24,22 +24,26 @@ def backends(
 
     infos = backend.list_backends()
     auto = backend.detect_auto_choice()
-    usable = {i.name for i in infos if i.available}
-    if json_out:
-        rows = [
-            {"name": i.name, "available": i.available, "detail": i.detail, "description": i.description}
-            for i in infos
-        ]
-        output.print_json({"backends": rows, "auto": auto, "auto_available": auto in usable})
-        return
     if not infos:
         output.fail("no backends are installed", hint="pip install 'iota-cli[torch]' (or [mlx] on a Mac)")
-    table = [[i.name, "yes" if i.available else "no", i.detail] for i in infos]
-    output.echo(output.table(["BACKEND", "AVAILABLE", "VERSION OR WHY NOT"], table))
-    output.echo()
-    if auto is None:
-        output.echo("auto: none (no Apple Silicon or NVIDIA GPU here); --backend torch-cpu uses the CPU")
-    elif auto in usable:
-        output.echo(f"auto: {auto}")
+    usable = {i.name for i in infos if i.available}
+    rows = [
+        {"name": i.name, "available": i.available, "detail": i.detail, "description": i.description}
+        for i in infos
+    ]
+    result = {"backends": rows, "auto": auto, "auto_available": auto in usable}
+    output.Sink(json_out).result(result, render)
+
+
+def render(r: dict) -> str:
+    from iota_cli import output
+
+    rows = [[b["name"], "yes" if b["available"] else "no", b["detail"]] for b in r["backends"]]
+    table = output.table(["BACKEND", "AVAILABLE", "VERSION OR WHY NOT"], rows)
+    if r["auto"] is None:
+        auto = "auto: none (no Apple Silicon or NVIDIA GPU here); --backend torch-cpu uses the CPU"
+    elif r["auto_available"]:
+        auto = f"auto: {r['auto']}"
     else:
-        output.echo(f"auto: {auto}, but it is not available here (see above)")
+        auto = f"auto: {r['auto']}, but it is not available here (see above)"
+    return f"{table}\n\n{auto}"

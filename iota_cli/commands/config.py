@@ -34,14 +34,20 @@ def show(as_json: JsonOption = False) -> None:
     from iota_cli.config import settings
 
     values = asdict(settings.load())
-    src = settings.sources()
-    if as_json:
-        output.print_json(
-            {"settings": values, "sources": src, "config_file": str(settings.paths().config_file)}
-        )
-        return
-    rows = [(k, _fmt(v), src[k], settings.SETTING_HELP[k]) for k, v in values.items()]
-    output.echo(output.table(["setting", "value", "source", "meaning"], rows))
+    result = {
+        "settings": values,
+        "sources": settings.sources(),
+        "config_file": str(settings.paths().config_file),
+    }
+    output.Sink(as_json).result(result, _render_settings)
+
+
+def _render_settings(r: dict[str, Any]) -> str:
+    from iota_cli import output
+    from iota_cli.config import settings
+
+    rows = [(k, _fmt(v), r["sources"][k], settings.SETTING_HELP[k]) for k, v in r["settings"].items()]
+    return output.table(["setting", "value", "source", "meaning"], rows)
 
 
 @config_app.command("get")
@@ -104,8 +110,6 @@ def path(as_json: JsonOption = False) -> None:
     from iota_cli import output
     from iota_cli.config import settings
 
-    paths = settings.paths().to_dict()
-    if as_json:
-        output.print_json(paths)
-        return
-    output.echo(output.table(["what", "path"], list(paths.items())))
+    output.Sink(as_json).result(
+        settings.paths().to_dict(), lambda p: output.table(["what", "path"], list(p.items()))
+    )

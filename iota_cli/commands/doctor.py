@@ -43,16 +43,17 @@ def doctor(
     )
     checks = requirements.check(report)
     ok = not requirements.failed(checks)
-    if as_json:
-        output.print_json({"ok": ok, "checks": [c.to_dict() for c in checks], "report": report.to_dict()})
-    else:
-        output.echo(_summary_line(report))
-        output.echo()
-        rows = [(c.name, c.status, c.found, c.required, c.hint) for c in checks]
-        output.echo(output.table(["check", "status", "found", "required", "fix"], rows))
-        output.echo()
-        output.echo(_verdict(checks))
+    result = {"ok": ok, "checks": [c.to_dict() for c in checks], "report": report.to_dict()}
+    output.Sink(as_json).result(result, lambda _: render(report, checks))
     raise typer.Exit(output.EXIT_OK if ok else output.EXIT_FAIL)
+
+
+def render(report, checks) -> str:
+    from iota_cli import output
+
+    rows = [(c.name, c.status, c.found, c.required, c.hint) for c in checks]
+    table = output.table(["check", "status", "found", "required", "fix"], rows)
+    return f"{_summary_line(report)}\n\n{table}\n\n{_verdict(checks)}"
 
 
 def _summary_line(r) -> str:

@@ -274,18 +274,18 @@ def status(
         props = svc.status(scope, runner=host.run_command)
     except svc.ServiceError as e:
         output.fail(str(e), hint="is systemd running here?", code=output.EXIT_UNAVAILABLE)
-    if as_json:
-        output.print_json({"unit": svc.UNIT_NAME, "scope": scope, **props})
-    else:
-        if props["LoadState"] == "not-found":
-            output.fail(f"{svc.UNIT_NAME} is not installed ({scope})", hint="iota service install")
-        p = props
-        output.echo(f"{svc.UNIT_NAME} ({scope}): {p['ActiveState']} ({p['SubState']}), {p['UnitFileState']}")
-        output.echo(f"status: {p['StatusText'] or '-'}")
-        output.echo(
-            f"pid {p['MainPID']}, restarts {p['NRestarts']}, since {p['ActiveEnterTimestamp'] or '-'}"
-        )
+    output.Sink(as_json).result({"unit": svc.UNIT_NAME, "scope": scope, **props}, _render_status)
     raise typer.Exit(output.EXIT_OK if props["ActiveState"] == "active" else output.EXIT_FAIL)
+
+
+def _render_status(p: dict) -> str:
+    if p["LoadState"] == "not-found":
+        return f"{p['unit']} is not installed ({p['scope']} unit); install it with `iota service install`"
+    return (
+        f"{p['unit']} ({p['scope']}): {p['ActiveState']} ({p['SubState']}), {p['UnitFileState']}\n"
+        f"status: {p['StatusText'] or '-'}\n"
+        f"pid {p['MainPID']}, restarts {p['NRestarts']}, since {p['ActiveEnterTimestamp'] or '-'}"
+    )
 
 
 def logs(

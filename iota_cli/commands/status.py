@@ -33,10 +33,7 @@ def status(
 
     s = settings.load()
     report = gather(settings.paths(), orchestrator or s.orchestrator)
-    if as_json:
-        output.print_json(report)
-        return
-    output.echo(render(report))
+    output.Sink(as_json).result(report, render)
 
 
 def render(r: dict) -> str:

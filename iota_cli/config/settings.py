@@ -99,6 +99,25 @@ def check_key(key: str) -> str:
     return key
 
 
+def check_value(key: str, value: Any) -> None:
+    """Refuse a value that parses but cannot work, before it is stored (loading stays lenient, so a bad
+    value already in the file can still be changed or unset)."""
+    if key == "backend" and value != "auto":
+        from iota_cli.core.backend import known_names
+
+        names = known_names()
+        if value not in names:
+            raise SettingsError(f"backend: unknown backend {value!r} (known: auto, {', '.join(names)})")
+    if key == "orchestrator" and value:
+        from urllib.parse import urlsplit
+
+        url = urlsplit(value)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise SettingsError(
+                f"orchestrator: {value!r} is not an http(s) URL (like https://swarm.example.org)"
+            )
+
+
 def read_file(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
@@ -134,6 +153,7 @@ def set_value(key: str, raw: str, env: Mapping[str, str] | None = None) -> Any:
     """Validate and store one setting in the config file; return the stored value."""
     key = check_key(key)
     value = _coerce(key, raw)
+    check_value(key, value)
     path = paths(env).config_file
     data = read_file(path)
     data[key] = value

@@ -198,7 +198,13 @@ def _admin(flag: str | None, url: str | None, data_dir: Path | None) -> str:
 @run_app.command("create")
 def create_run(
     manifest: Annotated[
-        Path, typer.Argument(help="Run manifest (TOML or JSON).", exists=True, dir_okay=False)
+        Path,
+        typer.Argument(
+            metavar="MANIFEST",
+            help="Run manifest (TOML or JSON; docs/example-run.toml is one).",
+            exists=True,
+            dir_okay=False,
+        ),
     ],
     admin_token: AdminOption = None,
     url: UrlOption = None,
@@ -221,10 +227,10 @@ def create_run(
         output.fail(f"{manifest}: {e}", code=output.EXIT_CONFIG)
     with _api(_url(url, data_dir), token) as api:
         reply = api.create_run(_rebase(m, manifest.resolve().parent), wait=False)
-    if as_json:
-        output.print_json(reply.model_dump(mode="json"))
-    else:
-        output.echo(f"created run {reply.run_id} ({m.name}, {m.model.n_stages} stages)")
+    output.Sink(as_json).result(
+        reply.model_dump(mode="json"),
+        lambda _: f"created run {reply.run_id} ({m.name}, {m.model.n_stages} stages)",
+    )
 
 
 def _rebase(m: RunManifest, folder: Path) -> RunManifest:
@@ -291,13 +297,14 @@ def status(
     with _api(base) as api:
         ids = [run_id] if run_id else [r.run_id for r in api.runs(wait=False)]
         statuses = [api.run_status(rid, wait=False) for rid in ids]
-    if as_json:
-        output.print_json({"url": base, "runs": [s.model_dump(mode="json") for s in statuses]})
-        return
+    result = {"url": base, "runs": [s.model_dump(mode="json") for s in statuses]}
+    output.Sink(as_json).result(result, lambda _: _render_all(base, statuses))
+
+
+def _render_all(base: str, statuses: list) -> str:
     if not statuses:
-        output.echo(f"{base}: no runs yet (create one with `iota orchestrator run create MANIFEST`)")
-    for s in statuses:
-        output.echo(_render(s))
+        return f"{base}: no runs yet (create one with `iota orchestrator run create MANIFEST`)"
+    return "\n".join(_render(s) for s in statuses)
 
 
 @orch_app.command()
