@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from notify_listener import NotifyListener
@@ -125,3 +126,66 @@ def test_tqdm_is_not_imported_off_a_terminal():
         "assert 'tqdm' not in sys.modules, 'tqdm imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_the_rate_falls_toward_zero_while_no_tokens_come():
+    clock = Clock()
+    p = Progress("head", interactive=False, window_s=10, clock=clock)
+    for t in range(11):  # 100 tok/s for 10 s
+        clock.t = float(t)
+        p.update(tokens=100 * t, state="training")
+    assert p.facts.tokens_per_s == pytest.approx(100)
+    clock.t = 15.0
+    p.update(state="waiting for work: stage 1 has no worker")  # a wait alone brings the rate up to now
+    assert p.facts.tokens_per_s == pytest.approx(50)  # 500 tokens in the 10 s up to now
+    clock.t = 21.0
+    p.tick()
+    assert p.facts.tokens_per_s == 0
+
+
+def test_the_bar_clock_ticks_while_waiting():
+    out = io.StringIO()
+    p = Progress("head", interactive=True, stream=out, tick_s=0.05)
+    p.update(step=3, state="waiting for work: stage 1 has no worker")
+    time.sleep(1.3)  # no update: only the ticker redraws
+    shown = out.getvalue()
+    p.close()
+    assert "3 steps [00:01, waiting for work: stage 1 has no worker]" in shown
+
+
+def test_the_bar_never_shows_a_bare_comma():
+    out = io.StringIO()
+    p = Progress("head", interactive=True, stream=out)  # its first draw has no facts yet
+    p.update(state="training")
+    p.close()
+    text = out.getvalue()
+    assert "head: 0 steps [00:00]" in text and "head: 0 steps [00:00, training]" in text
+    assert "] ," not in text and ", ]" not in text
+
+
+def test_close_leaves_a_clean_line_after_ctrl_c_and_then_the_summary(caplog):
+    out = io.StringIO()
+    p = Progress("head", interactive=True, stream=out)
+    p.update(step=2, state="training")
+    out.write("^C")  # what the terminal echoes when Ctrl-C is pressed on the bar's line
+    p.interrupted()
+    assert out.getvalue().endswith("\r\x1b[K\rhead: 2 steps [00:00, training]"), "the ^C is wiped"
+    with caplog.at_level(logging.INFO, logger="iota.progress"):
+        p.close(state="stopped by you", summary="stopped by you: 2 steps, 4,096 tokens, 0.50 credits")
+        p.update(state="too late")  # a wait message after the end draws nothing
+        p.close(state="again")  # closes once
+    text = out.getvalue()
+    assert text.endswith("\r\x1b[K\rhead: 2 steps [00:00, stopped by you]\n"), repr(text[-80:])
+    assert lines(caplog) == ["stopped by you: 2 steps, 4,096 tokens, 0.50 credits"]
+
+
+def test_off_a_terminal_the_summary_is_the_last_line(caplog):
+    p = Progress("tail", interactive=False, clock=Clock())
+    with caplog.at_level(logging.INFO, logger="iota.progress"):
+        p.update(step=2, state="checkpointing")
+        p.close(state="run finished", summary="run finished: 2 steps, 4,096 tokens, 1.00 credits")
+    assert lines(caplog) == [
+        "tail: step 2, checkpointing",
+        "tail: step 2, run finished",
+        "run finished: 2 steps, 4,096 tokens, 1.00 credits",
+    ]

@@ -126,7 +126,8 @@ def stage_status(orch: InProcessOrchestrator, run_id: str):
         return api.run_status(run_id)
 
 
-def test_a_pipeline_trains_steps_checkpoints_merges_and_stops_at_the_runs_end(orch, tmp_path):
+def test_a_pipeline_trains_steps_checkpoints_merges_and_stops_at_the_runs_end(orch, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="iota.progress")
     run_id = make_run(orch, max_samples=4, backward_per_step=2)
     crew = [make_worker(orch, run_id, s, tmp_path / f"w{s}").start() for s in range(3)]
     for r in crew:
@@ -141,6 +142,10 @@ def test_a_pipeline_trains_steps_checkpoints_merges_and_stops_at_the_runs_end(or
         assert fake.steps == w.state.step == 2, "an optimizer step every backward_per_step=2 passes"
         total = r.api.credits(w.state.contributor_id).total
         assert w.state.credits_seen == pytest.approx(total) and total > 0
+        # The end says so, with what this session did (a fresh contributor: its credits are all of them).
+        assert w.progress.facts.state == "run finished"
+        summary = f"run finished: 2 steps, {w.state.tokens:,} tokens, {total:.2f} credits"
+        assert summary in caplog.messages
         assert fake.in_flight() == []
         # Checkpointed at every step (interval 0) and on the way out; the newest two are kept.
         assert {p.name for p in w.store.paths()} == {"ckpt-1.safetensors", "ckpt-2.safetensors"}
@@ -279,14 +284,17 @@ def test_stop_gives_back_the_item_in_flight_and_checkpoints(orch, tmp_path, capl
         r.worker.store.close()
 
 
-def test_stop_while_waiting_for_work_leaves_at_once(orch, tmp_path):
+def test_stop_while_waiting_for_work_leaves_at_once(orch, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="iota.progress")
     run_id = make_run(orch, max_samples=0)
     head, body = sim(orch, run_id, 0, "h"), sim(orch, run_id, 1, "b")
     with alive(head, body):
         r = make_worker(orch, run_id, 2, tmp_path / "tail").start()
-        until(lambda: r.worker.progress.facts.state == "waiting for work", what="the loop to start")
+        until(lambda: r.worker.progress.facts.state.startswith("waiting for work"), what="the loop to start")
         r.worker.stop.set()
         assert r.join(5), "a stop ends the wait for work within one long-poll"
+        assert r.worker.progress.facts.state == "stopped by you"
+        assert caplog.messages[-1] == "stopped by you: 0 steps, 0 tokens, 0.00 credits"
         # Left, not silent: the orchestrator counts the worker out now, not when its lease runs out.
         workers = {w.name: w.alive for s in stage_status(orch, run_id).stages for w in s.workers}
         assert workers["tail"] is False and workers["h"] is True

@@ -16,6 +16,9 @@ PROTOCOL_VERSION = 1
 PROTOCOL_HEADER = "X-Iota-Protocol"
 SHA256_HEADER = "X-Iota-Sha256"  # on blob uploads (checked) and downloads (what the bytes hash to)
 RUN_STATE_HEADER = "X-Iota-Run-State"  # on 204 "no work now": running | finished
+# On 204 "no work now", optional: why, in a few words for people ("stage 1 has no worker"). Clients
+# show it and never parse it; an older orchestrator does not send it.
+WAIT_HEADER = "X-Iota-Wait"
 # The line `iota orchestrator serve` prints once it accepts requests; whoever starts one waits for it.
 LISTENING = "iota orchestrator listening on"
 

@@ -43,6 +43,7 @@ from iota_cli.train.checkpoint import CheckpointStore, LoopState
 from iota_cli.train.errors import ApiError, ClientError, IntegrityError, Stopped
 from iota_cli.train.join import epoch_base, published_weights
 from iota_cli.train.merging import Merger
+from iota_cli.train.states import Session, ending, waiting
 
 log = logging.getLogger("iota.worker")
 
@@ -88,6 +89,7 @@ class Worker:
         self._loss: float | None = None
         self.finished = False  # the run ended (as opposed to a stop or max_steps)
         self.reassign = False
+        self.session = Session.start(state)
         self._loop_thread: int | None = None
         self._done = threading.Event()  # ends the heartbeat thread (stop is the user's)
         self._wake = threading.Event()  # beat now (the thread is done, or a merge round is due)
@@ -141,7 +143,7 @@ class Worker:
             if claim.run_state == "finished":
                 self.finished = True
             else:
-                self._show(state="waiting for work")
+                self._show(state=waiting(getattr(claim, "wait", None)))  # X-Iota-Wait, once Claim has it
                 if claim.retry_after:
                     self.stop.wait(min(claim.retry_after, self.options.claim_wait_s))
         return claim.item
@@ -185,6 +187,7 @@ class Worker:
                 return
             raise
         self.state = replace(self.state, credits_seen=done.total_credits)
+        self.session.credited(done.credits)
         if item.kind == "backward" or self.spec.kind == "tail":
             self._count_backward()
         self._show(state="training")
@@ -357,6 +360,8 @@ class Worker:
     def _shutdown(self) -> None:
         if not self.reassign:  # moving to another stage is not stopping
             self.notifier.stopping("checkpointing")
+        if self.stop.is_set():
+            self.progress.interrupted()  # a Ctrl-C echoed '^C' after the bar
         self._show(state="checkpointing")
         for key in list(self._saved):
             self._forget(key)
@@ -368,7 +373,12 @@ class Worker:
             self.api.leave()  # best effort and brief (see api.leave)
         except ClientError as e:
             log.info("could not tell the orchestrator we are leaving: %s", e)
-        self._show(state="stopped")
+        self.progress.close(state=(end := self.ending()), summary=self.session.summary(end, self.state))
+
+    def ending(self) -> str:
+        """Why the loop ended: 'run finished', 'stopped by you', 'reached --max-steps N', ..."""
+        reached = self.options.max_steps if self._reached_max_steps() else None
+        return ending(self.finished, self.reassign, reached, self.stop.is_set())
 
     def _show(self, state: str) -> None:
         with self._display_lock:

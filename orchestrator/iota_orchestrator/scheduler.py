@@ -134,15 +134,10 @@ def claim(
     if run.state != "running":
         return None
     t = ctx.manifest.train
-    if conn.execute(_HELD, {"cid": cid, "run": ctx.run_id}).scalar_one() >= faults.claim_limit(
-        conn, t, a, now
-    ):
+    if held(conn, ctx, cid) >= faults.claim_limit(conn, t, a, now):
         return None
     row = conn.execute(_ROUTED, {"cid": cid, "run": ctx.run_id}).first()
-    stalled = now - STALLED_SHARE * t.work_timeout_s
-    room = stage != 0 or conn.execute(
-        _INFLIGHT, {"run": ctx.run_id, "cid": cid, "stalled": stalled}
-    ).scalar_one() < (t.max_inflight_per_head)
+    room = stage != 0 or head_inflight(conn, ctx, cid, now) < t.max_inflight_per_head
     if row is None and room:
         row = _queued(conn, ctx, cid, stage, now)
     new_tokens = None
@@ -159,6 +154,17 @@ def claim(
             update(C).where(C.c.run_id == ctx.run_id, C.c.sample_id == row.sample_id).values(head_worker=cid)
         )
     return _claimed(conn, ctx, conn.execute(_WORK, {"wid": row.id}).first(), new_tokens)
+
+
+def held(conn: Connection, ctx: RunCtx, cid: str) -> int:
+    """Items this worker holds claimed now."""
+    return int(conn.execute(_HELD, {"cid": cid, "run": ctx.run_id}).scalar_one())
+
+
+def head_inflight(conn: Connection, ctx: RunCtx, cid: str, now: float) -> int:
+    """This head's samples in flight that count toward `train.max_inflight_per_head`."""
+    stalled = now - STALLED_SHARE * ctx.manifest.train.work_timeout_s
+    return int(conn.execute(_INFLIGHT, {"run": ctx.run_id, "cid": cid, "stalled": stalled}).scalar_one())
 
 
 def _queued(conn: Connection, ctx: RunCtx, cid: str, stage: int, now: float) -> Any:

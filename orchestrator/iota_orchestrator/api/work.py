@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 
 from fastapi import APIRouter, Response
@@ -15,6 +16,7 @@ from sqlalchemy import Connection
 
 from iota_cli.core.protocol import (
     RUN_STATE_HEADER,
+    WAIT_HEADER,
     Abandon,
     Assignment,
     AssignmentRequest,
@@ -26,7 +28,7 @@ from iota_cli.core.protocol import (
     WorkCompleteReply,
     WorkItem,
 )
-from iota_orchestrator import assignment, chains, db, faults, lease, ledger, runs, scheduler, standing
+from iota_orchestrator import assignment, chains, db, faults, lease, ledger, runs, scheduler, standing, waits
 from iota_orchestrator.api.deps import Contributor, StateDep, now, problems
 from iota_orchestrator.api.urls import assignment_reply, work_item
 from iota_orchestrator.errors import Conflict
@@ -38,6 +40,7 @@ router = APIRouter(
     tags=["work"],
     responses=problems(400, 401, 403, 404, 409, 422),
 )
+log = logging.getLogger("iota_orchestrator")
 RETRY_S = "1"
 TOUCH_EVERY_S = 1.0
 
@@ -108,11 +111,34 @@ def _ensure_tokens(state: State, ctx: runs.RunCtx, c: scheduler.Claimed) -> None
         state.blobs.write(c.chain.tokens_key, chains.tokens_blob(ctx, c.chain.data_index))
 
 
-@router.post(
-    "/work/claim",
-    response_model=WorkItem,
-    responses={204: {"description": "no work now; retry after Retry-After seconds"}},
-)
+def _why(state: State, cid: str, run_id: str) -> str | None:
+    """The 204's hint; a hint never costs the claim its answer, so a failure here only drops it."""
+    try:
+        with state.tx() as conn:
+            a = chains.assignment(conn, run_id, cid)
+            if a is None:  # it left while we waited
+                return "this worker has no assignment"
+            return waits.why_no_work(conn, runs.context(conn, run_id), runs.get_run(conn, run_id), a, now())
+    except Exception:
+        log.exception("could not say why %s gets no work", cid)
+        return None
+
+
+def _header(description: str) -> dict[str, object]:
+    return {"description": description, "schema": {"type": "string"}}
+
+
+NO_WORK = {
+    "description": "no work now; retry after Retry-After seconds",
+    "headers": {
+        "Retry-After": _header("seconds to wait before claiming again"),
+        RUN_STATE_HEADER: _header("running, or finished: the run is over, leave"),
+        WAIT_HEADER: _header("why there is no work, for people (e.g. 'stage 1 has no worker'); optional"),
+    },
+}
+
+
+@router.post("/work/claim", response_model=WorkItem, responses={204: NO_WORK})
 async def claim(body: ClaimRequest, cid: Contributor, state: StateDep) -> WorkItem | Response:
     """The next work item: routed backward work first, then forward work; 204 when there is none."""
     deadline = time.monotonic() + body.wait_s
@@ -128,7 +154,10 @@ async def claim(body: ClaimRequest, cid: Contributor, state: StateDep) -> WorkIt
         finally:
             state.wake.unregister(watched, ev)
     if item is None:
-        return Response(status_code=204, headers={"Retry-After": RETRY_S, RUN_STATE_HEADER: run_state})
+        headers = {"Retry-After": RETRY_S, RUN_STATE_HEADER: run_state}
+        if run_state == "running" and (why := await state.with_db(_why, state, cid, body.run_id)):
+            headers[WAIT_HEADER] = why
+        return Response(status_code=204, headers=headers)
     return item
 
 
