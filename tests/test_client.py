@@ -56,6 +56,19 @@ def test_token_is_not_sent_to_another_origin(server, tmp_path):
         other.stop()
 
 
+def test_a_base_url_path_is_kept_for_api_paths_and_handed_out_urls(server, tmp_path):
+    data = b"weights" * 50
+    server.routes["/proxy/swarm/v1/health"] = ok({"status": "ok"})
+    server.routes["/proxy/swarm/v1/blobs/k"] = lambda h: serve_bytes(h, data)
+    c = fast_client(f"{server.url}/proxy/swarm/", token="s3cret")
+    assert c.get("/v1/health") == {"status": "ok"}
+    # What the orchestrator hands out is relative to its root, which is the base URL (docs/protocol.md).
+    c.download("/v1/blobs/k?exp=1&sig=ab", tmp_path / "w", hashlib.sha256(data).hexdigest())
+    assert [p for _, p, _ in server.seen] == ["/proxy/swarm/v1/health", "/proxy/swarm/v1/blobs/k"]
+    assert all(h["Authorization"] == "Bearer s3cret" for _, _, h in server.seen)
+    assert c.url("https://store.example/b?sig=1") == "https://store.example/b?sig=1"  # a full URL as is
+
+
 def test_503_then_200_post_is_retried(server):
     server.routes["/v1/work/claim"] = sequence(status(503, {"Retry-After": "0"}), ok({"work_id": "w1"}))
     waits: list[tuple[str, float]] = []

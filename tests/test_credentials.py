@@ -1,4 +1,4 @@
-"""Where the token comes from (the order), the keyring that stores it, and that it never leaks.
+"""Where the token comes from (the order), the keyring or 0600 file that keeps it, and that it never leaks.
 
 This machine has no OS keyring (keyring's fail backend, which is exercised for real); an in-memory
 backend stands in for a desktop's Secret Service or Keychain.
@@ -7,6 +7,8 @@ backend stands in for a desktop's Secret Service or Keychain.
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import keyring
 import keyring.backend
@@ -181,15 +183,88 @@ def test_login_with_token_flag(memory_keyring):
     assert memory_keyring.store == {("iota-cli", "https://o.example"): TOKEN}
 
 
-def test_headless_host_gets_a_message_not_a_traceback(no_keyring):
-    r = invoke(["login"], input=TOKEN + "\n")
-    assert r.exit_code == 78 and "Traceback" not in r.stderr and "IOTA_TOKEN" in r.stderr
+def test_headless_host_keeps_the_token_in_a_file_only_its_user_can_read(iota_home, no_keyring):
+    r = invoke(["login", "--orchestrator", "https://o.example"], input=TOKEN + "\n")
+    assert r.exit_code == 0 and "Traceback" not in r.stderr, r.stderr
+    path = credentials.token_file("https://o.example", {"IOTA_HOME": str(iota_home)})
+    assert str(path) in r.stdout and "0600" in r.stdout and "no keyring backend" in r.stdout
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_text().strip() == TOKEN
+    r = invoke(["whoami", "--json"], env={"IOTA_ORCHESTRATOR": "https://o.example"})
+    assert r.exit_code == 0 and json.loads(r.stdout)["source"] == "token file", r.stderr
     assert TOKEN not in r.stdout + r.stderr
-    r = invoke(["whoami"])
+    r = invoke(["logout", "--orchestrator", "https://o.example"])
+    assert r.exit_code == 0 and "Removed" in r.stdout and not path.exists()
+    r = invoke(["logout", "--orchestrator", "https://o.example"])
+    assert r.exit_code == 0 and "No token was stored" in r.stdout
+    r = invoke(["whoami"], env={"IOTA_ORCHESTRATOR": "https://o.example"})
     assert r.exit_code == 78 and "iota-token" in r.stderr and "Traceback" not in r.stderr
     r = invoke(["whoami", "--json"])
     assert r.exit_code == 78 and json.loads(r.stdout)["authenticated"] is False
-    assert invoke(["logout"]).exit_code == 78
+
+
+def test_the_token_file_is_0600_from_the_moment_it_exists(tmp_path, monkeypatch):
+    import iota_cli.core.files as files
+
+    seen = []
+    real = files.commit
+
+    def spy(part, dest, **kw):  # the temp file, whole, just before it is renamed into place
+        seen.append(stat.S_IMODE(os.stat(part).st_mode))
+        real(part, dest, **kw)
+
+    monkeypatch.setattr(files, "commit", spy)
+    old = os.umask(0)  # the most permissive umask: the mode must not depend on it
+    try:
+        path = tmp_path / "tokens" / "t.token"
+        credentials.write_token_file(path, TOKEN)
+    finally:
+        os.umask(old)
+    assert seen == [0o600] and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert [p.name for p in path.parent.iterdir()] == ["t.token"], "no temp file left behind"
+
+
+def test_order_keyring_then_token_file(tmp_path, memory_keyring):
+    env = {"IOTA_HOME": str(tmp_path)}
+    credentials.write_token_file(credentials.token_file("https://a.example", env), "from-file")
+    assert resolve_token(None, env, orchestrator="https://a.example/") == credentials.TokenSource(
+        "from-file", "token file"
+    )
+    memory_keyring.set_password("iota-cli", "https://a.example", "from-keyring")
+    assert resolve_token(None, env, orchestrator="https://a.example").source == "keyring"
+    assert resolve_token(None, {**env, "IOTA_TOKEN": "e"}, orchestrator="https://a.example").token == "e"
+    with pytest.raises(credentials.NoToken):
+        resolve_token(None, env, orchestrator="https://b.example")  # one file per orchestrator
+
+
+def test_keep_token_falls_back_to_the_file_and_says_why(tmp_path, no_keyring):
+    env = {"IOTA_HOME": str(tmp_path)}
+    kept = credentials.keep_token(TOKEN, "http://o.example:8700", env)
+    assert kept.where == "token file" and "no keyring backend" in kept.why and TOKEN not in kept.describe()
+    assert resolve_token(None, env, orchestrator="http://o.example:8700").token == TOKEN
+    assert credentials.delete_token("http://o.example:8700", env) is True
+    assert credentials.delete_token("http://o.example:8700", env) is False
+
+
+def test_keep_token_says_how_when_no_file_can_be_written_either(tmp_path, no_keyring):
+    (tmp_path / "data").write_text("a file where the data dir should be")
+    with pytest.raises(CredentialsError, match="IOTA_TOKEN") as e:
+        credentials.keep_token(TOKEN, "http://o.example", {"IOTA_HOME": str(tmp_path)})
+    assert TOKEN not in str(e.value)
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+def test_a_token_file_others_can_read_is_refused_with_a_chmod_hint(iota_home, no_keyring, mode):
+    env = {"IOTA_HOME": str(iota_home)}
+    path = credentials.token_file("https://o.example", env)
+    credentials.write_token_file(path, TOKEN)
+    path.chmod(mode)
+    with pytest.raises(CredentialsError, match=f"mode 0{mode:o}") as e:
+        resolve_token(None, env, orchestrator="https://o.example")
+    assert not isinstance(e.value, credentials.NoToken) and f"chmod 600 {path}" in str(e.value)
+    r = invoke(["whoami"], env={"IOTA_ORCHESTRATOR": "https://o.example"})
+    assert r.exit_code == 78 and "chmod 600" in r.stderr and "Traceback" not in r.stderr
+    assert TOKEN not in r.stdout + r.stderr
 
 
 def test_whoami_reads_the_systemd_credential(tmp_path, no_keyring):

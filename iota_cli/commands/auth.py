@@ -1,6 +1,8 @@
-"""`iota login`, `iota logout`, `iota whoami`: the orchestrator token in the OS keyring.
+"""`iota login`, `iota logout`, `iota whoami`: the orchestrator token in the OS keyring (else a 0600 file).
 
+On a host without a keyring the token goes to `<data dir>/tokens/` (mode 0600; config/credentials.py).
 The token never reaches the terminal, the config file or a log; only its sha256 fingerprint is shown.
+Try it: PYTHON_KEYRING_BACKEND=keyring.backends.fail.Keyring iota login --orchestrator http://h:8 < tok
 """
 
 from __future__ import annotations
@@ -22,9 +24,18 @@ def register(app: typer.Typer) -> None:
 
 
 def _orchestrator(flag: str | None) -> str:
+    """The orchestrator the token is for (the flag, else the configured one), checked; "" for none."""
+    from iota_cli import output
     from iota_cli.config import settings
+    from iota_cli.core import urls
 
-    return flag if flag is not None else settings.load().orchestrator
+    url = flag if flag is not None else settings.load().orchestrator
+    if not url.strip():
+        return ""
+    try:
+        return urls.check(url)
+    except urls.UrlError as e:
+        output.fail(str(e), hint=e.hint, code=output.EXIT_CONFIG)
 
 
 def _read_token() -> str:
@@ -44,7 +55,7 @@ def login(
     ] = None,
     orchestrator: OrchestratorOption = None,
 ) -> None:
-    """Store the orchestrator token in the OS keyring.
+    """Store the orchestrator token in the OS keyring (without one: a file only you can read).
 
     Reads the token from --token, else from stdin (a hidden prompt in a terminal).
 
@@ -59,14 +70,14 @@ def login(
     url = _orchestrator(orchestrator)
     if token is None:
         token = _read_token()
-    backend = credentials.store_token(token, url)
+    kept = credentials.keep_token(token, url)
     account = credentials.account_for(url)
     fp = credentials.fingerprint(token.strip())
-    output.echo(f"Stored the token for {account} in the OS keyring ({backend}); fingerprint {fp}.")
+    output.echo(f"Stored the token for {account} {kept.describe()}; fingerprint {fp}.")
 
 
 def logout(orchestrator: OrchestratorOption = None) -> None:
-    """Remove the stored token from the OS keyring."""
+    """Remove the stored token from the OS keyring and the token file."""
     import os
 
     from iota_cli import output
@@ -83,7 +94,8 @@ def logout(orchestrator: OrchestratorOption = None) -> None:
 def whoami(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Say which token would be used and where it comes from (never the token itself).
 
-    Sources, first found wins: --token, IOTA_TOKEN, $CREDENTIALS_DIRECTORY/iota-token, the OS keyring.
+    Sources, first found wins: --token, IOTA_TOKEN, $CREDENTIALS_DIRECTORY/iota-token, the OS keyring,
+    the token file (<data dir>/tokens/, on a host without a keyring).
     """
     from iota_cli import output
     from iota_cli.config import credentials

@@ -1,6 +1,8 @@
 """`iota join`: train a slice of the model for a swarm until stopped (see iota_cli/train/join.py).
 
-Errors (bad settings, a refused join, an orchestrator gone) are reported by commands/errors.py.
+Errors (bad settings, a refused join, an orchestrator gone) are reported by commands/errors.py. The
+orchestrator URL is checked here, once (core/urls.py); IOTA_FIRST_CONTACT_S (default 20) bounds how long
+a first join tries an orchestrator that does not answer.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def join(
     setup_logging()
     s = settings.load()
     opts = JoinOptions(
-        orchestrator=orchestrator_url(orchestrator or s.orchestrator),
+        orchestrator=_checked(orchestrator_url(orchestrator or s.orchestrator)),
         backend=backend or s.backend,
         run_id=run or s.run or None,
         max_steps=max_steps,
@@ -75,8 +77,35 @@ def join(
         stage=stage,
         max_memory_gb=s.max_memory_gb,
         invite=os.environ.get("IOTA_INVITE", ""),  # a secret: never an option (ps shows those) or config
+        first_contact_s=_seconds("IOTA_FIRST_CONTACT_S", 20.0),
     )
     raise typer.Exit(_train(opts, settings.paths()))
+
+
+def _checked(url: str) -> str:
+    """The URL as core/urls.py accepts it, or exit 78 saying what is wrong with it."""
+    from iota_cli import output
+    from iota_cli.core import urls
+
+    try:
+        return urls.check(url)
+    except urls.UrlError as e:
+        output.fail(str(e), hint=e.hint, code=output.EXIT_CONFIG)
+
+
+def _seconds(name: str, default: float) -> float:
+    import os
+
+    from iota_cli import output
+
+    raw = os.environ.get(name, "").strip()
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        output.fail(f"{name}={raw!r} is not a number of seconds", code=output.EXIT_CONFIG)
+    return value
 
 
 def _train(opts: JoinOptions, paths: Paths) -> int:

@@ -5,7 +5,6 @@ and the backend for this platform can run. Both are slow-ish, so hardware.probe(
 from __future__ import annotations
 
 import contextlib
-import re
 import time
 from dataclasses import dataclass
 
@@ -31,8 +30,12 @@ class BackendStatus:
 
 def probe_network(url: str, timeout: tuple[float, float] = (3.0, 5.0)) -> NetworkStatus:
     """GET {url}/v1/health once (no retries: doctor reports, it does not wait) and time it."""
-    if not re.match(r"https?://[^/]", url):
-        return NetworkStatus(url, False, None, "not an http:// or https:// URL")
+    from iota_cli.core.urls import UrlError, check
+
+    try:
+        url = check(url)  # the one parser `iota join` uses too, so both accept the same URLs
+    except UrlError as e:
+        return NetworkStatus(url, False, None, e.why)
     try:
         from iota_cli.train.api import SwarmApi
 

@@ -22,11 +22,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 from iota_cli import __version__
 from iota_cli.core.files import commit
 from iota_cli.core.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION, SHA256_HEADER
+from iota_cli.core.urls import resolve
 from iota_cli.train.errors import ApiError, IntegrityError, Stopped
 from iota_cli.train.partfile import file_lock, hash_file, parse_content_range, restart, verified
 from iota_cli.train.patience import Patience
@@ -103,8 +104,8 @@ class Client:
         self._session.close()
 
     def url(self, path_or_url: str) -> str:
-        """Resolve a path (or a URL the server handed out) against base_url."""
-        return urljoin(self.base_url, path_or_url)
+        """Resolve a path (or a URL the server handed out) below base_url, keeping its path (core/urls.py)."""
+        return resolve(self.base_url, path_or_url)
 
     # -- JSON calls ------------------------------------------------------------------------------------
 

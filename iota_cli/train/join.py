@@ -2,6 +2,12 @@
 
 `iota join` calls join(); `iota swarm` starts that same command in worker processes. Nothing here is
 special-cased for a local swarm.
+
+The order decides what a mistake looks like: an unknown backend is a configuration error (78) before any
+hardware check; a machine that fails the doctor's checks stops (1) unless --force; an orchestrator that
+does not answer as one on first contact stops within first_contact_s (69, the doctor's words), while
+one this machine has trained with (it has a checkpoint) is waited for as long as it takes. Try it:
+    IOTA_FIRST_CONTACT_S=3 iota join --orchestrator http://127.0.0.1:1 --backend torch-cpu --force
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ import logging
 import platform
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from iota_cli import output
@@ -18,14 +24,15 @@ from iota_cli.config.settings import Paths
 from iota_cli.core.backend import BackendFactory, StageBackend, StageInputError
 from iota_cli.core.manifest import RunManifest
 from iota_cli.core.modelspec import forward_flops_per_token, stage_spec
-from iota_cli.core.protocol import Assignment, AssignmentRequest, BlobRef, RegisterRequest
+from iota_cli.core.protocol import PROTOCOL_VERSION, Assignment, AssignmentRequest, BlobRef, RegisterRequest
 from iota_cli.core.tensors import RawTensor, TensorDict, TensorFormatError, decode
 from iota_cli.machine.hardware import HardwareReport
 from iota_cli.machine.requirements import Check
 from iota_cli.train.api import SwarmApi
 from iota_cli.train.checkpoint import CheckpointStore, LoopState, manifest_fingerprint
 from iota_cli.train.client import Client
-from iota_cli.train.errors import IntegrityError
+from iota_cli.train.errors import ApiError, IntegrityError, Stopped, Unreachable
+from iota_cli.train.patience import Backoff
 
 log = logging.getLogger("iota.join")
 
@@ -44,6 +51,7 @@ class JoinOptions:
     stage: int | None = None  # a preferred stage; the orchestrator may place us elsewhere
     max_memory_gb: float = 0.0  # cap on the memory a stage may use (0: what the device has)
     invite: str = ""  # the operator's invite (IOTA_INVITE), for an orchestrator that requires one
+    first_contact_s: float = 20.0  # how long a first join tries an orchestrator that does not answer
 
 
 class JoinError(Exception):
@@ -97,21 +105,84 @@ def measure_throughput(factory: BackendFactory, manifest: RunManifest, repeats: 
     return flops * repeats / max(time.perf_counter() - start, 1e-6) / 1e9
 
 
+def check_backend(name: str) -> None:
+    """An explicit backend must exist and run here: a configuration error (78) that names the ones that
+    do, before the doctor's hardware checks would bury it under "gpu (none)". "auto" is the doctor's."""
+    from iota_cli.core.backend import factories
+
+    if name in ("", "auto"):
+        return
+    found = factories()
+    if name not in found:
+        raise JoinError(
+            f"unknown backend {name!r} (known: auto, {', '.join(sorted(found)) or 'none installed'})",
+            code=output.EXIT_CONFIG,
+            hint="pass --backend with one of those (`iota backends` says which run here)",
+        )
+    ok, why = found[name].available()
+    if not ok:
+        usable = [n for n, f in sorted(found.items()) if n != name and f.available()[0]]
+        raise JoinError(
+            f"backend {name!r} is not available here: {why} (available: {', '.join(usable) or 'none'})",
+            code=output.EXIT_CONFIG,
+            hint="pass --backend with an available one, or see `iota backends` for what is missing",
+        )
+
+
+def has_joined(data_dir: Path) -> bool:
+    """Whether this machine has trained a stage before (it has a checkpoint): then an orchestrator that
+    does not answer is away for a while and is waited for; before that, it is more likely a wrong URL."""
+    from iota_cli.train.status import local_checkpoints
+
+    return bool(local_checkpoints(data_dir))
+
+
+def first_contact(api: SwarmApi, report: HardwareReport, within_s: float, stop: threading.Event) -> None:
+    """Ask /v1/health for up to within_s; JoinError (69, with the doctor's network check) if no iota
+    orchestrator answers: nothing listens, the host is unknown, or another server answers there."""
+    from iota_cli.machine.readiness import NetworkStatus
+    from iota_cli.machine.requirements import check_network
+
+    deadline, backoff = time.monotonic() + within_s, Backoff(1.0, 8.0)
+    while True:
+        try:
+            api.health()
+            return
+        except ApiError as e:
+            # Another web server, or a proxy's error page: its body is HTML, not worth showing.
+            said = f"HTTP {e.status}" if e.status >= 400 else f"no protocol v{PROTOCOL_VERSION} health"
+            detail = f"answers {said} on /v1/health: not an iota orchestrator"
+            break
+        except Unreachable as e:
+            left = deadline - time.monotonic()
+            detail = f"{e}, tried for {within_s:g} s"
+            if left <= 0:
+                break
+            delay = min(backoff.next(), left)
+            log.warning("%s, retrying in %.1f s (first contact: giving up after %g s)", e, delay, within_s)
+            if stop.wait(delay):
+                raise Stopped(f"{e} (stopping)") from None
+    url = api.client.base_url.rstrip("/")
+    check = check_network(replace(report, network=NetworkStatus(url, False, None, detail)))
+    raise JoinError(f"cannot join {check.found}", code=output.EXIT_UNAVAILABLE, hint=check.hint)
+
+
 def ensure_token(api: SwarmApi, opts: JoinOptions, backend: str) -> str:
-    """Use the configured token, or register a new contributor and keep its token in the keyring."""
+    """Use the configured token, or register a new contributor and keep its token where the next
+    `iota join` finds it (the OS keyring, else a 0600 file: config/credentials.py)."""
     from iota_cli.config import credentials
 
     try:
         source = credentials.resolve_token(opts.token, orchestrator=opts.orchestrator)
         log.info("using the token from %s", source.source)
         return source.token
-    except credentials.CredentialsError:
-        pass
+    except credentials.NoToken:
+        pass  # any other CredentialsError (an unsafe token file) is the user's to fix: exit 78
     name = opts.name or platform.node() or "contributor"
     reply = api.register(RegisterRequest(name=name[:64], backend=backend, invite=opts.invite))
     try:
-        credentials.store_token(reply.token, orchestrator=opts.orchestrator)
-        log.info("registered as %s; token stored in the OS keyring", reply.contributor_id)
+        kept = credentials.keep_token(reply.token, orchestrator=opts.orchestrator)
+        log.info("registered as %s; token kept %s", reply.contributor_id, kept.describe())
     except credentials.CredentialsError as e:
         log.warning(
             "registered as %s, but the token is kept for this session only: %s", reply.contributor_id, e
@@ -219,6 +290,7 @@ def join(opts: JoinOptions, paths: Paths, stop: threading.Event) -> int:
     from iota_cli.machine.power import KeepAwake, PowerGuard
     from iota_cli.train.worker import LoopOptions, Worker
 
+    check_backend(opts.backend)
     report, failures = preflight(paths, opts.backend)
     if failures:
         names = ", ".join(f"{c.name} ({c.found})" for c in failures)
@@ -239,6 +311,8 @@ def join(opts: JoinOptions, paths: Paths, stop: threading.Event) -> int:
     client = Client(opts.orchestrator, stop=stop, on_wait=lambda m, s: log.warning("%s", m))
     api = SwarmApi(client)
     try:
+        if not has_joined(paths.data_dir):
+            first_contact(api, report, opts.first_contact_s, stop)
         client.token = ensure_token(api, opts, backend_name)
         preferred = opts.stage
         while not stop.is_set():
