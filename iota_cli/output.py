@@ -42,6 +42,13 @@ class Sink:
         else:
             echo(render(data) if render else str(data))
 
+    def failure(self, data: Any, message: str, hint: str | None = None, code: int = EXIT_FAIL) -> NoReturn:
+        """A result that is a failure: data as JSON on stdout, or `error:`/`hint:` on stderr; exit code."""
+        if self.json:
+            print_json(data)
+            raise typer.Exit(code)
+        fail(message, hint=hint, code=code)
+
     def note(self, text: str) -> None:
         """A line for people beside the result; under --json it goes to stderr so stdout stays JSON."""
         typer.echo(text, err=self.json)

@@ -54,7 +54,7 @@ def test_usage_lines_name_arguments_plainly():
     ("key", "value", "words"),
     [
         ("backend", "bogus", "unknown backend 'bogus'"),
-        ("orchestrator", "not-a-url", "not an http(s) URL"),
+        ("orchestrator", "not-a-url", "is not an orchestrator URL"),
         ("max_memory_gb", "lots", "max_memory_gb"),
     ],
 )

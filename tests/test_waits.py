@@ -11,7 +11,6 @@ other stages until the run finishes (its log ends with the closing line).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import re
 import signal
@@ -30,13 +29,11 @@ from iota_cli.core.manifest import tiny_manifest
 from iota_cli.core.protocol import RUN_STATE_HEADER, WAIT_HEADER, RegisterRequest
 from iota_cli.swarm.corpus import write_corpus
 from iota_cli.swarm.orchestrator import OrchestratorProcess
-from iota_cli.train.api import Claim, SwarmApi
+from iota_cli.train.api import SwarmApi
 from iota_cli.train.checkpoint import LoopState
 from iota_cli.train.states import Session, ending, waiting
 
 ADMIN = "admin-for-wait-tests"
-# The worker shows the reason once api.Claim carries X-Iota-Wait (iota_cli/train/api.py, another change).
-CLAIM_CARRIES_WAIT = "wait" in {f.name for f in dataclasses.fields(Claim)}
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +196,7 @@ def test_join_alone_names_the_missing_stages_then_the_run_ends_with_a_summary(or
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
-        wait = "waiting for work: stages 1 and 2 have no worker" if CLAIM_CARRIES_WAIT else "waiting for work"
+        wait = "waiting for work: stages 1 and 2 have no worker"
         until(lambda: wait in log.read_text() or proc.poll() is not None, 120, "the head to wait")
         assert proc.poll() is None, log.read_text()
         with serving([sim(orch, run_id, 1, "body"), sim(orch, run_id, 2, "tail")]):

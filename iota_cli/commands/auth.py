@@ -25,17 +25,13 @@ def register(app: typer.Typer) -> None:
 
 def _orchestrator(flag: str | None) -> str:
     """The orchestrator the token is for (the flag, else the configured one), checked; "" for none."""
-    from iota_cli import output
     from iota_cli.config import settings
     from iota_cli.core import urls
 
     url = flag if flag is not None else settings.load().orchestrator
     if not url.strip():
         return ""
-    try:
-        return urls.check(url)
-    except urls.UrlError as e:
-        output.fail(str(e), hint=e.hint, code=output.EXIT_CONFIG)
+    return urls.check(url)  # a UrlError is reported by the error map (exit 78)
 
 
 def _read_token() -> str:
@@ -101,17 +97,16 @@ def whoami(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
     from iota_cli.config import credentials
 
     url = _orchestrator(None)
+    out = output.Sink(as_json)
+    where = url or None
     try:
         found = credentials.resolve_token(None, orchestrator=url)
     except credentials.CredentialsError as e:
-        if not as_json:
-            raise
-        output.print_json({"authenticated": False, "orchestrator": url or None, "error": str(e)})
-        raise typer.Exit(output.EXIT_CONFIG) from None
+        result = {"authenticated": False, "orchestrator": where, "error": str(e)}
+        out.failure(result, str(e), code=output.EXIT_CONFIG)
     fp = credentials.fingerprint(found.token)
-    if as_json:
-        output.print_json(
-            {"authenticated": True, "orchestrator": url or None, "source": found.source, "fingerprint": fp}
-        )
-        return
-    output.echo(f"Token from {found.source} (fingerprint {fp}) for {url or 'no orchestrator configured'}.")
+    result = {"authenticated": True, "orchestrator": where, "source": found.source, "fingerprint": fp}
+    out.result(
+        result,
+        lambda r: f"Token from {r['source']} (fingerprint {fp}) for {url or 'no orchestrator configured'}.",
+    )

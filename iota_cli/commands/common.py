@@ -6,11 +6,14 @@ from iota_cli import output
 
 
 def orchestrator_url(url: str) -> str:
-    """The orchestrator to use (the flag, else the configured one); exit 78 if there is none."""
-    if not url:
+    """The orchestrator to use (the flag, else the configured one), checked by core/urls.py; exit 78 if
+    there is none, urls.UrlError (exit 78, from the error map) if it is not one."""
+    from iota_cli.core import urls
+
+    if not url.strip():
         output.fail(
             "no orchestrator configured",
             hint="pass --orchestrator URL or run `iota config set orchestrator URL`",
             code=output.EXIT_CONFIG,
         )
-    return url
+    return urls.check(url)

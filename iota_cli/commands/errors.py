@@ -59,6 +59,7 @@ TABLE: tuple[tuple[str, Known], ...] = (
     ("iota_cli.train.join.JoinError", Known(lambda e: e.code, hint=lambda e: e.hint)),
     ("iota_cli.train.errors.Unreachable", Known(output.EXIT_UNAVAILABLE)),
     ("iota_cli.train.errors.ApiError", Known(_refused, prefix="the orchestrator refused: ")),
+    ("iota_cli.core.urls.UrlError", Known(output.EXIT_CONFIG, hint=lambda e: e.hint)),
     ("iota_cli.core.backend.BackendError", Known(output.EXIT_CONFIG, hint="`iota backends` lists them")),
     ("iota_cli.train.checkpoint.CheckpointError", Known(output.EXIT_FAIL, hint=_CHECKPOINT_HINT)),
     ("iota_cli.headless.service.ServiceError", Known(output.EXIT_FAIL)),

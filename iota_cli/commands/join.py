@@ -65,7 +65,7 @@ def join(
     setup_logging()
     s = settings.load()
     opts = JoinOptions(
-        orchestrator=_checked(orchestrator_url(orchestrator or s.orchestrator)),
+        orchestrator=orchestrator_url(orchestrator or s.orchestrator),
         backend=backend or s.backend,
         run_id=run or s.run or None,
         max_steps=max_steps,
@@ -80,17 +80,6 @@ def join(
         first_contact_s=_seconds("IOTA_FIRST_CONTACT_S", 20.0),
     )
     raise typer.Exit(_train(opts, settings.paths()))
-
-
-def _checked(url: str) -> str:
-    """The URL as core/urls.py accepts it, or exit 78 saying what is wrong with it."""
-    from iota_cli import output
-    from iota_cli.core import urls
-
-    try:
-        return urls.check(url)
-    except urls.UrlError as e:
-        output.fail(str(e), hint=e.hint, code=output.EXIT_CONFIG)
 
 
 def _seconds(name: str, default: float) -> float:

@@ -109,13 +109,12 @@ def check_value(key: str, value: Any) -> None:
         if value not in names:
             raise SettingsError(f"backend: unknown backend {value!r} (known: auto, {', '.join(names)})")
     if key == "orchestrator" and value:
-        from urllib.parse import urlsplit
+        from iota_cli.core.urls import UrlError, check
 
-        url = urlsplit(value)
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise SettingsError(
-                f"orchestrator: {value!r} is not an http(s) URL (like https://swarm.example.org)"
-            )
+        try:
+            check(value)
+        except UrlError as e:
+            raise SettingsError(f"orchestrator: {e}") from None
 
 
 def read_file(path: Path) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from iota_cli.core.manifest import RunManifest
 from iota_cli.core.protocol import (
     PROTOCOL_VERSION,
     RUN_STATE_HEADER,
+    WAIT_HEADER,
     Abandon,
     Assignment,
     AssignmentRequest,
@@ -76,6 +77,7 @@ class Claim:
     item: WorkItem | None
     run_state: RunState = "running"
     retry_after: float | None = None  # seconds the server suggests before asking again
+    wait: str | None = None  # why there is none, for people (X-Iota-Wait; an older orchestrator sends none)
 
 
 class SwarmApi:
@@ -168,7 +170,7 @@ class SwarmApi:
         reply = self._send("POST", "/v1/work/claim", request, timeout=timeout)
         if reply.status == 204:
             state: RunState = "finished" if reply.headers.get(RUN_STATE_HEADER) == "finished" else "running"
-            return Claim(None, state, reply.retry_after)
+            return Claim(None, state, reply.retry_after, reply.headers.get(WAIT_HEADER))
         return Claim(_parse(WorkItem, reply))
 
     def complete(self, work_id: str, result: WorkComplete) -> WorkCompleteReply:

@@ -143,7 +143,7 @@ class Worker:
             if claim.run_state == "finished":
                 self.finished = True
             else:
-                self._show(state=waiting(getattr(claim, "wait", None)))  # X-Iota-Wait, once Claim has it
+                self._show(state=waiting(claim.wait))
                 if claim.retry_after:
                     self.stop.wait(min(claim.retry_after, self.options.claim_wait_s))
         return claim.item
