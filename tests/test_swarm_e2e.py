@@ -95,6 +95,13 @@ def test_iota_swarm_trains_and_loss_falls(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout)
     assert summary["state"] == "finished"
+    # Each replica ends near --max-steps, which the workers get as a cap too (31-49 at 40 before).
+    assert all(20 <= w["steps"] <= 25 for w in summary["workers"]), summary["workers"]
+    # Without a terminal a stage's line comes every 5 s (and when its workers come or go), not every poll.
+    lines = re.findall(r"iota\.progress: (stage \d)", out.stderr)
+    expected = summary["wall_s"] / 5
+    for stage in ("stage 0", "stage 1", "stage 2"):
+        assert expected - 4 <= lines.count(stage) <= expected + 8, (stage, lines.count(stage), expected)
     assert summary["tokens"] > 0 and summary["tokens_per_s"] > 0 and summary["wall_s"] > 0
     assert summary["last_loss"] < summary["first_loss"] - 0.5, summary
     workers = summary["workers"]
@@ -166,46 +173,133 @@ def test_iota_swarm_trains_on_another_directory_of_text(tmp_path):
         lines = [" ".join(words[(j * 7 + k * (i + 1)) % len(words)] for k in range(12)) for j in range(2000)]
         (data / f"book-{i}.txt").write_text("\n".join(lines))
     stop = threading.Event()
-    from iota_cli.swarm.local import run_swarm
+    from iota_cli.swarm.launcher import run_swarm
 
-    summary = run_swarm(
-        SwarmOptions(workers=6, max_steps=20, data=str(data), home=tmp_path / "s"), stop, interactive=False
-    )
+    options = SwarmOptions(workers=6, max_steps=20, data=str(data), home=tmp_path / "s", cap_steps=True)
+    summary = run_swarm(options, stop, interactive=False)
     assert summary["state"] == "finished"
     assert all(w["exit_code"] == 0 for w in summary["workers"])
     assert summary["last_loss"] < summary["first_loss"] - 1.0, summary
 
 
-def test_ctrl_c_stops_the_whole_swarm_cleanly(tmp_path):
-    """Ctrl-C in the middle of a long run: every worker checkpoints and exits 0, the summary still prints."""
+class Terminal:
+    """A command on a pseudo-terminal of its own, as in a shell: a session whose controlling terminal is
+    the pty, so its stderr is a tty (progress bars) and a Ctrl-C goes to its whole process group."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        import fcntl
+        import pty
+        import struct
+        import termios
+
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
+        self.proc = subprocess.Popen(
+            args,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),  # noqa: PLW1509 - no threads yet
+        )
+        os.close(slave)
+        self.master, self.out = master, bytearray()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.master, 65536)
+            except OSError:  # EIO: every process holding the pty has exited
+                return
+            if not chunk:
+                return
+            self.out.extend(chunk)
+
+    def ctrl_c(self) -> None:
+        """What the terminal does for Ctrl-C: SIGINT to the whole foreground process group."""
+        os.killpg(self.proc.pid, signal.SIGINT)
+
+    def close(self) -> str:
+        """Kill what is left, read the rest of the output and return all of it."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self.reader.join(timeout=5)
+        os.close(self.master)
+        return self.out.decode(errors="replace")
+
+
+def checkpoints(home: Path) -> list[Path]:
+    return list((home / "data" / "checkpoints").rglob("ckpt-*.safetensors"))
+
+
+SWARM_3 = [sys.executable, "-m", "iota_cli", "swarm", "--workers", "3", "--max-steps", "1000", "--home"]
+
+
+def test_ctrl_c_in_a_terminal_stops_the_workers_first_and_ends_on_a_clean_line(tmp_path):
+    """Ctrl-C as a terminal sends it, to the process group: the launcher alone gets it (each child has a
+    session of its own), so every worker gives back its work, checkpoints and leaves while the
+    orchestrator still answers; the bars are closed, the summary prints, exit 0."""
     home = tmp_path / "s"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "iota_cli",
-            "swarm",
-            "--workers",
-            "3",
-            "--max-steps",
-            "1000",
-            "--json",
-            "--home",
-            str(home),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    term = Terminal([*SWARM_3, str(home)])
     try:
-        wait_for(lambda: checkpoint_step(home / "worker-2") >= 2, 180, 1.0, "the tail's first checkpoints")
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=90)
+        wait_for(lambda: all(checkpoints(home / f"worker-{i}") for i in range(3)), 180, 1.0, "training")
+        term.ctrl_c()
+        asked = time.monotonic()
+        code = term.proc.wait(90)
+        took = time.monotonic() - asked
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err[-3000:]
-    summary = json.loads(out)
-    assert summary["state"] == "running"  # stopped early, not finished
-    assert summary["tokens"] > 0 and len(summary["workers"]) == 3
-    assert all(w["exit_code"] == 0 for w in summary["workers"])
+        out = term.close()
+    assert code == 0, out[-3000:]
+    assert took < 30, f"the clean stop took {took:.0f} s"
+    assert "Traceback" not in out and "unreachable" not in out
+    assert "stopping: the workers first" in out
+    assert re.search(r"worker\s+stage\s+backend", out) and f"Files: {home}\r\n" in out
+    assert out.endswith("\r\n"), repr(out[-200:])  # the terminal is left on a clean line
+    for i in range(3):
+        log = (home / f"worker-{i}" / "worker.log").read_text()
+        assert "checkpointing" in log and "stopped" in log, log[-2000:]
+        for bad in ("connection refused", "unreachable", "could not give back", "could not tell the orch"):
+            assert bad not in log, f"worker {i}: {bad!r} in\n{log[-2000:]}"
+
+
+def training(home: Path) -> bool:
+    log = home / "worker.log"
+    return log.exists() and ", training" in log.read_text()
+
+
+def swarm_pids(marker: str) -> list[int]:
+    """Processes whose environment carries marker (everything a swarm started inherits it)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker.encode() in environ.read_bytes():
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_second_ctrl_c_kills_every_process_at_once(tmp_path):
+    home, marker = tmp_path / "s", f"IOTA_TEST_SWARM={os.getpid()}-{time.monotonic_ns()}"
+    env = {**os.environ, "IOTA_TEST_SWARM": marker.split("=", 1)[1]}
+    term = Terminal([*SWARM_3, str(home)], env=env)
+    try:
+        wait_for(lambda: len(swarm_pids(marker)) >= 6, 120, 0.5, "launcher, orchestrator, validator, workers")
+        # Busy workers, so that their clean stop takes the seconds a second Ctrl-C cuts short.
+        wait_for(lambda: all(training(home / f"worker-{i}") for i in range(3)), 120, 0.5, "training")
+        term.ctrl_c()
+        time.sleep(0.5)
+        term.ctrl_c()
+        asked = time.monotonic()
+        code = term.proc.wait(30)
+        took = time.monotonic() - asked
+        wait_for(lambda: not swarm_pids(marker), 10, 0.2, "every process of the swarm to be gone")
+    finally:
+        out = term.close()
+    assert code == 130, out[-3000:]
+    assert took < 5, f"the second Ctrl-C took {took:.1f} s"
+    assert "Traceback" not in out and out.endswith("\n"), repr(out[-200:])

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+if TYPE_CHECKING:
+    import threading
+
+    from iota_cli.swarm.local import Swarm
+
+log = logging.getLogger("iota.swarm")
+
 
 def register(app: typer.Typer) -> None:
-    app.command(epilog="Exit status: 0 when every worker stopped cleanly, 1 otherwise.")(swarm)
+    app.command(
+        epilog="Exit status: 0 when every worker stopped cleanly; 2 for a bad argument (--backends, "
+        "--data); a worker's own 69 or 78 when it could not start, 1 for any other failure; 130 after "
+        "a second Ctrl-C."
+    )(swarm)
 
 
 def swarm(
@@ -40,12 +53,11 @@ def swarm(
       iota swarm --workers 6 --max-steps 100 --data ~/books
       iota swarm --json | jq .last_loss
     """
-    import signal
-    import threading
-
     from iota_cli import output
     from iota_cli.headless.logs import setup_logging
-    from iota_cli.swarm.local import SwarmOptions, run_swarm
+    from iota_cli.swarm.checks import SwarmError
+    from iota_cli.swarm.launcher import run_swarm
+    from iota_cli.swarm.local import SwarmOptions
 
     setup_logging()
     if data is not None and not data.exists():
@@ -57,17 +69,49 @@ def swarm(
         data=str(data.resolve()) if data else "",
         backends=names,
         home=home,
+        cap_steps=True,
     )
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    summary = run_swarm(opts, stop, interactive=None if not as_json else False)
+    stop, started = on_ctrl_c()
+    try:
+        summary = run_swarm(opts, stop, interactive=None if not as_json else False, on_start=started.append)
+    except SwarmError as e:
+        output.fail(str(e), hint=e.hint, code=e.code)
     ok = all(w["exit_code"] == 0 for w in summary["workers"]) and len(summary["workers"]) == workers
     if as_json:
         output.print_json(summary)
     else:
         output.echo(render_summary(summary))
     raise typer.Exit(output.EXIT_OK if ok else output.EXIT_FAIL)
+
+
+def on_ctrl_c() -> tuple[threading.Event, list[Swarm]]:
+    """Ctrl-C or SIGTERM sets the event (the launcher stops the workers, then the orchestrator); a second
+    Ctrl-C kills every process of the swarms in the list at once and exits 130."""
+    import os
+    import shutil
+    import signal
+    import threading
+
+    stop = threading.Event()
+    swarms: list[Swarm] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        if stop.is_set() and signum == signal.SIGINT:
+            for s in swarms:
+                s.kill()
+                if s.options.home is None:  # a temp home, as after any failed swarm
+                    shutil.rmtree(s.home, ignore_errors=True)
+            if sys.stderr.isatty():
+                sys.stderr.write("\n")  # end the line the terminal echoed ^C on
+            sys.stderr.flush()
+            os._exit(130)  # no cleanup can be waited for; the workers' checkpoints are written atomically
+        if not stop.is_set():
+            log.info("stopping: the workers first, then the orchestrator (Ctrl-C again to kill them all now)")
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return stop, swarms
 
 
 def render_summary(s: dict) -> str:

@@ -1,24 +1,28 @@
 """A whole swarm on one machine: a local orchestrator, a tiny run, and N `iota join` worker processes.
 
-`iota swarm` runs this; the end-to-end tests and benchmarks use it as their harness. The workers are the
-same `iota join` a remote contributor runs, started as subprocesses on loopback with their own IOTA_HOME.
+`iota swarm` runs this (through launcher.py); the end-to-end tests and benchmarks use it as their harness.
+The workers are the same `iota join` a remote contributor runs, started as subprocesses on loopback with
+their own IOTA_HOME, each in a session of its own, as are the orchestrator and the validator: a terminal's
+Ctrl-C reaches the launcher alone, which stops the workers first and the orchestrator last.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from iota_cli.core.manifest import RunManifest, tiny_manifest
-from iota_cli.core.protocol import RegisterRequest, RunStatus, StageStatus
+from iota_cli.core.protocol import RegisterRequest, RunStatus
+from iota_cli.output import EXIT_USAGE
+from iota_cli.swarm.checks import PASSED_ON, SwarmError, data_problem, log_reason, reason
 from iota_cli.swarm.corpus import default_data
 from iota_cli.swarm.orchestrator import OrchestratorProcess, ValidatorProcess
 from iota_cli.train.api import SwarmApi
@@ -34,6 +38,10 @@ class SwarmOptions:
     port: int = 0
     timeout_s: float = 1800.0
     validate: bool = True  # run a validator beside the orchestrator (docs/trust.md)
+    # Also pass --max-steps to every worker, so each replica stops at max_steps rather than wherever the
+    # run's end finds it (without: 25-54 steps at 40); a stage whose replicas all stopped leaves the others
+    # nothing to do, so whoever watches must call end_if_stalled(), as launcher.watch() does.
+    cap_steps: bool = False
 
 
 @dataclass
@@ -48,6 +56,7 @@ class WorkerProcess:
     log: Any = None
     env: dict[str, str] = field(default_factory=dict)  # extra environment (tests: NOTIFY_SOCKET)
     launcher: tuple[str, ...] = ("-m", "iota_cli")  # what runs `iota` (tests: a cheating worker's script)
+    max_steps: int | None = None  # `iota join --max-steps`: stop after this many local optimizer steps
 
     def start(self, url: str, run_id: str, extra: tuple[str, ...] = ()) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -73,6 +82,7 @@ class WorkerProcess:
             "--stage",
             str(self.stage),
             "--force",
+            *(("--max-steps", str(self.max_steps)) if self.max_steps else ()),
             *extra,
         ]
         self.log = open(self.home / "worker.log", "ab")  # noqa: SIM115 - closed in wait()
@@ -104,6 +114,10 @@ class WorkerProcess:
             self.log.close()
         return code
 
+    def exit_code(self) -> int | None:
+        """Its exit status once it has exited, else None."""
+        return None if self.proc is None else self.proc.poll()
+
 
 @dataclass
 class Swarm:
@@ -119,6 +133,7 @@ class Swarm:
     validator: ValidatorProcess | None = None
     workers: list[WorkerProcess] = field(default_factory=list)
     started: float = 0.0
+    ended: bool = False  # end_if_stalled() finished the run
 
     @classmethod
     def create(cls, options: SwarmOptions, home: Path) -> Swarm:
@@ -135,7 +150,12 @@ class Swarm:
         port = int(self.url.rsplit(":", 1)[1]) if self.url else self.options.port
         self.orchestrator = OrchestratorProcess(
             self.home / "orchestrator", port=port, admin_token=self.admin_token
-        ).start()
+        )
+        try:
+            self.orchestrator.start()
+        except RuntimeError:
+            message, hint = reason(self.orchestrator.lines)
+            raise SwarmError(f"the local orchestrator did not start: {message}", hint=hint) from None
         self.url = self.orchestrator.url
         if self.options.validate and (self.validator is None or self.validator.proc is None):
             log = self.home / "validator.log"
@@ -151,7 +171,7 @@ class Swarm:
         self.started = time.monotonic()
         self.start_server()
         with SwarmApi.connect(self.url, self.admin_token) as admin:
-            self.run_id = admin.create_run(self.manifest).run_id
+            self.run_id = self.create_run(admin)
             n_stages = self.manifest.model.n_stages
             for i in range(self.options.workers):
                 backend = self.options.backends[i % len(self.options.backends)]
@@ -164,8 +184,22 @@ class Swarm:
                         contributor_id=reply.contributor_id,
                         token=reply.token,
                         home=self.home / f"worker-{i}",
+                        max_steps=self.options.max_steps if self.options.cap_steps else None,
                     )
                 )
+
+    def create_run(self, admin: SwarmApi) -> str:
+        """Create the run; a data source the orchestrator finds no sample in is the fault of --data."""
+        from iota_cli.train.errors import ApiError
+
+        try:
+            return admin.create_run(self.manifest).run_id
+        except ApiError as e:
+            source = self.manifest.data.source
+            if e.status != 422 or "data.source" not in e.detail or not self.options.data:
+                raise
+            why = data_problem(Path(source), self.manifest) or f"--data {source}: {e.detail}"
+            raise SwarmError(why, code=EXIT_USAGE, hint="point --data at a directory of text files") from None
 
     def launch(self, settle_s: float = 120.0) -> None:
         """Start one worker per stage, then the rest once those hold their stages.
@@ -185,7 +219,7 @@ class Swarm:
             if all(placed.get(cid) == stage for cid, stage in want.items()):
                 break
             if not all(w.running() for w in first):
-                break  # the summary shows which one exited and why
+                return  # it failed to start: the watcher reports it, and the rest need not start
             time.sleep(0.3)
         for w in rest:
             w.start(self.url, self.run_id)
@@ -200,6 +234,49 @@ class Swarm:
 
     def any_running(self) -> bool:
         return any(w.running() for w in self.workers)
+
+    def failed(self) -> SwarmError | None:
+        """The first worker that exited with an error, as what `iota swarm` reports (its log's reason)."""
+        for w in self.workers:
+            code = w.exit_code()
+            if code:
+                log = w.home / "worker.log"
+                message, hint = log_reason(log)
+                if self.options.home is not None:  # a temp home is removed once the swarm has failed
+                    hint = f"{hint}; its log: {log}" if hint else f"its log: {log}"
+                return SwarmError(
+                    f"worker {w.index} ({w.backend}, stage {w.stage}) exited with code {code}: {message}",
+                    code=code if code in PASSED_ON else 1,
+                    hint=hint,
+                )
+        return None
+
+    def end_if_stalled(self, status: RunStatus | None) -> None:
+        """Finish the run once every replica of some stage has exited (capped at --max-steps): the other
+        stages would wait for its work forever. The rest see the run finished, give back and leave."""
+        if self.ended or status is None or not self.any_running():
+            return
+        stage_of = {ws.contributor_id: s.stage for s in status.stages for ws in s.workers}
+        running = {stage_of.get(w.contributor_id, w.stage) for w in self.workers if w.running()}
+        if len(running) == self.manifest.model.n_stages:
+            return
+        self.ended = True
+        try:
+            with SwarmApi.connect(self.url, self.admin_token, retries=0, max_wait_s=5.0) as admin:
+                admin.abort_run(self.run_id, wait=False)
+        except Exception:  # noqa: BLE001 - then stop them: the same clean leave, the run left unfinished
+            for w in self.workers:
+                w.signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL every process of the swarm at once (a second Ctrl-C): checkpoints on disk stay intact."""
+        procs = [w.proc for w in self.workers] + [c.proc for c in (self.validator, self.orchestrator) if c]
+        alive = [p for p in procs if p is not None and p.poll() is None]
+        for p in alive:
+            p.kill()
+        for p in alive:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(2.0)
 
     def stop_workers(self, grace_s: float = 30.0) -> dict[int, int | None]:
         """SIGTERM every worker (they checkpoint and leave), SIGKILL what is left after grace_s."""
@@ -222,6 +299,14 @@ class Swarm:
             self.orchestrator.stop()
             (self.home / "orchestrator.log").write_text("\n".join(self.orchestrator.lines) + "\n")
 
+    def own_steps(self, w: WorkerProcess) -> int:
+        """A worker's own step count, from its newest checkpoint of this run: the orchestrator's count
+        comes with heartbeats, so it misses the steps after a worker's last one."""
+        from iota_cli.train.status import local_checkpoints
+
+        steps = [c["step"] for c in local_checkpoints(w.home / "data") if c["run_id"] == self.run_id]
+        return max(steps, default=0)
+
     def summary(self, status: RunStatus | None, codes: dict[int, int | None]) -> dict[str, Any]:
         """What `iota swarm` prints (and --json emits): totals, loss, and one row per worker."""
         wall = time.monotonic() - self.started
@@ -237,7 +322,7 @@ class Swarm:
                         "contributor_id": ws.contributor_id,
                         "stage": stage.stage,
                         "backend": ws.backend,
-                        "steps": ws.steps,
+                        "steps": max(ws.steps, self.own_steps(w)) if w else ws.steps,
                         "credits": round(ws.credits, 3),
                         "exit_code": codes.get(w.index) if w else None,
                     }
@@ -254,62 +339,3 @@ class Swarm:
             "workers": sorted(rows, key=lambda r: r["worker"] or 0),
             "home": str(self.home),
         }
-
-
-def stage_line(stage: StageStatus, status: RunStatus, tokens_per_item: int) -> dict[str, Any]:
-    """Progress facts of one stage for the display: steps, tokens, loss (tail), credits, state text."""
-    alive = sum(1 for w in stage.workers if w.alive)
-    tail = stage.stage == status.n_stages - 1
-    return {
-        "step": stage.optimizer_steps,
-        "tokens": stage.forward_done * tokens_per_item,
-        "loss": status.last_loss if tail else None,
-        "credits": sum(w.credits for w in stage.workers),
-        "state": f"{alive}/{len(stage.workers)} workers, epoch {stage.epoch}, "
-        f"queue fwd {stage.queue_forward} bwd {stage.queue_backward}",
-    }
-
-
-def watch(swarm: Swarm, stop: threading.Event, interactive: bool | None = None) -> RunStatus | None:
-    """Show one progress line per stage until the run ends, every worker exits, or stop is set."""
-    from iota_cli.headless.progress import Progress
-
-    kinds = ["head"] + ["body"] * (swarm.manifest.model.n_stages - 2) + ["tail"]
-    bars = [
-        Progress(f"stage {i} {k}", interactive=interactive, interval_s=5.0, position=i)
-        for i, k in enumerate(kinds)
-    ]
-    train = swarm.manifest.train
-    status = None
-    deadline = time.monotonic() + swarm.options.timeout_s
-    try:
-        while not stop.is_set() and swarm.any_running() and time.monotonic() < deadline:
-            status = swarm.status() or status
-            if status:
-                for bar, stage in zip(bars, status.stages, strict=False):
-                    bar.update(**stage_line(stage, status, train.batch_size * train.seq_len))
-            stop.wait(1.0)
-    finally:
-        for bar in reversed(bars):
-            bar.close()
-    return status
-
-
-def run_swarm(
-    options: SwarmOptions, stop: threading.Event, interactive: bool | None = None
-) -> dict[str, Any]:
-    """Start, watch, stop; return the summary (tokens, tokens_per_s, wall_s, first/last loss, workers)."""
-    import tempfile
-
-    home = options.home or Path(tempfile.mkdtemp(prefix="iota-swarm-"))
-    swarm = Swarm.create(options, home)
-    codes: dict[int, int | None] = {}
-    status: RunStatus | None = None
-    try:
-        swarm.start()
-        status = watch(swarm, stop, interactive)
-    finally:
-        codes = swarm.stop_workers()
-        status = swarm.status() or status
-        swarm.stop_server()
-    return swarm.summary(status, codes)

@@ -7,7 +7,8 @@ never imports the server (it needs the [orchestrator] extra installed, not impor
         print(SwarmApi.connect(orch.url).health())
 
 Without admin_token the server makes one and writes it to `<data-dir>/admin-token`; `admin_token_file`
-says where, for a caller that needs it.
+says where, for a caller that needs it. The child runs in a session of its own (so does the validator):
+a terminal's Ctrl-C never reaches it, only the SIGTERM of whoever started it.
 """
 
 from __future__ import annotations
@@ -70,8 +71,18 @@ class OrchestratorProcess:
         env = {k: v for k, v in os.environ.items() if k != "IOTA_ADMIN_TOKEN"} | self.extra_env
         if self.admin_token:
             env["IOTA_ADMIN_TOKEN"] = self.admin_token
+        # A session of its own, as the workers and the validator have: a terminal's Ctrl-C must reach only
+        # the launcher, which stops the workers first; an orchestrator that died first would leave them
+        # unable to give back their work or say they are leaving.
         self.proc = subprocess.Popen(
-            self.command(), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+            self.command(),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
         )
         found = threading.Event()
 
@@ -139,9 +150,26 @@ class ValidatorProcess:
             )
         return self
 
-    def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM (it finishes the check in hand and prints its tally), SIGKILL after timeout."""
-        return None if self.proc is None else terminate(self.proc, timeout)
+    def ask_to_stop(self) -> None:
+        """SIGTERM without waiting: it stops once its long poll for a check (up to 10 s) comes back, so a
+        caller that has other processes to stop first can let that wait run beside theirs."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 15.0, patience_s: float = 1.0) -> int | None:
+        """SIGTERM (it finishes the check in hand and prints its tally), SIGKILL after timeout.
+
+        Still waiting for a check after patience_s, it gets a SIGINT, which ends that wait at once (it
+        still prints its tally); the orchestrator then gives up the abandoned request within its 5 s of
+        graceful shutdown, sooner than the 10 s poll would have ended."""
+        if self.proc is None:
+            return None
+        self.ask_to_stop()
+        try:
+            self.proc.wait(patience_s)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGINT)
+        return terminate(self.proc, timeout)
 
 
 def terminate(proc: subprocess.Popen[Any], timeout: float) -> int:
