@@ -29,6 +29,15 @@ EXIT_INTERRUPTED = 130  # stopped by Ctrl-C before the command could finish
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 
 
+class Failure(Exception):
+    """A command cannot do its job, for a reason the user can act on: the error map (commands/errors.py)
+    prints the message and hint and exits with code. Raised below the CLI layer, which never exits."""
+
+    def __init__(self, message: str, code: int = EXIT_FAIL, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.hint = code, hint
+
+
 @dataclass(frozen=True)
 class Sink:
     """Where a command's result goes: rendered for people, or as one JSON document (json=True)."""

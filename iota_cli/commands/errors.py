@@ -56,7 +56,7 @@ TABLE: tuple[tuple[str, Known], ...] = (
         ),
     ),
     ("iota_cli.config.credentials.CredentialsError", Known(output.EXIT_CONFIG)),
-    ("iota_cli.train.join.JoinError", Known(lambda e: e.code, hint=lambda e: e.hint)),
+    ("iota_cli.output.Failure", Known(lambda e: e.code, hint=lambda e: e.hint)),  # JoinError, SwarmError
     ("iota_cli.train.errors.Unreachable", Known(output.EXIT_UNAVAILABLE)),
     ("iota_cli.train.errors.ApiError", Known(_refused, prefix="the orchestrator refused: ")),
     ("iota_cli.core.urls.UrlError", Known(output.EXIT_CONFIG, hint=lambda e: e.hint)),

@@ -55,7 +55,6 @@ def swarm(
     """
     from iota_cli import output
     from iota_cli.headless.logs import setup_logging
-    from iota_cli.swarm.checks import SwarmError
     from iota_cli.swarm.launcher import run_swarm
     from iota_cli.swarm.local import SwarmOptions
 
@@ -72,15 +71,9 @@ def swarm(
         cap_steps=True,
     )
     stop, started = on_ctrl_c()
-    try:
-        summary = run_swarm(opts, stop, interactive=None if not as_json else False, on_start=started.append)
-    except SwarmError as e:
-        output.fail(str(e), hint=e.hint, code=e.code)
+    summary = run_swarm(opts, stop, interactive=None if not as_json else False, on_start=started.append)
     ok = all(w["exit_code"] == 0 for w in summary["workers"]) and len(summary["workers"]) == workers
-    if as_json:
-        output.print_json(summary)
-    else:
-        output.echo(render_summary(summary))
+    output.Sink(as_json).result(summary, render_summary)
     raise typer.Exit(output.EXIT_OK if ok else output.EXIT_FAIL)
 
 

@@ -8,23 +8,19 @@ starts (exit 2: the argument is wrong); a worker that exits early is reported wi
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 from iota_cli import output
 from iota_cli.core.manifest import RunManifest
+from iota_cli.core.textfiles import text_files
 
 # Exit codes a worker's exit passes through to `iota swarm`'s; anything else (a signal, a usage error we
 # caused) is reported as a plain failure.
 PASSED_ON = (output.EXIT_FAIL, output.EXIT_UNAVAILABLE, output.EXIT_CONFIG)
 
 
-class SwarmError(Exception):
+class SwarmError(output.Failure):
     """The swarm cannot start or go on; code is `iota swarm`'s exit status (output.EXIT_*)."""
-
-    def __init__(self, message: str, code: int = output.EXIT_FAIL, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.code, self.hint = code, hint
 
 
 def check_backends(names: tuple[str, ...]) -> None:
@@ -55,7 +51,7 @@ def data_problem(source: Path, manifest: RunManifest) -> str | None:
     bytes, each file followed by one end-of-text token, must hold one sample), or None when it is enough."""
     need = manifest.train.sample_tokens
     files = tokens = 0
-    for path in text_files(source):
+    for path in text_files(str(source)):
         files += 1
         tokens += path.stat().st_size + 1
         if tokens >= need:
@@ -67,36 +63,6 @@ def data_problem(source: Path, manifest: RunManifest) -> str | None:
         f"--data {source}: too little text ({tokens - files:,} bytes in {files} file{'s' * (files > 1)}); "
         f"need at least {need - files:,} bytes (one sample: {t.batch_size} sequences of {t.seq_len + 1})"
     )
-
-
-def text_files(source: Path) -> Iterator[Path]:
-    """The files the orchestrator trains on under source, in the same order: not hidden, not binary."""
-    if source.is_file():
-        candidates: Iterator[Path] = iter([source])
-    else:
-        candidates = (
-            Path(root) / name
-            for root, dirs, names in sorted_walk(source)
-            for name in names
-            if not name.startswith(".")
-        )
-    return (p for p in candidates if p.is_file() and is_text(p))
-
-
-def sorted_walk(top: Path) -> Iterator[tuple[str, list[str], list[str]]]:
-    for root, dirs, names in os.walk(top):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # the orchestrator skips hidden dirs
-        yield root, dirs, sorted(names)
-
-
-def is_text(path: Path) -> bool:
-    """A non-empty file without a NUL byte in its first 4 KiB (the orchestrator's own test)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4096)
-    except OSError:
-        return False
-    return bool(head) and b"\0" not in head
 
 
 def log_reason(path: Path, tail_bytes: int = 64 * 1024) -> tuple[str, str | None]:

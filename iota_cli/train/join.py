@@ -54,12 +54,8 @@ class JoinOptions:
     first_contact_s: float = 20.0  # how long a first join tries an orchestrator that does not answer
 
 
-class JoinError(Exception):
+class JoinError(output.Failure):
     """Joining cannot go on; code is the exit status (output.EXIT_*)."""
-
-    def __init__(self, message: str, code: int = output.EXIT_FAIL, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.code, self.hint = code, hint
 
 
 def preflight(paths: Paths, backend: str) -> tuple[HardwareReport, list[Check]]:

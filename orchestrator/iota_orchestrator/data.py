@@ -11,8 +11,6 @@ epoch and no two chains share a sample within an epoch.
 from __future__ import annotations
 
 import bisect
-import glob
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from iota_cli.core.modelspec import EOS_ID
+from iota_cli.core.textfiles import text_files
 
 
 @dataclass(frozen=True)
@@ -31,31 +30,7 @@ class FileEntry:
 
 def list_files(source: str) -> list[Path]:
     """Text files named by a file, a directory (recursively) or a glob, in sorted order."""
-    if not source:
-        return []
-    p = Path(source).expanduser()
-    if p.is_file():
-        cands = [p]
-    elif p.is_dir():
-        cands = [
-            Path(root) / name
-            for root, dirs, names in os.walk(p)
-            for name in names
-            if not any(part.startswith(".") for part in Path(root).relative_to(p).parts)
-            and not name.startswith(".")
-        ]
-    else:
-        cands = [Path(x) for x in glob.glob(os.path.expanduser(source), recursive=True)]
-    return sorted(f for f in cands if f.is_file() and _is_text(f))
-
-
-def _is_text(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4096)
-    except OSError:
-        return False
-    return bool(head) and b"\0" not in head
+    return sorted(text_files(source))
 
 
 def index_files(paths: list[Path]) -> list[FileEntry]:
