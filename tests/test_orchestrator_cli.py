@@ -135,3 +135,31 @@ def test_serve_without_the_extra_explains_the_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if the [orchestrator] extra were missing
     r = CliRunner().invoke(app, ["orchestrator", "serve", "--data-dir", str(tmp_path)])
     assert r.exit_code == output.EXIT_CONFIG and "iota-cli[orchestrator]" in r.stderr
+
+
+def test_a_long_poll_in_flight_ends_at_shutdown_without_a_traceback(tmp_path):
+    """SIGTERM while a validator waits 30 s for a check: the wait answers 204 at once and the server
+    exits 0 well inside uvicorn's 5 s graceful timeout, which would otherwise cancel it mid-request."""
+    import time
+
+    import requests
+
+    from iota_cli.swarm.orchestrator import OrchestratorProcess
+
+    orch = OrchestratorProcess(tmp_path / "orch", admin_token="admin-1").start()
+    replies: list[int] = []
+
+    def poll() -> None:
+        reply = requests.get(
+            f"{orch.url}/v1/audits/next?wait_s=30", headers={"Authorization": "Bearer admin-1"}, timeout=40
+        )
+        replies.append(reply.status_code)
+
+    waiter = threading.Thread(target=poll)
+    waiter.start()
+    time.sleep(1.0)  # the poll is waiting now
+    start = time.monotonic()
+    assert orch.stop() == 0
+    waiter.join(10)
+    assert replies == [204] and time.monotonic() - start < 4.0
+    assert not any("Traceback" in ln or "Cancel" in ln for ln in orch.lines), orch.lines

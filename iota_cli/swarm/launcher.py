@@ -20,12 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from iota_cli import output
 from iota_cli.core.manifest import tiny_manifest
 from iota_cli.core.protocol import RunStatus, StageStatus
 from iota_cli.swarm.checks import SwarmError, check_backends, check_data
 from iota_cli.swarm.local import Swarm, SwarmOptions
-
-INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
 
 
 def stage_line(
@@ -101,7 +100,9 @@ def run_swarm(
     try:
         summary = run(swarm, stop, interactive)
         if stop.is_set() and not summary["workers"]:
-            raise SwarmError("stopped before any worker joined: nothing was trained", code=INTERRUPTED)
+            raise SwarmError(
+                "stopped before any worker joined: nothing was trained", code=output.EXIT_INTERRUPTED
+            )
         done = True
         return summary
     finally:

@@ -21,9 +21,25 @@ import socket
 from dataclasses import replace
 from pathlib import Path
 
+import uvicorn
+
 from iota_cli.core.files import atomic_write
 from iota_cli.core.protocol import LISTENING
 from iota_orchestrator.state import ServerConfig, open_state
+from iota_orchestrator.wakeups import Wakeups
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, ending the long-polls first when it shuts down, so no request is still waiting
+    (and then cancelled, with a traceback) when the graceful-shutdown timeout ends."""
+
+    def __init__(self, wake: Wakeups, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.wake = wake
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.wake.close()
+        await super().shutdown(sockets)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -56,8 +72,6 @@ def serve(
     invite_required: bool = False,
 ) -> int:
     """Serve until a signal arrives; return the exit code."""
-    import uvicorn
-
     from iota_orchestrator.app import create_app
 
     logging.basicConfig(
@@ -81,7 +95,8 @@ def serve(
     bound_port = sock.getsockname()[1]
     url = url_for(host, bound_port)
     app = create_app(opened.state)
-    server = uvicorn.Server(
+    server = Server(
+        opened.state.wake,
         uvicorn.Config(
             app,
             log_level=log_level,
@@ -90,7 +105,7 @@ def serve(
             timeout_graceful_shutdown=5,
             timeout_keep_alive=30,
             backlog=4096,
-        )
+        ),
     )
     # uvicorn re-raises the signal that stopped it once it is done; make that a no-op so we exit 0.
     for sig in (signal.SIGINT, signal.SIGTERM):

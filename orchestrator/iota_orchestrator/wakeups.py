@@ -23,9 +23,22 @@ class Wakeups:
     def __init__(self) -> None:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self.closing = False  # the server is shutting down: long-polls answer now instead of waiting
+
+    def close(self) -> None:
+        """Wake every waiter now, for good (on the loop, as shutdown begins): a long-poll still waiting
+        when the graceful-shutdown timeout ends would be cancelled mid-request and log a traceback."""
+        self.closing = True
+        for events in list(self.waiters.values()):
+            for ev in events:
+                ev.set()
+        self.waiters.clear()
 
     def register(self, keys: Iterable[str]) -> asyncio.Event:
         ev = asyncio.Event()
+        if self.closing:
+            ev.set()
+            return ev
         for k in keys:
             self.waiters[k].add(ev)
         return ev

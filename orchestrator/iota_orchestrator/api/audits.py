@@ -64,7 +64,7 @@ async def next_audit(
     """The oldest check ready to judge (it is then the caller's until its verdict or the timeout)."""
     deadline = time.monotonic() + wait_s
     task = await state.with_db(_take, state)
-    while task is None and (left := deadline - time.monotonic()) > 0:
+    while task is None and not state.wake.closing and (left := deadline - time.monotonic()) > 0:
         ev = state.wake.register([audits.WAKE])
         try:
             task = await state.with_db(_take, state)

@@ -114,7 +114,7 @@ async def merge_plan(
     deadline = time.monotonic() + wait_s
     plan = await state.in_tx(look)
     keys = [rounds.wake_key(run_id, stage, epoch)]
-    while _waits(plan) and (left := deadline - time.monotonic()) > 0:
+    while _waits(plan) and not state.wake.closing and (left := deadline - time.monotonic()) > 0:
         ev = state.wake.register(keys)  # before looking again, so a change meanwhile still wakes us
         try:
             plan = await state.in_tx(look)

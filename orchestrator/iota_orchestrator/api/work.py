@@ -143,7 +143,12 @@ async def claim(body: ClaimRequest, cid: Contributor, state: StateDep) -> WorkIt
     """The next work item: routed backward work first, then forward work; 204 when there is none."""
     deadline = time.monotonic() + body.wait_s
     item, keys, run_state = await state.with_db(_try_claim, state, cid, body.run_id, body.claim_id)
-    while item is None and run_state == "running" and (left := deadline - time.monotonic()) > 0:
+    while (
+        item is None
+        and run_state == "running"
+        and not state.wake.closing
+        and (left := deadline - time.monotonic()) > 0
+    ):
         # Register before looking again, so work that comes while we look still wakes us.
         watched, ev = keys, state.wake.register(keys)
         try:
