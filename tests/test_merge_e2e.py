@@ -24,6 +24,7 @@ import pytest
 from iota_cli.core.tensors import TensorDict, decode
 from iota_cli.swarm.corpus import default_data
 from iota_cli.swarm.local import Swarm, SwarmOptions
+from iota_cli.train.api import SwarmApi
 from iota_cli.train.checkpoint import CheckpointStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -225,6 +226,8 @@ def test_kill_9_a_partition_owner_mid_round_and_the_round_completes_right(tmp_pa
         want, tol = expected_merge(inputs, caught)
         assert len(inputs["updates"]) >= 2
         np.testing.assert_allclose(got, want, rtol=0, atol=tol)
+        with SwarmApi.connect(s.url, s.admin_token) as admin:
+            admin.stop_run(s.run_id)  # the rest of the run proves nothing more: it drains and finishes
         finish(s)
         assert s.status().state == "finished"
     finally:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from iota_cli.swarm.local import Swarm, SwarmOptions, default_data
+from iota_cli.train.api import SwarmApi
 
 pytestmark = pytest.mark.slow
 
@@ -72,8 +73,20 @@ def swarm(tmp_path):
         s.stop_server()
 
 
+def books(folder: Path) -> Path:
+    """Plain text that is not Python: generated prose with a learnable structure."""
+    folder.mkdir()
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jumbled boxes"
+    words = words.split()  # noqa: SIM905 - a sentence reads better than 16 quoted words
+    for i in range(4):
+        lines = [" ".join(words[(j * 7 + k * (i + 1)) % len(words)] for k in range(12)) for j in range(2000)]
+        (folder / f"book-{i}.txt").write_text("\n".join(lines))
+    return folder
+
+
 def test_iota_swarm_trains_and_loss_falls(tmp_path):
-    """The README's command: `iota swarm --json` exits 0, 6 workers on 3 stages x 2, torch and mlx mixed."""
+    """The README's command on a directory of text: `iota swarm --data DIR --json` exits 0, 6 workers on 3
+    stages x 2, torch and mlx mixed. (The other swarm tests train on the default, the stdlib's source.)"""
     out = subprocess.run(
         [
             sys.executable,
@@ -84,6 +97,8 @@ def test_iota_swarm_trains_and_loss_falls(tmp_path):
             "6",
             "--max-steps",
             "25",
+            "--data",
+            str(books(tmp_path / "books")),
             "--json",
             "--home",
             str(tmp_path / "s"),
@@ -103,7 +118,7 @@ def test_iota_swarm_trains_and_loss_falls(tmp_path):
     for stage in ("stage 0", "stage 1", "stage 2"):
         assert expected - 4 <= lines.count(stage) <= expected + 8, (stage, lines.count(stage), expected)
     assert summary["tokens"] > 0 and summary["tokens_per_s"] > 0 and summary["wall_s"] > 0
-    assert summary["last_loss"] < summary["first_loss"] - 0.5, summary
+    assert summary["last_loss"] < summary["first_loss"] - 1.0, summary
     workers = summary["workers"]
     assert len(workers) == 6 and all(w["exit_code"] == 0 for w in workers)
     assert sorted(w["stage"] for w in workers) == [0, 0, 1, 1, 2, 2]
@@ -138,13 +153,15 @@ def test_killed_worker_resumes_from_its_checkpoint_while_the_swarm_goes_on(swarm
     assert resumed.group(1) == files[0].name and int(resumed.group(2)) == step_at_kill, resumed.group(0)
     assert newest.name in log.read_text()  # the corrupt file was named in a warning
     wait_for(lambda: checkpoint_step(victim.home) > step_at_kill, 240, 1.0, "steps after the resume")
+    with SwarmApi.connect(s.url, s.admin_token) as admin:
+        admin.stop_run(s.run_id)  # the rest of the run proves nothing more: it drains and finishes
     wait_for(lambda: not s.any_running(), 400, 2.0, "the run to finish")
     assert all(w.proc.returncode == 0 for w in s.workers), [w.proc.returncode for w in s.workers]
     assert s.status().state == "finished"
 
 
 def test_killed_orchestrator_comes_back_and_workers_carry_on(swarm):
-    s = swarm(max_steps=40)
+    s = swarm(max_steps=25)
     wait_for(lambda: getattr(s.status(), "samples_completed", 0) >= 6, 240, 1.0, "training to start")
     pids = [w.proc.pid for w in s.workers]
     s.orchestrator.kill()
@@ -161,25 +178,6 @@ def test_killed_orchestrator_comes_back_and_workers_carry_on(swarm):
     assert all(w.proc.returncode == 0 for w in s.workers)
     final = s.status()
     assert final.state == "finished" and final.last_loss < final.first_loss
-
-
-def test_iota_swarm_trains_on_another_directory_of_text(tmp_path):
-    """--data DIR: plain text that is not Python (generated prose with a learnable structure)."""
-    data = tmp_path / "books"
-    data.mkdir()
-    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jumbled boxes"
-    words = words.split()  # noqa: SIM905 - a sentence reads better than 16 quoted words
-    for i in range(4):
-        lines = [" ".join(words[(j * 7 + k * (i + 1)) % len(words)] for k in range(12)) for j in range(2000)]
-        (data / f"book-{i}.txt").write_text("\n".join(lines))
-    stop = threading.Event()
-    from iota_cli.swarm.launcher import run_swarm
-
-    options = SwarmOptions(workers=6, max_steps=20, data=str(data), home=tmp_path / "s", cap_steps=True)
-    summary = run_swarm(options, stop, interactive=False)
-    assert summary["state"] == "finished"
-    assert all(w["exit_code"] == 0 for w in summary["workers"])
-    assert summary["last_loss"] < summary["first_loss"] - 1.0, summary
 
 
 class Terminal:
