@@ -37,7 +37,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 SAMPLES = 150  # about 20 s of training for the clean swarm on two cores
 # A claimed item's deadline, shortened from the tiny run's 30 s so that an item held hostage costs
 # seconds, not the whole run; an honest item takes well under 0.5 s, so this is still ample.
-WORK_TIMEOUT_S = 6.0
+WORK_TIMEOUT_S = 4.0
 TOLERANCE = 0.2  # the honest swarm may lose at most this share of its clean tokens/s
 NOISE = 0.15  # a shortfall within this much more is measured again beside a fresh clean run
 HEAD, BODY, TAIL = 0, 1, 2

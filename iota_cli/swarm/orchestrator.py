@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from iota_cli.core.protocol import LISTENING
 
@@ -85,6 +86,7 @@ class OrchestratorProcess:
             start_new_session=True,
         )
         found = threading.Event()
+        self.url = ""  # a restart that fails must not pass for started on the last run's address
 
         def pump() -> None:
             assert self.proc is not None and self.proc.stdout is not None
@@ -99,7 +101,13 @@ class OrchestratorProcess:
         if not found.wait(timeout) or not self.url:
             self.kill()
             raise RuntimeError("orchestrator did not start:\n" + "\n".join(self.lines[-30:]))
-        self.port = int(self.url.rsplit(":", 1)[1])
+        port = urlsplit(self.url).port if self.url.startswith("http") else None
+        if not port:
+            self.kill()
+            raise RuntimeError(
+                f"orchestrator printed no address ({self.url!r}):\n" + "\n".join(self.lines[-30:])
+            )
+        self.port = port
         return self
 
     @property
