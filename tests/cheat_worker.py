@@ -41,8 +41,8 @@ def _like(t: RawTensor, values: np.ndarray) -> RawTensor:
 
 
 class RandomActivations(Honest):
-    def _forward(self, item, key):  # type: ignore[no-untyped-def]
-        out, loss = super()._forward(item, key)
+    def _forward(self, item, key, fetched):  # type: ignore[no-untyped-def]
+        out, loss = super()._forward(item, key, fetched)
         if out is None or "activations" not in out:
             return out, loss
         t = out["activations"]
@@ -52,8 +52,8 @@ class RandomActivations(Honest):
 
 
 class ScaledActivations(Honest):
-    def _forward(self, item, key):  # type: ignore[no-untyped-def]
-        out, loss = super()._forward(item, key)
+    def _forward(self, item, key, fetched):  # type: ignore[no-untyped-def]
+        out, loss = super()._forward(item, key, fetched)
         if out is None or "activations" not in out:
             return out, loss
         t = out["activations"]
@@ -61,16 +61,16 @@ class ScaledActivations(Honest):
 
 
 class FakeLoss(Honest):
-    def _forward(self, item, key):  # type: ignore[no-untyped-def]
-        out, loss = super()._forward(item, key)
+    def _forward(self, item, key, fetched):  # type: ignore[no-untyped-def]
+        out, loss = super()._forward(item, key, fetched)
         return out, (0.01 if loss is not None else None)
 
 
 class NoBackward(Honest):
-    def _backward(self, item, key):  # type: ignore[no-untyped-def]
+    def _backward(self, key, fetched):  # type: ignore[no-untyped-def]
         self._forget(key)  # the saved forward is dropped, never used: no gradient, no step's worth of work
         n = proof_size(self.manifest.model, 0)
-        rng = np.random.default_rng(item.sample_id)
+        rng = np.random.default_rng(abs(hash(key)) % (1 << 32))
         proof: TensorDict = {"proof": RawTensor("F32", (n,), rng.normal(0, 1e-3, n).astype("<f4").tobytes())}
         return proof, None
 

@@ -251,7 +251,7 @@ def test_an_item_that_keeps_expiring_is_dropped(orch):
 
 
 def test_a_worker_whose_claims_lapse_gets_fewer(orch):
-    run_id = make_run(orch, work_timeout_s=1.5, max_inflight_per_head=4)
+    run_id = make_run(orch, work_timeout_s=1.5, max_inflight_per_head=4, max_claims_per_worker=2)
     head, body = pinned(orch, run_id, 0, "head"), pinned(orch, run_id, 1, "body")
     for _ in range(4):
         head.do(head.claim())
@@ -361,9 +361,9 @@ def test_a_contributor_cannot_hoard_claims_on_a_stage(orch):
         head.do(head.claim())
     first = hoarder.claim()
     assert first and hoarder.claim() is None, "a newcomer holds one claim until it delivers"
-    hoarder.do(first)  # proven: from now on max_claims_per_worker = 2
+    hoarder.do(first)  # proven: from now on max_claims_per_worker = 3
     held = [hoarder.claim() for _ in range(4)]
-    assert [h is not None for h in held] == [True, True, False, False], "max_claims_per_worker = 2"
+    assert [h is not None for h in held] == [True, True, True, False], "max_claims_per_worker = 3"
     taken = [honest.claim()]
     assert all(taken), "the rest goes to others"
     assert {i["sample_id"] for i in taken}.isdisjoint({i["sample_id"] for i in held if i})

@@ -3,16 +3,17 @@
 `iota join` builds a Worker (see join.py) and calls run(). One thread runs the loop and owns the backend;
 a heartbeat thread keeps the lease and brings news (the stage's epoch, merge offers, dropped samples, the
 run's end); a merge round runs on its own thread (merging.py) and its weights land between steps, keeping
-the steps taken since the contribution. Shutdown (stop event) finishes or abandons the item in flight,
-checkpoints and leaves.
+the steps taken since the contribution. The next item is claimed and fetched, and the last one sent, on
+threads of their own (pipeline.py), so round trips overlap compute. Shutdown (stop event) finishes or
+abandons the items in flight, checkpoints and leaves.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
-import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,11 +26,9 @@ from iota_cli.core.protocol import (
     Abandon,
     Assignment,
     BlobRef,
-    ClaimRequest,
     Heartbeat,
     HeartbeatReply,
     UploadRef,
-    WorkComplete,
     WorkItem,
 )
 from iota_cli.core.tensors import RawTensor, TensorDict, column_slice, encode
@@ -37,12 +36,13 @@ from iota_cli.core.validation import WeightsReport
 from iota_cli.headless.notify import Notifier
 from iota_cli.headless.progress import Progress
 from iota_cli.machine.power import PowerGuard
-from iota_cli.train import fetch
 from iota_cli.train.api import SwarmApi
 from iota_cli.train.checkpoint import CheckpointStore, LoopState
 from iota_cli.train.errors import ApiError, ClientError, IntegrityError, Stopped
+from iota_cli.train.heartbeats import Heartbeats
 from iota_cli.train.join import epoch_base, published_weights
 from iota_cli.train.merging import Merger
+from iota_cli.train.pipeline import Prefetcher, Profile, Ready, Sender, Sent, give_back
 from iota_cli.train.states import Session, ending, waiting
 
 log = logging.getLogger("iota.worker")
@@ -78,8 +78,6 @@ class Worker:
         self.state, self.store, self.cache_dir = state, store, cache_dir
         self.progress, self.notifier, self.guard, self.options = progress, notifier, guard, options
         self.stop = api.stop
-        self._news: HeartbeatReply | None = None
-        self._news_lock = threading.Lock()
         self._display_lock = threading.Lock()
         self._since_step = 0
         self._saved: dict[str, tuple[float, int]] = {}  # backend work id -> (when its forward ran, sample)
@@ -87,12 +85,14 @@ class Worker:
         self._refused_weights: set[str] = set()  # sha256 of merged weights that failed to load
         self._last_checkpoint = time.monotonic()
         self._loss: float | None = None
+        self.profile = Profile()
+        self.prefetch: Prefetcher | None = None  # made in run(): its thread claims from the start
+        self.sender = Sender(api, self.profile)
         self.finished = False  # the run ended (as opposed to a stop or max_steps)
         self.reassign = False
         self.session = Session.start(state)
         self._loop_thread: int | None = None
-        self._done = threading.Event()  # ends the heartbeat thread (stop is the user's)
-        self._wake = threading.Event()  # beat now (the thread is done, or a merge round is due)
+        self.beats = Heartbeats(api, float(assignment.heartbeat_s), self._beat)
         self._paced_from = state.step  # the orchestrator counts merge.interval steps from here
         base = epoch_base(api, assignment, state, cache_dir) or backend.weights()
         self.merger = Merger(api, state.run_id, self.spec.index, self.manifest, base, state.epoch)
@@ -102,10 +102,12 @@ class Worker:
     def run(self) -> None:
         """Train until stopped, max_steps, or the run ends; always checkpoint and leave on the way out."""
         self._loop_thread = threading.get_ident()
-        beat = threading.Thread(target=self._heartbeats, name="iota-heartbeat", daemon=True)
-        beat.start()
+        self.beats.start()
         self.notifier.ready(f"stage {self.spec.index} ({self.spec.kind}): training")
         self._show(state="waiting for work")
+        work_dir = self.cache_dir / "work"
+        self.prefetch = Prefetcher(self.api, self.state.run_id, self.spec.kind, work_dir, self.profile)
+        self.prefetch.start(self._claim_wait)
         try:
             while not self.stop.is_set():
                 self.notifier.watchdog()
@@ -116,96 +118,102 @@ class Worker:
                 self._apply_news()
                 if self.finished or self.reassign or self._reached_max_steps():
                     break
-                item = self._claim()
-                if item is not None:
-                    self._process(item)
+                self._collect(self.sender.results())
+                self._step()
+                ready = self._take(self.prefetch)
+                if ready is not None:
+                    self._process(ready)
         except Stopped:
             pass
         finally:
-            self._done.set()
-            self._wake.set()
-            beat.join(timeout=2.0)
+            self._wind_down(self.prefetch)
+            self.beats.close()
             self.merger.close()
             self._shutdown()
 
     def _reached_max_steps(self) -> bool:
         return self.options.max_steps is not None and self.state.step >= self.options.max_steps
 
-    def _claim(self) -> WorkItem | None:
-        # One claim id per claim: if an answer is lost and the client retries, the same item comes back.
+    def _claim_wait(self) -> float:
         # While a round is in flight its weights may land any moment: a long-poll must not hold them up.
-        cap = self.options.claim_wait_s if self.merger.in_flight is None else 0.5
-        wait = min(self.options.claim_wait_s, cap)
-        request = ClaimRequest(run_id=self.state.run_id, wait_s=wait, claim_id=uuid.uuid4().hex)
-        claim = self.api.claim(request)
-        self._idle = claim.item is None
-        if claim.item is None:
+        return (
+            self.options.claim_wait_s
+            if self.merger.in_flight is None
+            else min(0.5, self.options.claim_wait_s)
+        )
+
+    def _take(self, prefetch: Prefetcher) -> Ready | None:
+        with self.profile.timed("wait_s"):
+            ready = prefetch.take(timeout=self._claim_wait())
+        self._idle = ready is None
+        if ready is None:
+            claim = prefetch.last
             if claim.run_state == "finished":
                 self.finished = True
-            else:
+            elif claim.item is None:
                 self._show(state=waiting(claim.wait))
-                if claim.retry_after:
-                    self.stop.wait(min(claim.retry_after, self.options.claim_wait_s))
-        return claim.item
+        return ready
 
-    def _process(self, item: WorkItem) -> None:
-        """Run one item; a result the orchestrator no longer wants (409/404) is dropped, not fatal."""
+    def _process(self, ready: Ready) -> None:
+        """Run one item and queue its result; what another contributor sent is reported, never fatal."""
+        item = ready.item
         key = item.forward_id or item.work_id
         try:
-            if item.kind == "forward":
-                payload, loss = self._forward(item, key)
-            else:
-                payload, loss = self._backward(item, key)
-            sha, size = None, 0
-            if payload is not None and item.upload is not None:
-                data = encode(payload)
-                sha, size = self.api.upload(item.upload, data), len(data)
-            done = self.api.complete(item.work_id, WorkComplete(sha256=sha, size=size, loss=loss))
-            if done.audit is not None:  # before any step: the weights are still those the item used
-                self._send_snapshot(item, done.audit)
+            if ready.error is not None:
+                raise ready.error
+            with self.profile.timed("compute_s"):
+                if item.kind == "forward":
+                    payload, loss = self._forward(item, key, ready.inputs)
+                else:
+                    payload, loss = self._backward(key, ready.inputs)
+            self.sender.send(item, key, payload, loss)
         except Stopped:
             self._abandon(item, key, Abandon(reason="stopping"))
             raise
-        except IntegrityError as e:
-            log.warning("input of %s failed verification (%s); giving it back", item.work_id, e)
-            self._abandon(item, key, Abandon(reason="unverified", detail=str(e)[:500]))
+        except (IntegrityError, StageInputError, UnknownWorkId) as e:
+            self._abandon(item, key, give_back(item.work_id, e))
             return
-        except StageInputError as e:
-            # Whatever another contributor sent (undecodable, misshapen, non-finite) is reported, not fatal.
-            log.warning("rejected the input of %s: %s", item.work_id, e)
-            self._abandon(item, key, Abandon(reason="bad_input", detail=str(e)[:500]))
-            return
-        except UnknownWorkId:
-            # Backward for a forward this process no longer holds (it restarted): the chain is lost.
-            log.info("no saved forward for %s (lost in a restart); dropping its chain", item.work_id)
-            self._abandon(item, key, Abandon(reason="lost_state"))
-            return
-        except ApiError as e:
-            if e.status in (404, 409, 410):
-                log.info("orchestrator dropped %s (%s): %s", item.work_id, e.status, e.detail)
-                self._forget(key)
-                return
-            raise
-        self.state = replace(self.state, credits_seen=done.total_credits)
-        self.session.credited(done.credits)
-        if item.kind == "backward" or self.spec.kind == "tail":
-            self._count_backward()
         self._show(state="training")
 
-    def _send_snapshot(self, item: WorkItem, upload: UploadRef) -> None:
+    def _collect(self, sent: list[Sent]) -> None:
+        """Credit what the orchestrator accepted; a result it no longer wants (409/404) is dropped."""
+        for s in sent:
+            if isinstance(s.error, Stopped):
+                self._abandon(s.item, s.key, Abandon(reason="stopping"))
+                continue
+            if isinstance(s.error, ApiError) and s.error.status in (404, 409, 410):
+                log.info("orchestrator dropped %s (%s): %s", s.item.work_id, s.error.status, s.error.detail)
+                self._forget(s.key)
+                continue
+            if s.error is not None:
+                raise s.error
+            assert s.reply is not None
+            if s.reply.audit is not None:  # the weights the item ran on: held if a step came since
+                self._send_snapshot(s.item, s.reply.audit, s.held or self.backend.weights())
+            self.state = replace(self.state, credits_seen=s.reply.total_credits)
+            self.session.credited(s.reply.credits)
+            if s.item.kind == "backward" or self.spec.kind == "tail":
+                bp = self.state.backward_passes + 1
+                self.state, self._since_step = replace(self.state, backward_passes=bp), self._since_step + 1
+
+    def _before_weights_change(self) -> None:
+        self._collect(self.sender.hold(self.backend.weights, self.merger.layout.size * 4))
+
+    def _send_snapshot(self, item: WorkItem, upload: UploadRef, weights: TensorDict) -> None:
         """The item was sampled for a check: send the weights it ran on (no snapshot, no credit)."""
-        data = encode(self.backend.weights())
+        data = encode(weights)
         sha = self.api.upload(upload, data)
         self.api.report_weights(item.work_id, WeightsReport(sha256=sha, size=len(data)))
         log.debug("sent the weights of %s for a check (%d bytes)", item.work_id, len(data))
 
-    def _forward(self, item: WorkItem, key: str) -> tuple[TensorDict | None, float | None]:
+    def _forward(
+        self, item: WorkItem, key: str, fetched: dict[str, RawTensor]
+    ) -> tuple[TensorDict | None, float | None]:
         kind = self.spec.kind
         if kind == "head":
-            tokens = self._fetch(item.tokens, "tokens")
-            inputs = {"tokens": column_slice(tokens, 0, -1)}
+            inputs = {"tokens": column_slice(fetched["tokens"], 0, -1)}
         else:
-            inputs = {"activations": self._fetch(item.input, "activations")}
+            inputs = {"activations": fetched["activations"]}
         self._expire_saved_state()
         out = self.backend.forward(key, inputs)
         self._saved[key] = (time.monotonic(), item.sample_id)
@@ -213,28 +221,29 @@ class Worker:
         self.state = replace(self.state, tokens=self.state.tokens + b * t)
         if kind != "tail":
             return out, None
-        targets = column_slice(self._fetch(item.tokens, "tokens"), 1, None)
+        targets = column_slice(fetched["tokens"], 1, None)
         result = self.backend.backward(key, {"targets": targets})
         self._saved.pop(key, None)
         self._loss = result.loss
         return result.grads, result.loss
 
-    def _backward(self, item: WorkItem, key: str) -> tuple[TensorDict | None, None]:
-        grad = self._fetch(item.input, "grad")
-        result = self.backend.backward(key, {"grad": grad})
+    def _backward(self, key: str, fetched: dict[str, RawTensor]) -> tuple[TensorDict | None, None]:
+        result = self.backend.backward(key, {"grad": fetched["grad"]})
         self._saved.pop(key, None)
         return result.grads, None
 
-    def _count_backward(self) -> None:
-        self.state = replace(self.state, backward_passes=self.state.backward_passes + 1)
-        self._since_step += 1
-        if self._since_step < self.manifest.train.backward_per_step:
+    def _step(self) -> None:
+        """An optimizer step once the orchestrator accepted backward_per_step backward passes: steps
+        follow counted work (a validator bounds a snapshot by it), not work merely computed."""
+        k = self.manifest.train.backward_per_step
+        if self._since_step < k:
             return
+        self._before_weights_change()
         self.backend.step()
-        self._since_step = 0
+        self._since_step -= k
         self.state = replace(self.state, step=self.state.step + 1, since_merge=self.state.since_merge + 1)
         if self.state.step - self._paced_from == self.manifest.merge.interval:
-            self._wake.set()  # a round is due: say so now, not up to heartbeat_s later
+            self.beats.wake()  # a round is due: say so now, not up to heartbeat_s later
         if time.monotonic() - self._last_checkpoint >= self.options.checkpoint_interval_s:
             self.checkpoint()
 
@@ -255,37 +264,21 @@ class Worker:
         for key in [k for k, (t, _) in self._saved.items() if t < horizon]:
             self._forget(key)
 
-    def _fetch(self, ref: BlobRef | None, name: str) -> RawTensor:
-        return fetch.tensor(self.api, ref, name, self.cache_dir / "work")
-
     # --- heartbeats, merged weights and merge rounds ---------------------------------------------------
 
-    def _heartbeats(self) -> None:
-        interval = max(0.2, float(self.assignment.heartbeat_s))
-        while not (self.stop.is_set() or self._done.is_set()):
-            beat = Heartbeat(
-                run_id=self.state.run_id,
-                stage=self.spec.index,
-                step=self.state.step,
-                epoch=self.state.epoch,
-                tokens_per_s=self.progress.facts.tokens_per_s or 0.0,
-            )
-            try:
-                news = self.api.heartbeat(beat)
-                with self._news_lock:
-                    self._news = news
-            except Stopped:
-                return
-            except ClientError as e:
-                log.debug("heartbeat missed: %s", e)
-            self._wake.wait(interval)
-            self._wake.clear()
+    def _beat(self) -> Heartbeat:
+        return Heartbeat(
+            run_id=self.state.run_id,
+            stage=self.spec.index,
+            step=self.state.step,
+            epoch=self.state.epoch,
+            tokens_per_s=self.progress.facts.tokens_per_s or 0.0,
+        )
 
     def _apply_news(self) -> None:
         if self._since_step == 0 or self._idle:  # merged weights land between optimizer steps
             self._land()
-        with self._news_lock:
-            news, self._news = self._news, None
+        news = self.beats.take()
         if news is None:
             return
         dropped = set(news.drop)
@@ -310,6 +303,7 @@ class Worker:
         if landed is None or landed.merged is None or landed.epoch != self.state.epoch:
             return  # dropped or stale: the heartbeats report the current epoch, and we catch up to it
         layout = self.merger.layout
+        self._before_weights_change()
         current = layout.flatten(self.backend.weights())
         try:
             # The optimizer state stays: the merged weights continue this replica's trajectory.
@@ -331,6 +325,7 @@ class Worker:
         try:
             weights = self._published(news.weights)
             base = self.merger.layout.flatten(weights)
+            self._before_weights_change()
             self.backend.load(weights)  # keeping the optimizer state, as a merge does
         except (StageInputError, IntegrityError, ValueError) as e:  # TensorFormatError is a ValueError
             log.warning("refusing the merged weights of epoch %d: %s; training on", news.epoch, e)
@@ -345,7 +340,7 @@ class Worker:
         self.state = replace(self.state, epoch=epoch, since_merge=0)
         self.checkpoint()
         if self.state.step - self._paced_from >= self.manifest.merge.interval:
-            self._wake.set()  # the next round came due while this one was in flight
+            self.beats.wake()  # the next round came due while this one was in flight
 
     def _published(self, ref: BlobRef) -> TensorDict:
         return published_weights(self.api, self.cache_dir, self.state.run_id, self.spec.index, ref)
@@ -356,6 +351,18 @@ class Worker:
         path = self.store.save(self.state, self.backend.weights(), self.backend.optimizer_state())
         self._last_checkpoint = time.monotonic()
         return path
+
+    def _wind_down(self, prefetch: Prefetcher | None) -> None:
+        """Give back what was claimed ahead; collect what is being sent (a stop abandons the rest)."""
+        if prefetch is not None:
+            for item in prefetch.close():
+                self._abandon(item, item.forward_id or item.work_id, Abandon(reason="stopping"))
+        try:
+            self._collect(self.sender.drain())
+        except ClientError as e:
+            log.info("could not send the last results: %s", e)
+        self.sender.close()
+        log.info("profile: %s", json.dumps({**self.profile.snapshot(), "tokens": self.state.tokens}))
 
     def _shutdown(self) -> None:
         if not self.reassign:  # moving to another stage is not stopping

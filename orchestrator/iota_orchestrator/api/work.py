@@ -185,7 +185,8 @@ def _complete(state: State, work_id: str, cid: str, body: WorkComplete) -> WorkC
     except Rejected as e:
         _charge(state, e, cid)
         raise
-    state.wake.notify(keys)
+    # The completer's own claim waiting ahead (a worker prefetches its next item) may now be under its limit.
+    state.wake.notify([*keys, chains.worker_key(cid)])
     return WorkCompleteReply(credits=credits, total_credits=round(total, 6), audit=check)
 
 
