@@ -1,0 +1,254 @@
+"""Swarm throughput against one process: how much of one machine's speed a local swarm keeps (issue 15).
+
+For each model (the tiny one `iota swarm` trains, and a compute-bound one) this runs, in the same run:
+  - a local swarm built by iota_cli.swarm.local (the code `iota swarm` runs: an orchestrator process and
+    `iota join` subprocesses on loopback), one torch-cpu worker per stage (3), a fixed max_samples;
+  - the same model, batch and number of samples trained in this process, stage after stage
+    (bench/chain_reference.py), with torch on 2 threads: the cores the swarm's processes share.
+efficiency = swarm tokens/s / one-process tokens/s. Per worker it prints the `profile:` line each worker
+logs at exit (compute, waiting for work, claim/download/upload/complete/serialize, which overlap compute
+on the worker's own threads) and its bytes up and down per token.
+
+    .venv/bin/python bench/swarm_throughput.py [--models tiny,compute] [--samples N]
+        [--rtt-ms 100 --loss 0.01 --mbit 50]
+
+With --rtt-ms (or --loss/--mbit) each model also runs with every worker's traffic through a loopback
+proxy of its own (iota_cli.swarm.link: that delay, that share of connections cut, that bandwidth cap),
+beside the plain loopback config. Last line, JSON:
+  {"configs": [{"model", "rtt_ms", "loss", "mbit", "efficiency", "swarm_tokens_per_s",
+   "one_process_tokens_per_s", "boundary_bytes_ratio"}]}
+boundary_bytes_ratio: f32 hidden-state bytes per token (d_model * 4) over the bytes the head sends
+across its boundary per token (its bytes_up / its tokens: the bottleneck activations, blob framing
+included), i.e. what the bottleneck and the wire dtype save against sending the residual stream.
+
+Choices:
+- No validator: a real one runs on another machine, so it would not compete for these cores; the
+  orchestrator still samples checks (they lapse unjudged), as it would for a remote validator.
+- Swarm tokens/s is tokens_processed (the run status: tokens through the tail) from the first completed
+  sample to the last, polled every POLL_S: process start-up, joining and the pipeline filling are a
+  one-off cost a long run does not pay per token. The one-process side likewise skips its first sample
+  (allocations, lazy init). Both count batch_size * seq_len tokens per sample.
+- Wire dtype: the tiny model sends float32 (tiny_manifest), the compute-bound one bfloat16
+  (ModelConfig's default, what a real run sends).
+All processes share the machine's cores (2 here): the figures are of that machine, at that load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from chain_reference import start, train_sample
+
+from iota_cli.core.manifest import RunManifest, tiny_manifest
+from iota_cli.core.modelspec import ModelConfig
+from iota_cli.swarm.corpus import default_data
+from iota_cli.swarm.link import Link, LinkProxy
+from iota_cli.swarm.local import Swarm, SwarmOptions
+
+POLL_S = 0.2
+PROFILE = re.compile(r"profile: (\{.*\})")
+THREADS = 2  # torch threads of the one-process side: the cores the swarm's processes share here
+# d 256, 6 layers in 2+2+2: one item (8 x 128 tokens) is ~100+ ms of forward+backward per stage on a core,
+# so compute, not the orchestrator's round trips, should bound the swarm.
+COMPUTE_MODEL = ModelConfig(
+    d_model=256,
+    n_layers=6,
+    n_heads=4,
+    n_kv_heads=2,
+    ffn_dim=704,
+    context=128,
+    bottleneck_dim=8,
+    stages=(2, 2, 2),
+)
+SAMPLES = {"tiny": 240, "compute": 40}  # sized so the default run stays within a few minutes on 2 cores
+TIMED = ("compute_s", "wait_s", "claim_s", "download_s", "upload_s", "complete_s", "serialize_s")
+
+
+def manifest(model: str, data: str, samples: int) -> RunManifest:
+    m = tiny_manifest(data, max_samples=samples)
+    if model == "tiny":
+        return m
+    # The swarm's own leases and pacing, a bigger model and batch; wire dtype bfloat16 (the default).
+    train = replace(m.train, seq_len=128, batch_size=8)
+    return replace(
+        m, name="compute", model=COMPUTE_MODEL, train=train, merge=replace(m.merge, wire_dtype="BF16")
+    )
+
+
+@dataclass
+class SwarmResult:
+    tokens_per_s: float
+    tokens: int
+    window_s: float
+    profiles: list[dict[str, Any]]  # one per worker: its stage, then its profile line
+    cuts: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def run_swarm(m: RunManifest, link: Link | None, home: Path, timeout_s: float = 600.0) -> SwarmResult:
+    """One worker per stage, each behind its own proxy when link is given; wait for the run to end."""
+    options = SwarmOptions(
+        workers=m.model.n_stages, data=m.data.source, backends=("torch-cpu",), home=home, validate=False
+    )
+    swarm = Swarm(options=options, home=home, manifest=m)
+    proxies: list[LinkProxy] = []
+    series: list[tuple[float, int]] = []
+    problems: list[str] = []
+    status = None
+    try:
+        swarm.prepare()
+        assert swarm.orchestrator is not None
+        for w in swarm.workers:
+            url = swarm.url
+            if link is not None:
+                # One proxy (one home line) per worker, seeded apart so they do not cut in lockstep.
+                proxy = LinkProxy(("127.0.0.1", swarm.orchestrator.port), replace(link, seed=w.index))
+                proxy.start()
+                proxies.append(proxy)
+                url = proxy.url
+            # All stages at once: with one worker per stage nobody is crowded, so nobody is moved.
+            w.start(url, swarm.run_id)
+        deadline = time.monotonic() + timeout_s
+        while swarm.any_running() and time.monotonic() < deadline:
+            status = swarm.status() or status
+            if status is not None:
+                series.append((time.monotonic(), status.tokens_processed))
+            time.sleep(POLL_S)
+        if swarm.any_running():
+            problems.append(f"the run did not end in {timeout_s:.0f} s")
+        status = swarm.status() or status
+    finally:
+        codes = swarm.stop_workers(grace_s=30)
+        swarm.stop_server()
+        for p in proxies:
+            p.close()
+    if bad := {i: c for i, c in codes.items() if c != 0}:
+        problems.append(f"workers exited with {bad}")
+    if status is not None and status.state != "finished":
+        problems.append(f"the run ended {status.state}")
+    final = status.tokens_processed if status else 0
+    series.append((series[-1][0] if series else 0.0, final))
+    first = next(((t, n) for t, n in series if n > 0), None)
+    last = next(((t, n) for t, n in series if n == final), None)
+    rate, window = 0.0, 0.0
+    if first and last and last[0] > first[0]:
+        window = last[0] - first[0]
+        rate = (last[1] - first[1]) / window
+    profiles = []
+    for w in swarm.workers:
+        log = (w.home / "worker.log").read_text(errors="replace") if (w.home / "worker.log").exists() else ""
+        found = PROFILE.findall(log)
+        if not found:
+            problems.append(f"worker {w.index} logged no profile line")
+        profiles.append({"stage": w.stage, **(json.loads(found[-1]) if found else {})})
+    cuts = sum(p.cuts for p in proxies)
+    return SwarmResult(rate, final, window, profiles, cuts, problems)
+
+
+def one_process(m: RunManifest, samples: int) -> float:
+    """Tokens/s of the chain trained in this process on `samples` samples, the first one untimed."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    text = b"".join(Path(f).read_bytes() for f in sorted(glob.glob(m.data.source, recursive=True))[:400])
+    data = np.frombuffer(text, dtype=np.uint8).astype(np.int32)
+    stages = start(m, "torch-cpu")
+    rng = np.random.default_rng(0)
+    b, t = m.train.batch_size, m.train.seq_len
+    t0 = 0.0
+    for i in range(1, samples + 1):
+        if i == 2:
+            t0 = time.perf_counter()
+        off = int(rng.integers(0, len(data) - b * (t + 1)))
+        train_sample(stages, data[off : off + b * (t + 1)].reshape(b, t + 1), work_id=f"w{i}")
+        if i % m.train.backward_per_step == 0:
+            for s in stages:
+                s.step()
+    return (samples - 1) * b * t / (time.perf_counter() - t0)
+
+
+def report(name: str, m: RunManifest, link: Link, swarm: SwarmResult, one: float) -> dict[str, Any]:
+    head = swarm.profiles[0] if swarm.profiles else {}
+    per_token = head.get("bytes_up", 0) / head["tokens"] if head.get("tokens") else 0.0
+    ratio = m.model.d_model * 4 / per_token if per_token else 0.0
+    eff = swarm.tokens_per_s / one if one else 0.0
+    print(
+        f"\n{name:8} rtt {link.rtt_ms:5.0f} ms  loss {link.loss:.3f}  mbit {link.mbit or 'inf'}  "
+        f"wire {m.model.wire_dtype}: swarm {swarm.tokens_per_s:8.0f} tok/s  one-process {one:8.0f} tok/s  "
+        f"efficiency {eff:.3f}  boundary {per_token:.1f} B/token (ratio {ratio:.1f})"
+    )
+    print(
+        f"  {swarm.tokens} tokens through the tail, timed over {swarm.window_s:.1f} s; "
+        f"connections cut by the proxies: {swarm.cuts}"
+    )
+    print(
+        "  stage "
+        + " ".join(f"{k:>11}" for k in TIMED)
+        + f" {'tokens':>8} {'up B/tok':>9} {'down B/tok':>10}"
+    )
+    for p in swarm.profiles:
+        tok = p.get("tokens", 0) or 0
+        up = p.get("bytes_up", 0) / tok if tok else 0.0
+        down = p.get("bytes_down", 0) / tok if tok else 0.0
+        print(
+            f"  {p['stage']:5} "
+            + " ".join(f"{p.get(k, 0.0):11.2f}" for k in TIMED)
+            + f" {tok:8} {up:9.1f} {down:10.1f}"
+        )
+    for problem in swarm.problems:
+        print(f"  problem: {problem}")
+    return {
+        "model": name,
+        "rtt_ms": link.rtt_ms,
+        "loss": link.loss,
+        "mbit": link.mbit,
+        "efficiency": round(eff, 4),
+        "swarm_tokens_per_s": round(swarm.tokens_per_s, 1),
+        "one_process_tokens_per_s": round(one, 1),
+        "boundary_bytes_ratio": round(ratio, 2),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="tiny,compute", help="comma-separated: tiny, compute")
+    ap.add_argument("--rtt-ms", type=float, default=0.0, help="round-trip time the proxy adds, ms")
+    ap.add_argument("--loss", type=float, default=0.0, help="share of connections the proxy cuts")
+    ap.add_argument("--mbit", type=float, default=0.0, help="bandwidth cap per worker, Mbit/s (0: none)")
+    ap.add_argument("--samples", type=int, default=0, help="samples per config (default: per model)")
+    ap.add_argument("--data", default=default_data(), help="glob of text files")
+    args = ap.parse_args()
+    links = [Link()]
+    if args.rtt_ms or args.loss or args.mbit:
+        links.append(Link(rtt_ms=args.rtt_ms, loss=args.loss, mbit=args.mbit))
+    print(f"cores shared by every process here: {len(os.sched_getaffinity(0))}")
+    configs = []
+    for name in args.models.split(","):
+        samples = args.samples or SAMPLES[name]
+        m = manifest(name, args.data, samples)
+        one = one_process(m, samples)
+        for link in links:
+            home = Path(tempfile.mkdtemp(prefix=f"iota-throughput-{name}-"))
+            try:
+                result = run_swarm(m, None if link == Link() else link, home)
+            finally:
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(home)
+            configs.append(report(name, m, link, result, one))
+    print(json.dumps({"configs": configs}))
+
+
+if __name__ == "__main__":
+    main()
