@@ -11,6 +11,7 @@ Try it against a running orchestrator:
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,10 +54,12 @@ from iota_cli.core.protocol import (
     WorkCompleteReply,
     WorkItem,
 )
+from iota_cli.core.tensors import TensorDict, encode
 from iota_cli.core.validation import AuditTask, AuditVerdict, WeightsReport
 from iota_cli.train.client import Client, OnProgress, Reply
 from iota_cli.train.errors import ApiError
 
+log = logging.getLogger("iota.api")
 T = TypeVar("T")
 Timeout = tuple[float, float]  # (connect, read) seconds
 
@@ -186,6 +189,12 @@ class SwarmApi:
     def report_weights(self, work_id: str, report: WeightsReport) -> Ok:
         """Report the weights snapshot a sampled item asked for (WorkCompleteReply.audit), uploaded."""
         return self._call(Ok, "POST", f"/v1/work/{_segment(work_id)}/weights", report)
+
+    def send_weights(self, work_id: str, upload: UploadRef, weights: TensorDict) -> None:
+        """A sampled item's check: upload the weights it ran on, then report them (no snapshot, no credit)."""
+        data = encode(weights)
+        self.report_weights(work_id, WeightsReport(sha256=self.upload(upload, data), size=len(data)))
+        log.debug("sent the weights of %s for a check (%d bytes)", work_id, len(data))
 
     # --- validation (the operator's token) -------------------------------------------------------------
 

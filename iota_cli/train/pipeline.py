@@ -61,6 +61,43 @@ class Profile:
             return {k: round(v, 4) for k, v in sorted(self._values.items())}
 
 
+class Liveness:
+    """When each pipeline thread last showed life inside a call to the orchestrator.
+
+    The loop thread no longer blocks in HTTP itself, so its watchdog pings (headless/notify.py) must
+    vouch for the threads that do: a call that neither returns nor reports a retry (`touch`, from the
+    client's on_wait hook) for too long is a hang, and the pings stop as they did when the loop hung.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._since: dict[int, float] = {}
+
+    @contextmanager
+    def call(self) -> Iterator[None]:
+        tid = threading.get_ident()
+        with self._lock:
+            self._since[tid] = time.monotonic()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._since.pop(tid, None)
+
+    def touch(self) -> None:
+        """The calling thread is alive (waiting between retries, say): its call is not hung."""
+        tid = threading.get_ident()
+        with self._lock:
+            if tid in self._since:
+                self._since[tid] = time.monotonic()
+
+    def stalled_for(self) -> float:
+        """Seconds since the quietest call in progress last showed life (0: none in progress)."""
+        now = time.monotonic()
+        with self._lock:
+            return max((now - t for t in self._since.values()), default=0.0)
+
+
 @dataclass(frozen=True)
 class Ready:
     """A claimed item with its inputs downloaded, or the error that fetching them raised."""
@@ -105,9 +142,10 @@ class Prefetcher:
         stage_kind: str,
         work_dir: Path,
         profile: Profile,
+        liveness: Liveness,
     ) -> None:
         self.api, self.run_id, self.kind, self.work_dir = api, run_id, stage_kind, work_dir
-        self.profile = profile
+        self.profile, self.liveness = profile, liveness
         self.wait_s: Callable[[], float] = lambda: 2.0
         self.last = Claim(None)  # the latest claim's answer: the run's state and why there was no work
         self._ready: queue.Queue[Ready] = queue.Queue(maxsize=1)
@@ -145,7 +183,8 @@ class Prefetcher:
     def _run(self) -> None:
         try:
             while not (self._closed.is_set() or self.api.stop.is_set()):
-                ready = self._next()
+                with self.liveness.call():
+                    ready = self._next()
                 while ready is not None and not self._closed.is_set():
                     try:
                         self._ready.put(ready, timeout=0.2)
@@ -206,8 +245,8 @@ class Sender:
     answered with the weights it ran on.
     """
 
-    def __init__(self, api: SwarmApi, profile: Profile) -> None:
-        self.api, self.profile = api, profile
+    def __init__(self, api: SwarmApi, profile: Profile, liveness: Liveness) -> None:
+        self.api, self.profile, self.liveness = api, profile, liveness
         self._jobs: queue.Queue[tuple[WorkItem, str, TensorDict | None, float | None] | None]
         self._jobs = queue.Queue(maxsize=1)
         self._done: queue.Queue[Sent] = queue.Queue()
@@ -270,7 +309,8 @@ class Sender:
         while (job := self._jobs.get()) is not None:
             item, key, payload, loss = job
             try:
-                sent = Sent(item, key, reply=self._send(item, payload, loss))
+                with self.liveness.call():
+                    sent = Sent(item, key, reply=self._send(item, payload, loss))
             except Exception as e:  # noqa: BLE001 - the loop decides (Stopped included)
                 sent = Sent(item, key, error=e)
             with self._lock:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,21 +27,21 @@ from iota_cli.core.protocol import (
     BlobRef,
     Heartbeat,
     HeartbeatReply,
-    UploadRef,
     WorkItem,
 )
-from iota_cli.core.tensors import RawTensor, TensorDict, column_slice, encode
-from iota_cli.core.validation import WeightsReport
+from iota_cli.core.tensors import RawTensor, TensorDict, column_slice
 from iota_cli.headless.notify import Notifier
 from iota_cli.headless.progress import Progress
 from iota_cli.machine.power import PowerGuard
 from iota_cli.train.api import SwarmApi
 from iota_cli.train.checkpoint import CheckpointStore, LoopState
+from iota_cli.train.checkpointer import Checkpointer
 from iota_cli.train.errors import ApiError, ClientError, IntegrityError, Stopped
 from iota_cli.train.heartbeats import Heartbeats
 from iota_cli.train.join import epoch_base, published_weights
 from iota_cli.train.merging import Merger
-from iota_cli.train.pipeline import Prefetcher, Profile, Ready, Sender, Sent, give_back
+from iota_cli.train.pipeline import Liveness, Prefetcher, Profile, Ready, Sender, Sent, give_back
+from iota_cli.train.saved import SavedForwards
 from iota_cli.train.states import Session, ending, waiting
 
 log = logging.getLogger("iota.worker")
@@ -51,7 +50,9 @@ log = logging.getLogger("iota.worker")
 @dataclass(frozen=True)
 class LoopOptions:
     max_steps: int | None = None  # stop after this many local optimizer steps (None: until the run ends)
-    checkpoint_interval_s: float = 2.0  # at most this much work is lost to a kill -9
+    # The least time between background checkpoints; longer when writes are slow (checkpointer.py). A
+    # kill -9 loses at most about one interval plus one write of work.
+    checkpoint_interval_s: float = 2.0
     claim_wait_s: float = 2.0  # long-poll for work this long before asking again
     pause_poll_s: float = 5.0
 
@@ -80,14 +81,14 @@ class Worker:
         self.stop = api.stop
         self._display_lock = threading.Lock()
         self._since_step = 0
-        self._saved: dict[str, tuple[float, int]] = {}  # backend work id -> (when its forward ran, sample)
+        self.saved = SavedForwards(backend.free, 2 * self.manifest.train.work_timeout_s)
         self._idle = False  # the last claim brought no work
         self._refused_weights: set[str] = set()  # sha256 of merged weights that failed to load
-        self._last_checkpoint = time.monotonic()
+        self.checkpointer = Checkpointer(store, options.checkpoint_interval_s)
         self._loss: float | None = None
-        self.profile = Profile()
+        self.profile, self.liveness = Profile(), Liveness()
         self.prefetch: Prefetcher | None = None  # made in run(): its thread claims from the start
-        self.sender = Sender(api, self.profile)
+        self.sender = Sender(api, self.profile, self.liveness)
         self.finished = False  # the run ended (as opposed to a stop or max_steps)
         self.reassign = False
         self.session = Session.start(state)
@@ -106,11 +107,13 @@ class Worker:
         self.notifier.ready(f"stage {self.spec.index} ({self.spec.kind}): training")
         self._show(state="waiting for work")
         work_dir = self.cache_dir / "work"
-        self.prefetch = Prefetcher(self.api, self.state.run_id, self.spec.kind, work_dir, self.profile)
+        self.prefetch = Prefetcher(
+            self.api, self.state.run_id, self.spec.kind, work_dir, self.profile, self.liveness
+        )
         self.prefetch.start(self._claim_wait)
         try:
             while not self.stop.is_set():
-                self.notifier.watchdog()
+                self._ping()
                 if self.guard and (reason := self.guard.should_pause()):
                     self._show(state=reason)
                     self.stop.wait(self.options.pause_poll_s)
@@ -130,6 +133,12 @@ class Worker:
             self.beats.close()
             self.merger.close()
             self._shutdown()
+
+    def _ping(self) -> None:
+        """Feed systemd's watchdog, unless a pipeline thread has hung in a call for a whole interval."""
+        limit = 2 * (self.notifier.watchdog_s or 0.0)  # watchdog_s is half systemd's interval
+        if self.liveness.stalled_for() < limit:
+            self.notifier.watchdog()
 
     def _reached_max_steps(self) -> bool:
         return self.options.max_steps is not None and self.state.step >= self.options.max_steps
@@ -189,7 +198,7 @@ class Worker:
                 raise s.error
             assert s.reply is not None
             if s.reply.audit is not None:  # the weights the item ran on: held if a step came since
-                self._send_snapshot(s.item, s.reply.audit, s.held or self.backend.weights())
+                self.api.send_weights(s.item.work_id, s.reply.audit, s.held or self.backend.weights())
             self.state = replace(self.state, credits_seen=s.reply.total_credits)
             self.session.credited(s.reply.credits)
             if s.item.kind == "backward" or self.spec.kind == "tail":
@@ -199,13 +208,6 @@ class Worker:
     def _before_weights_change(self) -> None:
         self._collect(self.sender.hold(self.backend.weights, self.merger.layout.size * 4))
 
-    def _send_snapshot(self, item: WorkItem, upload: UploadRef, weights: TensorDict) -> None:
-        """The item was sampled for a check: send the weights it ran on (no snapshot, no credit)."""
-        data = encode(weights)
-        sha = self.api.upload(upload, data)
-        self.api.report_weights(item.work_id, WeightsReport(sha256=sha, size=len(data)))
-        log.debug("sent the weights of %s for a check (%d bytes)", item.work_id, len(data))
-
     def _forward(
         self, item: WorkItem, key: str, fetched: dict[str, RawTensor]
     ) -> tuple[TensorDict | None, float | None]:
@@ -214,22 +216,21 @@ class Worker:
             inputs = {"tokens": column_slice(fetched["tokens"], 0, -1)}
         else:
             inputs = {"activations": fetched["activations"]}
-        self._expire_saved_state()
         out = self.backend.forward(key, inputs)
-        self._saved[key] = (time.monotonic(), item.sample_id)
+        self.saved.add(key, item.sample_id)
         b, t = inputs["tokens" if kind == "head" else "activations"].shape[:2]
         self.state = replace(self.state, tokens=self.state.tokens + b * t)
         if kind != "tail":
             return out, None
         targets = column_slice(fetched["tokens"], 1, None)
         result = self.backend.backward(key, {"targets": targets})
-        self._saved.pop(key, None)
+        self.saved.used(key)
         self._loss = result.loss
         return result.grads, result.loss
 
     def _backward(self, key: str, fetched: dict[str, RawTensor]) -> tuple[TensorDict | None, None]:
         result = self.backend.backward(key, {"grad": fetched["grad"]})
-        self._saved.pop(key, None)
+        self.saved.used(key)
         return result.grads, None
 
     def _step(self) -> None:
@@ -244,12 +245,11 @@ class Worker:
         self.state = replace(self.state, step=self.state.step + 1, since_merge=self.state.since_merge + 1)
         if self.state.step - self._paced_from == self.manifest.merge.interval:
             self.beats.wake()  # a round is due: say so now, not up to heartbeat_s later
-        if time.monotonic() - self._last_checkpoint >= self.options.checkpoint_interval_s:
-            self.checkpoint()
+        if self.checkpointer.due():
+            self.checkpointer.submit(self.state, self.backend.weights(), self.backend.optimizer_state())
 
     def _forget(self, key: str) -> None:
-        self.backend.free(key)
-        self._saved.pop(key, None)
+        self.saved.forget(key)
 
     def _abandon(self, item: WorkItem, key: str, why: Abandon) -> None:
         self._forget(key)
@@ -257,12 +257,6 @@ class Worker:
             self.api.abandon(item.work_id, why)
         except ClientError as e:
             log.info("could not give back %s: %s", item.work_id, e)
-
-    def _expire_saved_state(self) -> None:
-        """Free forwards whose backward will never come (the chain broke downstream)."""
-        horizon = time.monotonic() - 2 * self.manifest.train.work_timeout_s
-        for key in [k for k, (t, _) in self._saved.items() if t < horizon]:
-            self._forget(key)
 
     # --- heartbeats, merged weights and merge rounds ---------------------------------------------------
 
@@ -281,15 +275,15 @@ class Worker:
         news = self.beats.take()
         if news is None:
             return
-        dropped = set(news.drop)
-        for key in [k for k, (_, sample) in self._saved.items() if sample in dropped]:
-            self._forget(key)
+        self.saved.drop(news.drop)
         offer = news.merge
         # The round in flight brings exactly epoch + 1; anything newer, or no round, is a catch-up.
         if news.epoch > self.state.epoch and self.merger.in_flight != news.epoch - 1:
             self._catch_up(news)
         elif offer is not None and offer.phase == "contribute" and offer.epoch == self.state.epoch:
             self._show(state=f"merging (epoch {offer.epoch})")
+            self._collect(self.sender.drain())  # contribute every step of the work accepted so far
+            self._step()
             if self.merger.begin(offer, self.backend.weights(), self.state.step):
                 self._paced_from = self.state.step
         if news.run_state == "finished":
@@ -338,7 +332,7 @@ class Worker:
     def _synced(self, base: np.ndarray, epoch: int) -> None:
         self.merger.rebase(base, epoch)
         self.state = replace(self.state, epoch=epoch, since_merge=0)
-        self.checkpoint()
+        self.checkpointer.submit(self.state, self.backend.weights(), self.backend.optimizer_state())
         if self.state.step - self._paced_from >= self.manifest.merge.interval:
             self.beats.wake()  # the next round came due while this one was in flight
 
@@ -348,9 +342,8 @@ class Worker:
     # --- state, display and shutdown -----------------------------------------------------------------
 
     def checkpoint(self) -> Path:
-        path = self.store.save(self.state, self.backend.weights(), self.backend.optimizer_state())
-        self._last_checkpoint = time.monotonic()
-        return path
+        """Write a checkpoint now and wait for it (every write goes through the one checkpointer)."""
+        return self.checkpointer.save_now(self.state, self.backend.weights(), self.backend.optimizer_state())
 
     def _wind_down(self, prefetch: Prefetcher | None) -> None:
         """Give back what was claimed ahead; collect what is being sent (a stop abandons the rest)."""
@@ -370,12 +363,12 @@ class Worker:
         if self.stop.is_set():
             self.progress.interrupted()  # a Ctrl-C echoed '^C' after the bar
         self._show(state="checkpointing")
-        for key in list(self._saved):
-            self._forget(key)
+        self.saved.clear()
         try:
             self.checkpoint()
         except Exception:  # the previous checkpoint is intact; say so and carry on leaving
             log.exception("final checkpoint failed; the previous one stays valid")
+        self.checkpointer.close()
         try:
             self.api.leave()  # best effort and brief (see api.leave)
         except ClientError as e:
@@ -399,6 +392,7 @@ class Worker:
 
     def show_wait(self, message: str, seconds: float) -> None:
         """The client's on_wait hook: say what we wait for, and keep the watchdog fed while waiting."""
+        self.liveness.touch()  # a pipeline thread between retries is waiting, not hung
         if threading.get_ident() == self._loop_thread:  # a hung loop must stop the pings
-            self.notifier.watchdog()
+            self._ping()
         self._show(state=message)

@@ -16,6 +16,7 @@ import time
 from sqlalchemy import Connection, delete, select, tuple_, update
 
 from iota_orchestrator import assignment, audits, chains, db, integrity, lease, merge, publish, rounds, runs
+from iota_orchestrator.rebalance import maybe_move
 from iota_orchestrator.runs import RunCtx
 from iota_orchestrator.state import State
 
@@ -36,6 +37,12 @@ def tick(state: State, now: float | None = None) -> None:
             if runs.get_run(conn, run_id).stop_requested:
                 keys |= chains.drop_stranded(conn, ctx, now)
             assignment.rebalance(conn, ctx)
+            move = maybe_move(conn, ctx, now)  # a stage that can spare a worker reinforces the slowest
+        if move is not None:
+            log.info(
+                "run %s: moving %s from stage %d to bottleneck stage %d (min capacity %.1f -> %.1f tokens/s)",
+                *(run_id, move.contributor_id, move.source, move.target, move.before, move.after),
+            )
         state.wake.notify(keys)
         publish.advance(state, ctx, now)
         watch_weights(state, ctx, now)
