@@ -72,7 +72,7 @@ COMPUTE_MODEL = ModelConfig(
     bottleneck_dim=8,
     stages=(2, 2, 2),
 )
-SAMPLES = {"tiny": 240, "compute": 40}  # sized so the default run stays within a few minutes on 2 cores
+SAMPLES = {"tiny": 240, "compute": 80}  # sized so the default run stays within a few minutes on 2 cores
 TIMED = ("compute_s", "wait_s", "claim_s", "download_s", "upload_s", "complete_s", "serialize_s")
 
 
@@ -81,7 +81,9 @@ def manifest(model: str, data: str, samples: int) -> RunManifest:
     if model == "tiny":
         return m
     # The swarm's own leases and pacing, a bigger model and batch; wire dtype bfloat16 (the default).
-    train = replace(m.train, seq_len=128, batch_size=8)
+    # 16 samples in flight per head: a sample's round trip through the pipeline over a 100 ms link is
+    # about 3 s (five hops of upload, complete, claim, download), and the heads must fill it (Little's law).
+    train = replace(m.train, seq_len=128, batch_size=8, max_inflight_per_head=16)
     return replace(
         m, name="compute", model=COMPUTE_MODEL, train=train, merge=replace(m.merge, wire_dtype="BF16")
     )
@@ -95,6 +97,16 @@ class SwarmResult:
     profiles: list[dict[str, Any]]  # one per worker: its stage, then its profile line
     cuts: int = 0
     problems: list[str] = field(default_factory=list)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU-seconds by process, at the run's end
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU-seconds of a live process (Linux /proc), 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_swarm(m: RunManifest, link: Link | None, home: Path, timeout_s: float = 600.0) -> SwarmResult:
@@ -109,6 +121,7 @@ def run_swarm(m: RunManifest, link: Link | None, home: Path, timeout_s: float = 
     status = None
     try:
         swarm.prepare()
+        born = time.monotonic()
         assert swarm.orchestrator is not None
         for w in swarm.workers:
             url = swarm.url
@@ -128,6 +141,8 @@ def run_swarm(m: RunManifest, link: Link | None, home: Path, timeout_s: float = 
             time.sleep(POLL_S)
         if swarm.any_running():
             problems.append(f"the run did not end in {timeout_s:.0f} s")
+        pid = swarm.orchestrator.proc.pid if swarm.orchestrator.proc else 0
+        cpu = {"orchestrator": cpu_seconds(pid), "life_s": time.monotonic() - born}
         status = swarm.status() or status
     finally:
         codes = swarm.stop_workers(grace_s=30)
@@ -154,7 +169,7 @@ def run_swarm(m: RunManifest, link: Link | None, home: Path, timeout_s: float = 
             problems.append(f"worker {w.index} logged no profile line")
         profiles.append({"stage": w.stage, **(json.loads(found[-1]) if found else {})})
     cuts = sum(p.cuts for p in proxies)
-    return SwarmResult(rate, final, window, profiles, cuts, problems)
+    return SwarmResult(rate, final, window, profiles, cuts, problems, cpu)
 
 
 def one_process(m: RunManifest, samples: int) -> float:
@@ -207,6 +222,9 @@ def report(name: str, m: RunManifest, link: Link, swarm: SwarmResult, one: float
             + " ".join(f"{p.get(k, 0.0):11.2f}" for k in TIMED)
             + f" {tok:8} {up:9.1f} {down:10.1f}"
         )
+    if orch := swarm.cpu_s.get("orchestrator"):
+        life = swarm.cpu_s["life_s"]
+        print(f"  orchestrator: {orch:.1f} CPU-s in its {life:.1f} s ({orch / life:.2f} of a core)")
     for problem in swarm.problems:
         print(f"  problem: {problem}")
     return {
@@ -229,6 +247,7 @@ def main() -> None:
     ap.add_argument("--mbit", type=float, default=0.0, help="bandwidth cap per worker, Mbit/s (0: none)")
     ap.add_argument("--samples", type=int, default=0, help="samples per config (default: per model)")
     ap.add_argument("--data", default=default_data(), help="glob of text files")
+    ap.add_argument("--inflight", type=int, default=0, help="samples per head in flight (default: manifest)")
     args = ap.parse_args()
     links = [Link()]
     if args.rtt_ms or args.loss or args.mbit:
@@ -238,6 +257,8 @@ def main() -> None:
     for name in args.models.split(","):
         samples = args.samples or SAMPLES[name]
         m = manifest(name, args.data, samples)
+        if args.inflight:
+            m = replace(m, train=replace(m.train, max_inflight_per_head=args.inflight))
         one = one_process(m, samples)
         for link in links:
             home = Path(tempfile.mkdtemp(prefix=f"iota-throughput-{name}-"))

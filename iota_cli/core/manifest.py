@@ -51,9 +51,9 @@ class TrainConfig:
     max_inflight_per_head: int = Field(
         default=4, ge=1, le=1024, description="samples a head worker may have in the pipeline at once"
     )
-    # Three: one item claimed ahead, one computing, one being sent (iota_cli/train/pipeline.py).
+    # Six: two claimed ahead, one computing, two being sent, one queued to be (iota_cli/train/pipeline.py).
     max_claims_per_worker: int = Field(
-        default=3,
+        default=6,
         ge=1,
         le=1024,
         description="work items one contributor may hold claimed at once, on any stage (1 while its "

@@ -3,10 +3,12 @@
 Over a home link each round trip costs tens of milliseconds, and an item needs four of them (claim,
 download, upload, complete). The loop thread only computes: a `Prefetcher` thread claims the next item
 and downloads its inputs while the current one runs, and a `Sender` thread uploads a result and
-completes it while the next one runs. Neither thread ever touches the backend (the loop thread owns it),
-and both queues hold one item, so a worker holds at most three claims (one ahead, one computing, one
-being sent) and nothing piles up. What kill -9 loses is unchanged: claimed items lapse at their
-deadline and are re-issued, as an item in flight always was.
+completes it while the next one runs. Over a long round trip one thread of each is not enough (an
+upload and a complete are two round trips, 200 ms at 100 ms RTT, more than an item's compute), so each
+runs DEPTH threads: at most DEPTH items claimed ahead, one computing, DEPTH being sent and one queued
+for them, which is `train.max_claims_per_worker` (6). Neither ever touches the backend (the loop
+thread owns it). What kill -9 loses is unchanged: claimed items lapse at their deadline and are
+re-issued, as an item in flight always was.
 
     python -c "from iota_cli.train.pipeline import *; p = Profile(); p.add('x_s', 1); print(p.snapshot())"
 """
@@ -35,6 +37,7 @@ log = logging.getLogger("iota.worker")
 # Weights at most this large are copied before an optimizer step for the results still in flight (a
 # sampled item is answered with the weights it ran on); larger stages wait for those results instead.
 HOLD_LIMIT_BYTES = 256 << 20
+DEPTH = 2  # claiming threads, and sending threads: round trips in flight each way
 
 
 class Profile:
@@ -133,7 +136,7 @@ def give_back(work_id: str, e: Exception) -> Abandon:
 
 
 class Prefetcher:
-    """Claims the next item and downloads its inputs on its own thread, one item ahead of the loop."""
+    """Claims the next items and downloads their inputs on `depth` threads, that many ahead of the loop."""
 
     def __init__(
         self,
@@ -143,36 +146,44 @@ class Prefetcher:
         work_dir: Path,
         profile: Profile,
         liveness: Liveness,
+        depth: int = DEPTH,
     ) -> None:
         self.api, self.run_id, self.kind, self.work_dir = api, run_id, stage_kind, work_dir
         self.profile, self.liveness = profile, liveness
         self.wait_s: Callable[[], float] = lambda: 2.0
         self.last = Claim(None)  # the latest claim's answer: the run's state and why there was no work
-        self._ready: queue.Queue[Ready] = queue.Queue(maxsize=1)
+        self._ready: queue.Queue[Ready] = queue.Queue()
+        self._slots = threading.Semaphore(depth)  # one per item claimed and not yet taken by the loop
         self._failure: BaseException | None = None
         self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="iota-prefetch", daemon=True)
+        self._threads = [
+            threading.Thread(target=self._run, name=f"iota-prefetch-{i}", daemon=True) for i in range(depth)
+        ]
 
     def start(self, wait_s: Callable[[], float]) -> None:
         """Claim from now on, long-polling wait_s() seconds a claim (asked afresh for each one)."""
         self.wait_s = wait_s
-        self._thread.start()
+        for t in self._threads:
+            t.start()
 
     def take(self, timeout: float) -> Ready | None:
         """The next ready item, waiting up to timeout; a failure of the thread is raised here."""
         if self._failure is not None:
             raise self._failure
         try:
-            return self._ready.get(timeout=timeout)
+            ready = self._ready.get(timeout=timeout)
         except queue.Empty:
             if self._failure is not None:
                 raise self._failure from None
             return None
+        self._slots.release()
+        return ready
 
     def close(self) -> list[WorkItem]:
         """Stop claiming; return the items claimed but never taken (the caller gives them back)."""
         self._closed.set()
-        self._thread.join(timeout=self.api.client.timeout[0] + 1.0)
+        for t in self._threads:
+            t.join(timeout=self.api.client.timeout[0] + 1.0)
         left = []
         while True:
             try:
@@ -183,16 +194,14 @@ class Prefetcher:
     def _run(self) -> None:
         try:
             while not (self._closed.is_set() or self.api.stop.is_set()):
+                if not self._slots.acquire(timeout=0.2):
+                    continue  # `depth` items wait for the loop already
                 with self.liveness.call():
                     ready = self._next()
-                while ready is not None and not self._closed.is_set():
-                    try:
-                        self._ready.put(ready, timeout=0.2)
-                        ready = None
-                    except queue.Full:
-                        continue
-                if ready is not None:  # closed while holding it: hand it back through the queue
-                    self._ready.put(ready)
+                if ready is None:
+                    self._slots.release()
+                else:
+                    self._ready.put(ready)  # close() hands back whatever the loop did not take
         except Stopped:
             return
         except BaseException as e:  # noqa: BLE001 - the loop thread raises it as its own
@@ -238,14 +247,14 @@ class Sent:
 
 
 class Sender:
-    """Uploads results and completes their items on its own thread, one behind the loop.
+    """Uploads results and completes their items on `depth` threads, behind the loop.
 
     The loop collects what was sent with `results()`, and `drain()` waits until nothing is in flight:
     before its weights change (an optimizer step, merged weights), since a sampled item must be
     answered with the weights it ran on.
     """
 
-    def __init__(self, api: SwarmApi, profile: Profile, liveness: Liveness) -> None:
+    def __init__(self, api: SwarmApi, profile: Profile, liveness: Liveness, depth: int = DEPTH) -> None:
         self.api, self.profile, self.liveness = api, profile, liveness
         self._jobs: queue.Queue[tuple[WorkItem, str, TensorDict | None, float | None] | None]
         self._jobs = queue.Queue(maxsize=1)
@@ -253,8 +262,14 @@ class Sender:
         self._pending: list[str] = []  # work ids queued or being sent, oldest first
         self._held: dict[str, TensorDict] = {}
         self._lock = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="iota-send", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"iota-send-{i}", daemon=True) for i in range(depth)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _alive(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
 
     def send(self, item: WorkItem, key: str, payload: TensorDict | None, loss: float | None) -> None:
         """Queue a result; blocks while the one before it is still waiting to be sent."""
@@ -265,7 +280,7 @@ class Sender:
                 self._jobs.put((item, key, payload, loss), timeout=0.2)
                 return
             except queue.Full:
-                if not self._thread.is_alive():
+                if not self._alive():
                     raise Stopped from None
 
     def in_flight(self) -> list[str]:
@@ -297,13 +312,15 @@ class Sender:
     def drain(self) -> list[Sent]:
         """Wait until every queued result is sent (or failed); return everything sent since last asked."""
         with self._lock:
-            while self._pending and self._thread.is_alive():
+            while self._pending and self._alive():
                 self._lock.wait(0.2)
         return self.results()
 
     def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join(timeout=5.0)
+        for _ in self._threads:
+            self._jobs.put(None)
+        for t in self._threads:
+            t.join(timeout=5.0)
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
