@@ -123,8 +123,7 @@ def test_a_worker_moves_to_the_slow_stage_and_the_swarm_speeds_up(tmp_path, monk
         t = threading.Thread(target=throttle, args=(slow.proc.pid, stop), daemon=True)
         t.start()
         samples: list[tuple[float, int]] = []
-        stage_of: dict[str, int] = {}
-        moves = 0
+        visited: dict[str, list[int]] = {}  # each worker's stages, in order
         moved_at = None
         deadline = time.monotonic() + 80
         while time.monotonic() < deadline:
@@ -132,8 +131,9 @@ def test_a_worker_moves_to_the_slow_stage_and_the_swarm_speeds_up(tmp_path, monk
             if status is not None:
                 samples.append((time.monotonic(), status.tokens_processed))
                 now_at = {w.contributor_id: s.stage for s in status.stages for w in s.workers if w.alive}
-                moves += sum(1 for c, st in now_at.items() if stage_of.get(c, st) != st)
-                stage_of.update(now_at)
+                for c, st in now_at.items():
+                    if not visited.get(c) or visited[c][-1] != st:
+                        visited.setdefault(c, []).append(st)
                 on_1 = {c for c, st in now_at.items() if st == 1}
                 if moved_at is None and on_1 & head:
                     moved_at = time.monotonic()
@@ -153,8 +153,10 @@ def test_a_worker_moves_to_the_slow_stage_and_the_swarm_speeds_up(tmp_path, monk
         after = rate(moved_at + 8, moved_at + 25)  # the mover loads its new stage's weights first
         print(f"tokens/s before the move {before:.0f}, after {after:.0f}")
         assert after > before * 1.2
-        assert moves == 1, "one move, and none back"
-        assert slow.contributor_id in {c for c, st in stage_of.items() if st == 1}
+        # No ping-pong: nobody goes back to a stage it left (a later, different move may follow, when
+        # the rule measures another 20% gain after the cool-down).
+        assert all(len(v) == len(set(v)) for v in visited.values()), visited
+        assert any(v[:2] == [0, 1] for v in visited.values()), visited
     finally:
         stop.set()
         swarm.stop_workers(grace_s=10)

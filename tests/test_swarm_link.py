@@ -24,7 +24,7 @@ from iota_cli.swarm.local import Swarm, SwarmOptions, default_data
 
 pytestmark = pytest.mark.slow
 
-MAX_STEPS = 30  # one replica per stage: 30 steps x 2 backward per step = 60 samples
+MAX_STEPS = 20  # one replica per stage: 20 steps x 2 backward per step = 40 samples
 # Kept-alive connections are few (a handful per worker), so a quarter of them are cut: seeded, the
 # same connections are cut on every run with the same traffic.
 LINKS = [Link(rtt_ms=60 + 20 * i, loss=0.25, seed=11 + i) for i in range(3)]

@@ -244,13 +244,14 @@ def test_a_409_on_complete_drops_the_item(orch, tmp_path, caplog):
             # The item's deadline passes while the stage computes: another replica gets it.
             again = until(other.claim, what="the item to be re-issued")
             assert again["kind"] == "forward" and again["stage"] == 0
+            # Completed at once: within its 0.5 s deadline, before the worker's prefetcher can claim it.
+            assert other.do(again)["credits"] > 0
             r.stage.hold.set()
             key = until(lambda: r.stage.forwards and r.stage.forwards[0])
             until(lambda: key in r.stage.freed, what="the late item to be dropped")
             assert "(409)" in caplog.text
             assert r.worker.state.credits_seen == 0 and r.stage.in_flight() == []
             assert r.thread.is_alive(), "a 409 is not fatal"
-            assert other.do(again)["credits"] > 0
         finally:
             r.stop()
 
