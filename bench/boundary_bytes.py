@@ -41,8 +41,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from chain_reference import start, train_sample
-from convergence_sim import MODEL, Plan
+from chain_reference import start
+from convergence_sim import MODEL, Plan, reference
 from heldout import Evaluator, TrainStream, heldout_batches, link_tree, split_corpus
 
 from iota_cli.core.backend import BackwardResult, StageBackend
@@ -144,14 +144,8 @@ def model_of(v: Variant) -> Any:
 
 
 def train(plan: Plan, stream: TrainStream, v: Variant) -> list[TensorDict]:
-    """convergence_sim.reference's loop, the chain wrapped in the variant's wire."""
-    stages = wrap(start(plan.manifest("", 1, MergeConfig()), plan.backend), v.wire)
-    for step in range(plan.steps):
-        for j in range(plan.samples_per_step):
-            train_sample(stages, stream.sample(step * plan.samples_per_step + j))
-        for s in stages:
-            s.step()
-    return [s.weights() for s in stages]
+    """convergence_sim.reference, the chain wrapped in the variant's wire."""
+    return reference(plan, stream, lambda stages: wrap(stages, v.wire))
 
 
 def heldout_loss(plan: Plan, batches: list[np.ndarray], v: Variant, weights: list[TensorDict]) -> float:

@@ -13,7 +13,7 @@ replica (its steps taken while a round is in flight) is not modelled here: the r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -111,9 +111,13 @@ class Config:
         return replace(base or MergeConfig(), strategy=strategy, interval=self.interval)  # type: ignore[arg-type]
 
 
-def reference(plan: Plan, stream: TrainStream) -> list[TensorDict]:
-    """One replica of each stage, batch G per optimizer step, samples in the orchestrator's order."""
+def reference(
+    plan: Plan, stream: TrainStream, wrap: Callable[[list[StageBackend]], list[StageBackend]] | None = None
+) -> list[TensorDict]:
+    """One replica of each stage, batch G per optimizer step, samples in the orchestrator's order
+    (`wrap`: what the chain's boundaries do to the bytes, bench/boundary_bytes.py's wires)."""
     stages = start(plan.manifest("", 1, MergeConfig()), plan.backend)
+    stages = wrap(stages) if wrap else stages
     for step in range(plan.steps):
         for j in range(plan.samples_per_step):
             train_sample(stages, stream.sample(step * plan.samples_per_step + j))
