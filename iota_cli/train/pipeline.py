@@ -30,7 +30,7 @@ from iota_cli.core.protocol import Abandon, BlobRef, ClaimRequest, WorkComplete,
 from iota_cli.core.tensors import RawTensor, TensorDict, encode
 from iota_cli.train import fetch
 from iota_cli.train.api import Claim, SwarmApi
-from iota_cli.train.errors import IntegrityError, Stopped
+from iota_cli.train.errors import ApiError, IntegrityError, Stopped
 
 log = logging.getLogger("iota.worker")
 
@@ -133,6 +133,14 @@ def give_back(work_id: str, e: Exception) -> Abandon:
     assert isinstance(e, StageInputError)
     log.warning("rejected the input of %s: %s", work_id, e)
     return Abandon(reason="bad_input", detail=str(e)[:500])
+
+
+def dropped(item: WorkItem, e: Exception | None) -> bool:
+    """Whether e says the orchestrator no longer wants the item (404/409/410): forgotten, never fatal."""
+    if not (isinstance(e, ApiError) and e.status in (404, 409, 410)):
+        return False
+    log.info("orchestrator dropped %s (%s): %s", item.work_id, e.status, e.detail)
+    return True
 
 
 class Prefetcher:

@@ -40,7 +40,7 @@ from iota_cli.train.errors import ApiError, ClientError, IntegrityError, Stopped
 from iota_cli.train.heartbeats import Heartbeats
 from iota_cli.train.join import epoch_base, published_weights
 from iota_cli.train.merging import Merger
-from iota_cli.train.pipeline import Liveness, Prefetcher, Profile, Ready, Sender, Sent, give_back
+from iota_cli.train.pipeline import Liveness, Prefetcher, Profile, Ready, Sender, Sent, dropped, give_back
 from iota_cli.train.saved import SavedForwards
 from iota_cli.train.states import Session, ending, waiting
 
@@ -87,7 +87,7 @@ class Worker:
         self.checkpointer = Checkpointer(store, options.checkpoint_interval_s)
         self._loss: float | None = None
         self.profile, self.liveness = Profile(), Liveness()
-        self.prefetch: Prefetcher | None = None  # made in run(): its thread claims from the start
+        self.prefetch: Prefetcher | None = None  # made in run(): its threads claim from the start
         self.sender = Sender(api, self.profile, self.liveness)
         self.finished = False  # the run ended (as opposed to a stop or max_steps)
         self.reassign = False
@@ -145,11 +145,8 @@ class Worker:
 
     def _claim_wait(self) -> float:
         # While a round is in flight its weights may land any moment: a long-poll must not hold them up.
-        return (
-            self.options.claim_wait_s
-            if self.merger.in_flight is None
-            else min(0.5, self.options.claim_wait_s)
-        )
+        wait = self.options.claim_wait_s
+        return wait if self.merger.in_flight is None else min(0.5, wait)
 
     def _take(self, prefetch: Prefetcher) -> Ready | None:
         with self.profile.timed("wait_s"):
@@ -182,6 +179,10 @@ class Worker:
         except (IntegrityError, StageInputError, UnknownWorkId) as e:
             self._abandon(item, key, give_back(item.work_id, e))
             return
+        except ApiError as e:  # its input went: the item was dropped while it was claimed ahead
+            if not dropped(item, e):
+                raise
+            self._forget(key)
         self._show(state="training")
 
     def _collect(self, sent: list[Sent]) -> None:
@@ -190,8 +191,7 @@ class Worker:
             if isinstance(s.error, Stopped):
                 self._abandon(s.item, s.key, Abandon(reason="stopping"))
                 continue
-            if isinstance(s.error, ApiError) and s.error.status in (404, 409, 410):
-                log.info("orchestrator dropped %s (%s): %s", s.item.work_id, s.error.status, s.error.detail)
+            if dropped(s.item, s.error):
                 self._forget(s.key)
                 continue
             if s.error is not None:
