@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import requests
 
-from iota_cli.core import flat, outer
+from iota_cli.core import flat, outer, wire
 from iota_cli.core.protocol import (
     PROTOCOL_HEADER,
     PROTOCOL_VERSION,
@@ -150,7 +150,7 @@ class SimWorker:
         item = WorkItem.model_validate(item_json)
         for ref in (item.tokens, item.input):
             if ref is not None:
-                decode(self.download(ref.model_dump()))
+                decode(wire.unpack(self.download(ref.model_dump())))
         tail = item.kind == "forward" and item.stage == self.assigned.n_stages - 1
         if item.kind == "backward" or tail:
             self.backward += 1

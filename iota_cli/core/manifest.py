@@ -60,6 +60,12 @@ class TrainConfig:
         "claims lapse past their deadline more often than it completes them)",
     )
 
+    wire_codec: Literal["none", "zstd"] = Field(
+        default="zstd",
+        description="how workers frame the results they upload: 'zstd' (lossless, about 1.4x smaller "
+        "for bfloat16 activations) or 'none' (receivers read either; core/wire.py)",
+    )
+
     def __post_init__(self) -> None:
         if self.batch_size * (self.seq_len + 1) > 1 << 24:
             raise ValueError("batch_size * (seq_len + 1) is too large (over 16M tokens a sample)")

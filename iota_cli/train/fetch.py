@@ -11,6 +11,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from iota_cli.core import wire
 from iota_cli.core.backend import StageInputError
 from iota_cli.core.protocol import BlobRef
 from iota_cli.core.tensors import RawTensor, TensorDict, TensorFormatError, decode
@@ -23,7 +24,7 @@ def tensors(api: SwarmApi, ref: BlobRef, work_dir: Path) -> TensorDict:
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         path = api.download(ref, Path(tmp) / "blob")
         try:
-            return decode(path.read_bytes())[0]
+            return decode(wire.unpack(path.read_bytes()))[0]
         except TensorFormatError as e:
             raise StageInputError(f"not a valid tensor container: {e}") from None
 

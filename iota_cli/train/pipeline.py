@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from iota_cli.core import wire
 from iota_cli.core.backend import StageInputError, UnknownWorkId
 from iota_cli.core.protocol import Abandon, BlobRef, ClaimRequest, WorkComplete, WorkCompleteReply, WorkItem
 from iota_cli.core.tensors import RawTensor, TensorDict, encode
@@ -262,8 +263,10 @@ class Sender:
     answered with the weights it ran on.
     """
 
-    def __init__(self, api: SwarmApi, profile: Profile, liveness: Liveness, depth: int = DEPTH) -> None:
-        self.api, self.profile, self.liveness = api, profile, liveness
+    def __init__(
+        self, api: SwarmApi, profile: Profile, liveness: Liveness, codec: str = "none", depth: int = DEPTH
+    ) -> None:
+        self.api, self.profile, self.liveness, self.codec = api, profile, liveness, codec
         self._jobs: queue.Queue[tuple[WorkItem, str, TensorDict | None, float | None] | None]
         self._jobs = queue.Queue(maxsize=1)
         self._done: queue.Queue[Sent] = queue.Queue()
@@ -347,7 +350,7 @@ class Sender:
         sha, size = None, 0
         if payload is not None and item.upload is not None:
             with self.profile.timed("serialize_s"):
-                data = encode(payload)
+                data = wire.pack(encode(payload), self.codec)
             with self.profile.timed("upload_s"):
                 sha, size = self.api.upload(item.upload, data), len(data)
             self.profile.add("bytes_up", size)

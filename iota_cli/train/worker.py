@@ -88,7 +88,7 @@ class Worker:
         self._loss: float | None = None
         self.profile, self.liveness = Profile(), Liveness()
         self.prefetch: Prefetcher | None = None  # made in run(): its threads claim from the start
-        self.sender = Sender(api, self.profile, self.liveness)
+        self.sender = Sender(api, self.profile, self.liveness, self.manifest.train.wire_codec)
         self.finished = False  # the run ended (as opposed to a stop or max_steps)
         self.reassign = False
         self.session = Session.start(state)

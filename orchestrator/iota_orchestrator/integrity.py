@@ -21,6 +21,7 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, select, update
 
+from iota_cli.core import wire
 from iota_cli.core.tensors import (
     Header,
     RawTensor,
@@ -40,6 +41,7 @@ log = logging.getLogger("iota_orchestrator")
 Want = Mapping[str, tuple[str, tuple[int, ...]]]
 CHUNK = 1 << 20
 SMALL = 16 << 20  # files up to this size are checked from one read
+INFLATED = 4 * SMALL  # the most a zstd-framed upload may inflate to (larger ones must come unframed)
 B = db.blobs
 
 
@@ -49,6 +51,7 @@ B = db.blobs
 def problem_in(data: bytes, want: Want) -> str | None:
     """Why these safetensors bytes are not exactly the wanted tensors, all finite (None when they are)."""
     try:
+        data = wire.unpack(data, INFLATED)
         header = parse_header(data, len(data))
     except TensorFormatError as e:
         return f"not a valid safetensors file: {e}"
@@ -97,6 +100,7 @@ def check_with(path: Path, wrong: Callable[[Header], str | None]) -> Checked:
 
 def _problem(data: bytes, wrong: Callable[[Header], str | None]) -> str | None:
     try:
+        data = wire.unpack(data, INFLATED)  # a result a worker framed in zstd (train.wire_codec)
         header = parse_header(data, len(data))
     except TensorFormatError as e:
         return f"not a valid safetensors file: {e}"
