@@ -25,7 +25,7 @@ from sqlalchemy.exc import OperationalError
 from iota_cli.core.protocol import PROTOCOL_VERSION, Problem
 from iota_cli.core.tensors import TensorFormatError
 from iota_orchestrator import __version__
-from iota_orchestrator.api import audits, blobs, contributors, merge, runs, work
+from iota_orchestrator.api import audits, blobs, contributors, dashboard, merge, runs, work
 from iota_orchestrator.errors import ApiError
 from iota_orchestrator.guard import MAX_JSON_BYTES, Guard
 from iota_orchestrator.state import State
@@ -72,6 +72,7 @@ def create_app(state: State | None = None) -> FastAPI:
     app.add_middleware(Guard, max_json_bytes=max_json)
     for module in (runs, contributors, work, merge, audits, blobs):
         app.include_router(module.router, responses=UNAVAILABLE)
+    dashboard.install(app)  # `/`, /v1/dashboard, /metrics, and the request metrics (outside the guard)
 
     install_error_handlers(app)
     return app
