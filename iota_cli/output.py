@@ -90,3 +90,30 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+class Redraw:
+    """A block of text refreshed in place: in a terminal each draw replaces the last (cursor up, clear
+    to the end), elsewhere (a pipe, a log) each draw is one line, so a file reads as a history."""
+
+    def __init__(self, tty: bool | None = None) -> None:
+        import sys
+
+        self.stream = sys.stdout
+        self.tty = self.stream.isatty() if tty is None else tty
+        self._lines = 0
+
+    def draw(self, block: str, line: str) -> None:
+        """Show `block` (terminal) or `line` (otherwise)."""
+        if not self.tty:
+            self.stream.write(line + "\n")
+        else:
+            import shutil
+
+            # A line wider than the terminal wraps, and the next draw would move up too few lines.
+            width = max(20, shutil.get_terminal_size().columns - 1)
+            block = "\n".join(b[:width] for b in block.split("\n"))
+            up = f"\x1b[{self._lines}F" if self._lines else ""
+            self.stream.write(up + "\x1b[J" + block + "\n")
+            self._lines = block.count("\n") + 1
+        self.stream.flush()

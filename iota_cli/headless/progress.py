@@ -6,7 +6,8 @@
 
     p.close(state="run finished", summary="run finished: 40 steps, 81,920 tokens, 15.08 credits")
 
-The same facts go to sd_notify STATUS= (see notify.py) so `systemctl status iota` shows them.
+The same facts go to sd_notify STATUS= (see notify.py) so `systemctl status iota` shows them, and to
+the live file (livefile.py, `live=`) that `iota status --watch` reads.
 `tokens` is the worker's cumulative token count; tokens/s is measured over the last `window_s` up to
 now, so it falls toward 0 while no tokens come. In a terminal a ticker redraws the bar every `tick_s`:
 tqdm redraws only on a step, and a worker waiting for work would show a frozen clock and rate.
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from iota_cli.headless.livefile import LiveFile
 from iota_cli.headless.logs import under_systemd
 from iota_cli.headless.notify import Notifier
 
@@ -78,8 +80,10 @@ class Progress:
         window_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         tick_s: float = 1.0,
+        live: LiveFile | None = None,
     ) -> None:
         self.label = label
+        self.live = live
         self.stream = sys.stderr if stream is None else stream
         if interactive is None:
             interactive = not under_systemd() and self.stream.isatty()
@@ -196,6 +200,8 @@ class Progress:
         ):
             self._last_line, self._last_text = now, text
             log.info("%s: %s", self.label, text)
+        if self.live is not None:
+            self.live.write(self.facts, force=final)
         if self.notifier is not None and (
             final or state_changed or self._last_status is None or now - self._last_status >= 1.0
         ):

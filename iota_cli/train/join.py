@@ -281,6 +281,8 @@ def restore(
 def join(opts: JoinOptions, paths: Paths, stop: threading.Event) -> int:
     """Join and train until stopped, max_steps, or the run's end; returns the exit status."""
     from iota_cli.core.backend import BackendError, select_backend
+    from iota_cli.headless.livefile import NAME as LIVE_NAME
+    from iota_cli.headless.livefile import LiveFile
     from iota_cli.headless.notify import Notifier
     from iota_cli.headless.progress import Progress
     from iota_cli.machine.power import KeepAwake, PowerGuard
@@ -334,7 +336,16 @@ def join(opts: JoinOptions, paths: Paths, stop: threading.Event) -> int:
                 store.discard()
             state = restore(backend, assignment, store, api, paths.cache_dir, me.contributor_id, backend_name)
             kind = stage_spec(run_manifest.model, assignment.stage).kind
-            progress = Progress(f"stage {assignment.stage} {kind}", total=opts.max_steps, notifier=notifier)
+            live = LiveFile(
+                paths.data_dir / LIVE_NAME,
+                run_id=assignment.run_id,
+                stage=assignment.stage,
+                kind=kind,
+                backend=backend_name,
+            )
+            progress = Progress(
+                f"stage {assignment.stage} {kind}", total=opts.max_steps, notifier=notifier, live=live
+            )
             guard = PowerGuard(allow_battery=opts.allow_battery)
             # The loop pings the watchdog once per iteration: no wait in it may outlast a ping interval.
             wait = min(2.0, notifier.watchdog_s / 2) if notifier.watchdog_s else 2.0
