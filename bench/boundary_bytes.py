@@ -13,15 +13,21 @@ Evaluator on the held-out text. Configurations are (bottleneck_dim, wire):
     channel per sequence (a row of T values). Scales are absmax / 127, symmetric, round to nearest.
 bytes_per_token is what one direction of one boundary carries per token (the gradient back is the same
 size again), scales included; ratio is d_model * 4 (the float32 hidden state) over it; loss_cost is the
-held-out loss over the reference's, minus one. Then zstd (python-zstandard, when installed; zlib and
-lzma from the stdlib beside it) on a token batch, a bfloat16 activation blob and a weights blob.
+held-out loss over the reference's, minus one. blob_bytes_per_token and zstd_bytes_per_token weigh the
+trained model's own boundary tensors (activations and gradients of a few training samples) as the blobs a
+worker uploads: safetensors as they are, and zstd-framed as core.wire frames them (train.wire_codec's
+default; lossless, so its loss is the variant's); zstd_ratio is d_model * 4 over the latter. Then zstd
+(python-zstandard; zlib and lzma from the stdlib beside it) on a token batch, a bfloat16 activation blob
+and a weights blob.
 
 Prints a table, then one JSON line:
-  {"configs": [{"bottleneck_dim", "wire", "bytes_per_token", "ratio", "heldout_loss", "loss_cost"}],
+  {"configs": [{"bottleneck_dim", "wire", "bytes_per_token", "ratio", "blob_bytes_per_token",
+   "zstd_bytes_per_token", "zstd_ratio", "heldout_loss", "loss_cost"}],
    "zstd": {"available", "blobs": [{"blob", "bytes", "codec", "ratio", "compress_MBps",
    "decompress_MBps"}]}}
 
     .venv/bin/python bench/boundary_bytes.py [--steps 150] [--only ref,bf16-32x] [--data DIR]
+        [--d-model 256] [--seed 1]   (another width: head_dim 32, the same ffn ratio; another init)
 
 Losses are deterministic (one thread, fixed seeds and sample order); times depend on the machine's load.
 """
@@ -41,17 +47,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from chain_reference import start
+from chain_reference import start, train_sample
 from convergence_sim import MODEL, Plan, reference
 from heldout import Evaluator, TrainStream, heldout_batches, link_tree, split_corpus
 
+from iota_cli.core import wire
 from iota_cli.core.backend import BackwardResult, StageBackend
 from iota_cli.core.flat import FlatLayout
 from iota_cli.core.manifest import MergeConfig
-from iota_cli.core.tensors import RawTensor, TensorDict
+from iota_cli.core.tensors import RawTensor, TensorDict, encode
 from iota_cli.swarm.corpus import default_data
 
-D_MODEL = 128  # convergence_sim's calibration model: 4 layers in 3 stages
 WIRE_BYTES = {"float32": 4, "bfloat16": 2, "int8-tok": 1, "int8-seq": 1}
 SCALE_BYTES = 2  # a float16 scale
 
@@ -71,17 +77,29 @@ class Variant:
         return float(b * WIRE_BYTES[self.wire])
 
 
-VARIANTS = (
-    Variant("ref", D_MODEL, "float32"),
-    Variant("bf16-16x", D_MODEL // 16, "bfloat16"),
-    Variant("bf16-32x", D_MODEL // 32, "bfloat16"),
-    Variant("bf16-64x", D_MODEL // 64, "bfloat16"),
-    Variant("f32-32x", D_MODEL // 32, "float32"),  # controls: the width alone, no wire rounding
-    Variant("f32-64x", D_MODEL // 64, "float32"),
-    Variant("int8seq-32x", D_MODEL // 32, "int8-seq"),
-    Variant("int8tok-32x", D_MODEL // 32, "int8-tok"),
-    Variant("int8seq-64x", D_MODEL // 64, "int8-seq"),
+# name, width divisor (d_model // it crosses the boundary), wire
+WIDTHS = (
+    ("ref", 1, "float32"),
+    ("bf16-16x", 16, "bfloat16"),
+    ("bf16-32x", 32, "bfloat16"),
+    ("bf16-64x", 64, "bfloat16"),
+    ("f32-32x", 32, "float32"),  # controls: the width alone, no wire rounding
+    ("f32-64x", 64, "float32"),
+    ("int8seq-32x", 32, "int8-seq"),
+    ("int8tok-32x", 32, "int8-tok"),
+    ("int8seq-64x", 64, "int8-seq"),
 )
+
+
+def variants(d_model: int) -> list[Variant]:
+    return [Variant(name, d_model // k, w) for name, k, w in WIDTHS]
+
+
+def model_at(d_model: int) -> Any:
+    """convergence_sim's model at another width: head_dim 32, the same ffn ratio, 4 layers in 1+2+1."""
+    heads = max(1, d_model // 32)
+    ffn = MODEL.ffn_dim * d_model // MODEL.d_model
+    return replace(MODEL, d_model=d_model, n_heads=heads, n_kv_heads=max(1, heads // 2), ffn_dim=ffn)
 
 
 # --- the simulated int8 wire -------------------------------------------------------------------------
@@ -135,12 +153,71 @@ def wrap(stages: list[StageBackend], wire: str) -> list[Any]:
     return [Int8Wire(s, wire) for s in stages] if wire.startswith("int8") else list(stages)
 
 
+# --- what the boundary tensors weigh as blobs, plain and zstd-framed (core.wire) -------------------------
+
+
+def as_blob(t: RawTensor, wire_name: str) -> bytes:
+    """The blob a boundary tensor travels in: as the stage made it, or, for an int8 wire, its int8
+    values and float16 scales (what a real int8 wire would ship; the values are already on the grid)."""
+    if not wire_name.startswith("int8"):
+        return encode({"activations": t})
+    x = np.frombuffer(t.data, dtype=np.float32).reshape(t.shape)
+    axis = -1 if wire_name == "int8-tok" else -2
+    scale = (np.abs(x).max(axis=axis, keepdims=True) / 127.0).astype(np.float16)
+    safe = np.where(scale > 0, scale.astype(np.float32), np.float32(1.0))
+    q = np.clip(np.rint(x / safe), -127, 127).astype(np.int8)
+    return encode(
+        {
+            "q": RawTensor("U8", q.shape, q.view(np.uint8).tobytes()),
+            "scale": RawTensor("F16", scale.shape, scale.tobytes()),
+        }
+    )
+
+
+class Weigher:
+    """A stage whose boundary outputs (activations forward, the gradient back) are weighed as blobs."""
+
+    def __init__(self, inner: Any, wire_name: str, sizes: dict[str, int]):
+        self.inner, self.wire_name, self.sizes = inner, wire_name, sizes
+
+    def _weigh(self, d: TensorDict | None) -> None:
+        for t in (d or {}).values():
+            if len(t.shape) == 3:  # (B, T, b): on the boundary (the head's proof vector is not)
+                blob = as_blob(t, self.wire_name)
+                self.sizes["tokens"] += t.shape[0] * t.shape[1]
+                self.sizes["plain"] += len(blob)
+                self.sizes["zstd"] += len(wire.pack(blob, "zstd"))
+
+    def forward(self, work_id: str, inputs: TensorDict) -> TensorDict:
+        out = self.inner.forward(work_id, inputs)
+        self._weigh(out)
+        return out
+
+    def backward(self, work_id: str, grads: TensorDict) -> BackwardResult:
+        r = self.inner.backward(work_id, grads)
+        self._weigh(r.grads)
+        return r
+
+
+def weigh(plan: Plan, stream: TrainStream, v: Variant, weights: list[TensorDict], samples: int = 4) -> dict:
+    """Bytes per token one direction of one boundary carries, plain and zstd-framed, measured on the
+    trained model's own activations and gradients (a few training samples through the chain)."""
+    stages = start(plan.manifest("", 1, MergeConfig()), plan.backend)
+    for s, w in zip(stages, weights, strict=True):
+        s.load(w)
+    sizes = {"tokens": 0, "plain": 0, "zstd": 0}
+    chain = [Weigher(s, v.wire, sizes) for s in wrap(stages, v.wire)]
+    for i in range(samples):
+        train_sample(chain, stream.sample(i), work_id=f"weigh{i}")
+    return {k: sizes[k] / sizes["tokens"] for k in ("plain", "zstd")}
+
+
 # --- training and scoring ----------------------------------------------------------------------------
 
 
-def model_of(v: Variant) -> Any:
+def model_of(base: Any, v: Variant) -> Any:
     wire = v.wire if v.wire in ("float32", "bfloat16") else "float32"
-    return replace(MODEL, bottleneck_dim=v.bottleneck_dim, wire_dtype=wire)
+    return replace(base, bottleneck_dim=v.bottleneck_dim, wire_dtype=wire)
 
 
 def train(plan: Plan, stream: TrainStream, v: Variant) -> list[TensorDict]:
@@ -236,15 +313,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150, help="optimizer steps per configuration")
     ap.add_argument("--global-batch", type=int, default=16, help="sequences per optimizer step")
     ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    ap.add_argument("--d-model", type=int, default=0, help="another model width (default: 128)")
+    ap.add_argument("--seed", type=int, default=0, help="the models' init seed")
     args = ap.parse_args()
     torch.set_num_threads(1)
     split = split_corpus(args.data)
     print(split.describe(), flush=True)
-    plan = Plan(steps=args.steps, global_batch=args.global_batch)
+    plan = Plan(steps=args.steps, global_batch=args.global_batch, seed=args.seed)
     batches = heldout_batches(split.heldout, plan.eval_batches, plan.batch, plan.seq)
-    wanted = [v for v in VARIANTS if not args.only or v.name in args.only.split(",")]
+    base = model_at(args.d_model) if args.d_model else MODEL
+    d = base.d_model
+    every = variants(d)
+    wanted = [v for v in every if not args.only or v.name in args.only.split(",")]
     if wanted[0].name != "ref":
-        wanted = [VARIANTS[0], *wanted]
+        wanted = [every[0], *wanted]
     with tempfile.TemporaryDirectory() as tmp:
         train_dir = str(link_tree(split, Path(tmp) / "train"))
         stream = TrainStream(plan.manifest(train_dir, 1, MergeConfig()), train_dir)
@@ -252,38 +334,45 @@ def main() -> None:
         rows: list[dict[str, Any]] = []
         ref_loss, ref_weights = 0.0, None
         for v in wanted:
-            p = replace(plan, model=model_of(v))
+            p = replace(plan, model=model_of(base, v))
             t0 = time.time()
             weights = train(p, stream, v)
             loss = heldout_loss(p, batches, v, weights)
             if v.name == "ref":
                 ref_loss, ref_weights = loss, weights
             bpt = v.bytes_per_token(plan.seq)
+            blobs_w = weigh(p, stream, v, weights)
             row: dict[str, Any] = {
                 "name": v.name,
                 "bottleneck_dim": v.bottleneck_dim,
                 "wire": v.wire,
                 "bytes_per_token": round(bpt, 3),
-                "ratio": round(D_MODEL * 4 / bpt, 2),
+                "ratio": round(d * 4 / bpt, 2),
+                "blob_bytes_per_token": round(blobs_w["plain"], 3),
+                "zstd_bytes_per_token": round(blobs_w["zstd"], 3),
+                "zstd_ratio": round(d * 4 / blobs_w["zstd"], 2),
                 "heldout_loss": round(loss, 5),
                 "loss_cost": round(loss / ref_loss - 1, 5),
             }
             rows.append(row)
             print(
                 f"{v.name:12s} b={v.bottleneck_dim:<4d} {v.wire:9s} {bpt:8.2f} B/token "
-                f"{row['ratio']:7.1f}x  held-out {loss:.4f}  cost {100 * row['loss_cost']:+6.2f}%  "
+                f"{row['ratio']:7.1f}x  zstd blob {row['zstd_bytes_per_token']:6.2f} B/token "
+                f"{row['zstd_ratio']:6.1f}x  held-out {loss:.4f}  cost {100 * row['loss_cost']:+6.2f}%  "
                 f"({time.time() - t0:.0f} s)",
                 flush=True,
             )
-        z = measure_zstd(replace(plan, model=model_of(VARIANTS[0])), stream, ref_weights or [])
+        z = measure_zstd(replace(plan, model=model_of(base, every[0])), stream, ref_weights or [])
     print()
     print(
-        f"{'config':12s} {'b':>4s} {'wire':9s} {'B/token':>8s} {'vs f32 h':>9s} {'held-out':>9s} {'cost':>8s}"
+        f"{'config':12s} {'b':>4s} {'wire':9s} {'B/token':>8s} {'vs f32 h':>9s} {'blob':>7s} {'zstd':>7s} "
+        f"{'vs f32 h':>9s} {'held-out':>9s} {'cost':>8s}"
     )
     for r in rows:
         print(
             f"{r['name']:12s} {r['bottleneck_dim']:4d} {r['wire']:9s} {r['bytes_per_token']:8.2f} "
-            f"{r['ratio']:8.1f}x {r['heldout_loss']:9.4f} {100 * r['loss_cost']:+7.2f}%"
+            f"{r['ratio']:8.1f}x {r['blob_bytes_per_token']:7.2f} {r['zstd_bytes_per_token']:7.2f} "
+            f"{r['zstd_ratio']:8.1f}x {r['heldout_loss']:9.4f} {100 * r['loss_cost']:+7.2f}%"
         )
     print(f"\nzstd installed: {z['available']}")
     print(f"{'blob':18s} {'bytes':>9s} {'codec':8s} {'ratio':>6s} {'comp MB/s':>10s} {'dec MB/s':>9s}")

@@ -17,19 +17,25 @@ proxy of its own (iota_cli.swarm.link: that delay, that share of connections cut
 beside the plain loopback config. Last line, JSON:
   {"configs": [{"model", "rtt_ms", "loss", "mbit", "efficiency", "swarm_tokens_per_s",
    "one_process_tokens_per_s", "boundary_bytes_ratio"}]}
-boundary_bytes_ratio: f32 hidden-state bytes per token (d_model * 4) over the bytes the head sends
-across its boundary per token (its bytes_up / its tokens: the bottleneck activations, blob framing
-included), i.e. what the bottleneck and the wire dtype save against sending the residual stream.
+boundary_bytes_ratio: f32 hidden-state bytes per token (d_model * 4) over the bytes that cross one
+boundary in one direction per token, as uploaded: the tail's bytes_up / its tokens (the gradient back
+across the last boundary, the same shape as the activations forward; wire dtype, zstd framing when the
+run uses it, and the safetensors header included), i.e. what the bottleneck, the wire dtype and the codec
+save against sending the residual stream.
 
 Choices:
 - No validator: a real one runs on another machine, so it would not compete for these cores; the
   orchestrator still samples checks (they lapse unjudged), as it would for a remote validator.
-- Swarm tokens/s is tokens_processed (the run status: tokens through the tail) from the first completed
-  sample to the last, polled every POLL_S: process start-up, joining and the pipeline filling are a
-  one-off cost a long run does not pay per token. The one-process side likewise skips its first sample
-  (allocations, lazy init). Both count batch_size * seq_len tokens per sample.
-- Wire dtype: the tiny model sends float32 (tiny_manifest), the compute-bound one bfloat16
-  (ModelConfig's default, what a real run sends).
+- Swarm tokens/s is tokens_processed (the run status: tokens through the tail, polled every POLL_S) over
+  the steady part of the run, from STEADY[0] to STEADY[1] of its final count: process start-up, joining,
+  the pipeline filling and, once max_samples are issued, draining are one-off costs a long run does not
+  pay per token. The whole span, first completed sample to last, is printed beside it. The one-process
+  side likewise skips its first sample (allocations, lazy init). Both count batch_size * seq_len tokens
+  per sample.
+- Wire: the tiny model sends float32 (tiny_manifest), the compute-bound one bfloat16 at ModelConfig's
+  default 64x bottleneck, both zstd-framed (train.wire_codec's default), as a real run sends.
+- CPU: every process the swarm started (reaped, start-up included) against the one process's own, per
+  token: on a machine whose cores are all busy, efficiency cannot exceed their ratio.
 All processes share the machine's cores (2 here): the figures are of that machine, at that load.
 """
 
@@ -41,6 +47,7 @@ import glob
 import json
 import os
 import re
+import resource
 import shutil
 import tempfile
 import time
@@ -58,6 +65,7 @@ from iota_cli.swarm.link import Link, LinkProxy
 from iota_cli.swarm.local import Swarm, SwarmOptions
 
 POLL_S = 0.2
+STEADY = (0.1, 0.9)  # the share of the run's tokens between which its rate is taken
 PROFILE = re.compile(r"profile: (\{.*\})")
 THREADS = 2  # torch threads of the one-process side: the cores the swarm's processes share here
 # d 256, 6 layers in 2+2+2: one item (8 x 128 tokens) is ~100+ ms of forward+backward per stage on a core,
@@ -69,7 +77,7 @@ COMPUTE_MODEL = ModelConfig(
     n_kv_heads=2,
     ffn_dim=704,
     context=128,
-    bottleneck_dim=8,
+    bottleneck_dim=4,  # 64x narrower than d_model, as ModelConfig's default (512 / 8)
     stages=(2, 2, 2),
 )
 SAMPLES = {"tiny": 240, "compute": 80}  # sized so the default run stays within a few minutes on 2 cores
@@ -91,7 +99,8 @@ def manifest(model: str, data: str, samples: int) -> RunManifest:
 
 @dataclass
 class SwarmResult:
-    tokens_per_s: float
+    tokens_per_s: float  # over the steady part
+    whole_tokens_per_s: float  # first completed sample to last
     tokens: int
     window_s: float
     profiles: list[dict[str, Any]]  # one per worker: its stage, then its profile line
@@ -109,12 +118,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def children_cpu_s() -> float:
+    """user + system CPU-seconds of every reaped child process so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_swarm(m: RunManifest, link: Link | None, home: Path, timeout_s: float = 600.0) -> SwarmResult:
     """One worker per stage, each behind its own proxy when link is given; wait for the run to end."""
     options = SwarmOptions(
         workers=m.model.n_stages, data=m.data.source, backends=("torch-cpu",), home=home, validate=False
     )
     swarm = Swarm(options=options, home=home, manifest=m)
+    children0 = children_cpu_s()
     proxies: list[LinkProxy] = []
     series: list[tuple[float, int]] = []
     problems: list[str] = []
@@ -149,18 +165,15 @@ def run_swarm(m: RunManifest, link: Link | None, home: Path, timeout_s: float = 
         swarm.stop_server()
         for p in proxies:
             p.close()
+    cpu["all"] = children_cpu_s() - children0  # every process it started, reaped by now
     if bad := {i: c for i, c in codes.items() if c != 0}:
         problems.append(f"workers exited with {bad}")
     if status is not None and status.state != "finished":
         problems.append(f"the run ended {status.state}")
     final = status.tokens_processed if status else 0
     series.append((series[-1][0] if series else 0.0, final))
-    first = next(((t, n) for t, n in series if n > 0), None)
-    last = next(((t, n) for t, n in series if n == final), None)
-    rate, window = 0.0, 0.0
-    if first and last and last[0] > first[0]:
-        window = last[0] - first[0]
-        rate = (last[1] - first[1]) / window
+    whole, window = rate_between(series, 1, final)
+    rate, _ = rate_between(series, int(STEADY[0] * final), int(STEADY[1] * final))
     profiles = []
     for w in swarm.workers:
         log = (w.home / "worker.log").read_text(errors="replace") if (w.home / "worker.log").exists() else ""
@@ -169,11 +182,26 @@ def run_swarm(m: RunManifest, link: Link | None, home: Path, timeout_s: float = 
             problems.append(f"worker {w.index} logged no profile line")
         profiles.append({"stage": w.stage, **(json.loads(found[-1]) if found else {})})
     cuts = sum(p.cuts for p in proxies)
-    return SwarmResult(rate, final, window, profiles, cuts, problems, cpu)
+    return SwarmResult(rate, whole, final, window, profiles, cuts, problems, cpu)
 
 
-def one_process(m: RunManifest, samples: int) -> float:
-    """Tokens/s of the chain trained in this process on `samples` samples, the first one untimed."""
+def rate_between(series: list[tuple[float, int]], lo: int, hi: int) -> tuple[float, float]:
+    """Tokens/s from the first poll that saw at least lo tokens to the first that saw hi, and that span."""
+    a = next(((t, n) for t, n in series if n >= max(lo, 1)), None)
+    b = next(((t, n) for t, n in series if n >= hi), None)
+    if a is None or b is None or b[0] <= a[0]:
+        return 0.0, 0.0
+    return (b[1] - a[1]) / (b[0] - a[0]), b[0] - a[0]
+
+
+@dataclass(frozen=True)
+class OneProcess:
+    tokens_per_s: float
+    cpu_ms_per_token: float  # this process's CPU time (all its threads) per token
+
+
+def one_process(m: RunManifest, samples: int) -> OneProcess:
+    """The chain trained in this process on `samples` samples, the first one untimed."""
     import torch
 
     torch.set_num_threads(THREADS)
@@ -182,21 +210,25 @@ def one_process(m: RunManifest, samples: int) -> float:
     stages = start(m, "torch-cpu")
     rng = np.random.default_rng(0)
     b, t = m.train.batch_size, m.train.seq_len
-    t0 = 0.0
+    t0 = c0 = 0.0
     for i in range(1, samples + 1):
         if i == 2:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
         off = int(rng.integers(0, len(data) - b * (t + 1)))
         train_sample(stages, data[off : off + b * (t + 1)].reshape(b, t + 1), work_id=f"w{i}")
         if i % m.train.backward_per_step == 0:
             for s in stages:
                 s.step()
-    return (samples - 1) * b * t / (time.perf_counter() - t0)
+    tokens = (samples - 1) * b * t
+    return OneProcess(tokens / (time.perf_counter() - t0), 1e3 * (time.process_time() - c0) / tokens)
 
 
-def report(name: str, m: RunManifest, link: Link, swarm: SwarmResult, one: float) -> dict[str, Any]:
-    head = swarm.profiles[0] if swarm.profiles else {}
-    per_token = head.get("bytes_up", 0) / head["tokens"] if head.get("tokens") else 0.0
+def report(name: str, m: RunManifest, link: Link, swarm: SwarmResult, alone: OneProcess) -> dict[str, Any]:
+    one, one_cpu_ms = alone.tokens_per_s, alone.cpu_ms_per_token
+    # The tail uploads only the gradient across the last boundary, the size of the activations that
+    # crossed it forward; the head's uploads also carry its proof of work, which goes to the validator.
+    tail = swarm.profiles[-1] if swarm.profiles else {}
+    per_token = tail.get("bytes_up", 0) / tail["tokens"] if tail.get("tokens") else 0.0
     ratio = m.model.d_model * 4 / per_token if per_token else 0.0
     eff = swarm.tokens_per_s / one if one else 0.0
     print(
@@ -205,7 +237,8 @@ def report(name: str, m: RunManifest, link: Link, swarm: SwarmResult, one: float
         f"efficiency {eff:.3f}  boundary {per_token:.1f} B/token (ratio {ratio:.1f})"
     )
     print(
-        f"  {swarm.tokens} tokens through the tail, timed over {swarm.window_s:.1f} s; "
+        f"  {swarm.tokens} tokens through the tail in {swarm.window_s:.1f} s ({swarm.whole_tokens_per_s:.0f} "
+        f"tok/s first to last, efficiency {swarm.whole_tokens_per_s / one if one else 0:.3f}); "
         f"connections cut by the proxies: {swarm.cuts}"
     )
     print(
@@ -225,6 +258,11 @@ def report(name: str, m: RunManifest, link: Link, swarm: SwarmResult, one: float
     if orch := swarm.cpu_s.get("orchestrator"):
         life = swarm.cpu_s["life_s"]
         print(f"  orchestrator: {orch:.1f} CPU-s in its {life:.1f} s ({orch / life:.2f} of a core)")
+    if (every := swarm.cpu_s.get("all")) and swarm.tokens:
+        print(
+            f"  every process of the swarm: {every:.1f} CPU-s, start-up included "
+            f"({1e3 * every / swarm.tokens:.3f} CPU-ms per token; one process: {one_cpu_ms:.3f})"
+        )
     for problem in swarm.problems:
         print(f"  problem: {problem}")
     return {

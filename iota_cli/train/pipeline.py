@@ -191,8 +191,9 @@ class Prefetcher:
     def close(self) -> list[WorkItem]:
         """Stop claiming; return the items claimed but never taken (the caller gives them back)."""
         self._closed.set()
+        deadline = time.monotonic() + self.api.client.timeout[0] + 1.0  # one wait for all, not each
         for t in self._threads:
-            t.join(timeout=self.api.client.timeout[0] + 1.0)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
         left = []
         while True:
             try:
@@ -330,8 +331,9 @@ class Sender:
     def close(self) -> None:
         for _ in self._threads:
             self._jobs.put(None)
+        deadline = time.monotonic() + 5.0
         for t in self._threads:
-            t.join(timeout=5.0)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:

@@ -14,6 +14,8 @@ worker joins; this moves an already placed replica of a stage that can spare one
   there if that raises the minimum capacity over all stages by MARGIN (20%) or more, picking the move
   that raises it most. A move back would lower the minimum again, so the rule cannot ping-pong on
   steady measurements; the cool-down covers noisy ones;
+- speeds are measured at most every PLAN_EVERY_S (10 s, or a quarter of the cool-down if shorter): one
+  indexed query per live worker, which at thousands of workers is not a per-tick cost;
 - nothing moves while any live worker has fewer than MIN_ITEMS measured items (a newcomer: its speed is
   unknown), while a move is pending, or within COOLDOWN_S of the run's last assignment change (a join
   or a move: the stages' speeds are measured afresh first). The cool-down is stored nowhere but in the
@@ -40,6 +42,8 @@ MARGIN = 0.2  # a move must raise the slowest stage's capacity by this fraction
 MIN_ITEMS = 3  # completed items before a worker's speed counts
 BUSY_ITEMS = 16  # the recent items a worker's speed is measured over
 DEFAULT_COOLDOWN_S = 120.0
+PLAN_EVERY_S = 10.0  # at most this often (a quarter of the cool-down if shorter) are speeds measured
+_planned: dict[str, float] = {}  # run id -> when its members were last measured (this process)
 
 
 def cooldown_s() -> float:
@@ -141,8 +145,13 @@ def maybe_move(conn: Connection, ctx: RunCtx, now: float) -> Move | None:
     if conn.execute(select(A.c.contributor_id).where(*live, A.c.reassign_to.is_not(None))).first():
         return None  # one move at a time: the last one has not happened yet
     last = conn.execute(select(A.c.assigned).where(*live).order_by(A.c.assigned.desc())).first()
-    if last is None or now - float(last[0]) < cooldown_s():
+    wait = cooldown_s()
+    if last is None or now - float(last[0]) < wait:
         return None
+    # members() reads each live worker's recent items (one indexed query each): not every tick.
+    if now - _planned.get(ctx.run_id, float("-inf")) < min(PLAN_EVERY_S, wait / 4):
+        return None
+    _planned[ctx.run_id] = now
     move = plan(members(conn, ctx), list(ctx.gflops), list(ctx.memory_need))
     if move is not None:
         conn.execute(
