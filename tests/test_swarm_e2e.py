@@ -110,6 +110,7 @@ def test_iota_swarm_trains_and_loss_falls(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout)
     assert summary["state"] == "finished"
+    assert re.search(r"dashboard: http://127\.0\.0\.1:\d+/ ", out.stderr), out.stderr[:2000]  # at start
     # Each replica ends near --max-steps, which the workers get as a cap too (31-49 at 40 before).
     assert all(20 <= w["steps"] <= 25 for w in summary["workers"]), summary["workers"]
     # Without a terminal a stage's line comes every 5 s (and when its workers come or go), not every poll.

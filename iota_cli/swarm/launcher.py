@@ -7,11 +7,13 @@ Nothing starts for a bad --backends name or a --data directory without enough te
 exit 2). A worker that exits with an error ends the swarm at once: the rest are stopped and run_swarm
 raises SwarmError with the reason from that worker's log (a stop before any worker joined raises it too,
 with 130). A temp home is removed when the swarm fails; after a run it holds the logs, checkpoints and
-the orchestrator's data, and the summary names it.
+the orchestrator's data, and the summary names it. The orchestrator's dashboard URL is logged as soon
+as it listens (a log line on stderr: `--json` keeps stdout for the summary).
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import threading
@@ -25,6 +27,8 @@ from iota_cli.core.manifest import tiny_manifest
 from iota_cli.core.protocol import RunStatus, StageStatus
 from iota_cli.swarm.checks import SwarmError, check_backends, check_data
 from iota_cli.swarm.local import Swarm, SwarmOptions
+
+log = logging.getLogger("iota.swarm")
 
 
 def stage_line(
@@ -117,7 +121,10 @@ def run(swarm: Swarm, stop: threading.Event, interactive: bool | None) -> dict[s
     status: RunStatus | None = None
     try:
         if not stop.is_set():  # Ctrl-C while checking: start nothing
-            swarm.start()
+            swarm.prepare()
+            # As soon as the orchestrator answers: the page shows the workers as they join.
+            log.info("dashboard: %s/ (Prometheus metrics: %s/metrics)", swarm.url, swarm.url)
+            swarm.launch()
         status = watch(swarm, stop, interactive)
     finally:
         if swarm.validator is not None:

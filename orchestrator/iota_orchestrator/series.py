@@ -9,7 +9,7 @@ at most MAX_POINTS buckets; when the buckets run out, neighbours merge and the b
     s = Series(tokens_per_sample=512, t0=run.created)
     s.read(conn, run_id)          # inside a transaction; cheap once caught up
     s.loss_points()               # [[tokens, mean loss], ...]
-    s.rate_points(now)            # [[seconds since t0, tokens/s], ...]
+    s.rate_points(now)            # [[seconds since t0, tokens/s over the last SMOOTH_S], ...]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from sqlalchemy import Connection, bindparam, select
 from iota_orchestrator import db
 
 MAX_POINTS = 240
+SMOOTH_S = 10.0  # tokens/s is a mean over this long
 CHUNK = 5000
 L = db.losses
 _NEW = (
@@ -90,20 +91,25 @@ class Series:
                 out.append([end * self.tokens_per_sample, round(s / n, 5)])
         return out
 
-    def rate_points(self, now: float) -> list[list[float]]:
-        """[seconds from t0 to the bucket's end, tokens/s in it]; the newest bucket counts up to now only.
+    def rate_points(self, now: float, smooth_s: float = SMOOTH_S) -> list[list[float]]:
+        """[seconds from t0 to the bucket's end, tokens/s over the smooth_s before it] per bucket.
 
-        Buckets run up to now, so a swarm that stalls shows its rate falling to 0."""
+        Samples reach the tail in bursts (a pipeline fills, drains, merges), so a bucket alone is spiky;
+        the mean over the last smooth_s (at least one bucket) reads as the rate. The buckets run up to
+        now, the newest counting up to now only, so a swarm that stalls shows its rate falling to 0."""
         if now < self.t0:
             return []
-        last = min(int((now - self.t0) // self.time_width), MAX_POINTS - 1)
-        out = []
-        for j in range(last + 1):
-            start = j * self.time_width
-            width = min(self.time_width, now - self.t0 - start) if j == last else self.time_width
-            n = self.time_counts[j] if j < len(self.time_counts) else 0
-            if width > 0:
-                out.append([round(start + width, 2), round(n * self.tokens_per_sample / width, 2)])
+        w = self.time_width
+        last = min(int((now - self.t0) // w), MAX_POINTS - 1)
+        counts = self.time_counts[: last + 1] + [0] * max(0, last + 1 - len(self.time_counts))
+        k = max(1, round(smooth_s / w))
+        out, window = [], 0
+        for j, n in enumerate(counts):
+            window += n - (counts[j - k] if j >= k else 0)
+            end = min((j + 1) * w, now - self.t0)
+            span = end - max(0, j - k + 1) * w
+            if span > 0:
+                out.append([round(end, 2), round(window * self.tokens_per_sample / span, 2)])
         return out
 
     def recent_rate(self, now: float, window_s: float) -> float:
