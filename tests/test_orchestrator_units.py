@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 from iota_orchestrator import data, db, integrity, ledger, runs, weights
-from iota_orchestrator.blobs import BlobStore, check_key
+from iota_orchestrator.blobs import check_key
+from iota_orchestrator.dirblobs import DirStore, UploadSink
 from iota_orchestrator.errors import ApiError, BadRequest, Forbidden, TooLarge, Unauthorized
 from sqlalchemy import inspect, text
 
@@ -100,7 +101,7 @@ def test_blob_keys_reject_traversal(key):
 
 
 def test_blob_urls_are_signed_and_expire(tmp_path):
-    store = BlobStore(tmp_path, b"k" * 32)
+    store = DirStore(tmp_path, b"k" * 32)
     assert check_key("runs/r-1/act/3/s0-w7.safetensors")
     url = store.upload_url("a/b.bin", 1000)
     q = dict(part.split("=") for part in url.split("?")[1].split("&"))
@@ -114,16 +115,14 @@ def test_blob_urls_are_signed_and_expire(tmp_path):
             store.verify(*args)
     with pytest.raises(Unauthorized):
         store.verify("get", "a/b.bin", None, None)
-    old = BlobStore(tmp_path, b"k" * 32, ttl_s=-10)
+    old = DirStore(tmp_path, b"k" * 32, ttl_s=-10)
     q = dict(part.split("=") for part in old.download_url("a/b.bin").split("?")[1].split("&"))
     with pytest.raises(Forbidden, match="expired"):
         store.verify("get", "a/b.bin", q["exp"], q["sig"])
 
 
 def test_upload_sink_enforces_limit_and_sha(tmp_path):
-    from iota_orchestrator.blobs import UploadSink
-
-    store = BlobStore(tmp_path, b"k" * 32)
+    store = DirStore(tmp_path, b"k" * 32)
     sink = UploadSink(store, 10)
     sink.write(b"12345")
     with pytest.raises(TooLarge):

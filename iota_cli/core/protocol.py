@@ -15,6 +15,8 @@ from iota_cli.core.manifest import RunManifest
 PROTOCOL_VERSION = 1
 PROTOCOL_HEADER = "X-Iota-Protocol"
 SHA256_HEADER = "X-Iota-Sha256"  # on blob uploads (checked) and downloads (what the bytes hash to)
+# Every blob upload's Content-Type; an object store's presigned PUT URL signs it (s3blobs.py).
+BLOB_CONTENT_TYPE = "application/octet-stream"
 RUN_STATE_HEADER = "X-Iota-Run-State"  # on 204 "no work now": running | finished
 # On 204 "no work now", optional: why, in a few words for people ("stage 1 has no worker"). Clients
 # show it and never parse it; an older orchestrator does not send it.

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,10 @@ class SwarmOptions:
     # run's end finds it (without: 25-54 steps at 40); a stage whose replicas all stopped leaves the others
     # nothing to do, so whoever watches must call end_if_stalled(), as launcher.watch() does.
     cap_steps: bool = False
+    # More `iota orchestrator serve` arguments and environment, e.g. ("--blob-store", "s3://bucket") and
+    # the store's credentials (given to the orchestrator alone, never to the workers).
+    server_args: tuple[str, ...] = ()
+    server_env: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -149,7 +154,11 @@ class Swarm:
         # Without the [orchestrator] extra the child says how to install it, and start() raises with that.
         port = int(self.url.rsplit(":", 1)[1]) if self.url else self.options.port
         self.orchestrator = OrchestratorProcess(
-            self.home / "orchestrator", port=port, admin_token=self.admin_token
+            self.home / "orchestrator",
+            port=port,
+            admin_token=self.admin_token,
+            extra_env=dict(self.options.server_env),
+            extra_args=self.options.server_args,
         )
         try:
             self.orchestrator.start()

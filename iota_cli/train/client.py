@@ -16,6 +16,7 @@ sit one level up, typed, in api.py. Try it against a running orchestrator:
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -26,7 +27,7 @@ from urllib.parse import urlsplit
 
 from iota_cli import __version__
 from iota_cli.core.files import commit
-from iota_cli.core.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION, SHA256_HEADER
+from iota_cli.core.protocol import BLOB_CONTENT_TYPE, PROTOCOL_HEADER, PROTOCOL_VERSION, SHA256_HEADER
 from iota_cli.core.urls import resolve
 from iota_cli.train.errors import ApiError, IntegrityError, Stopped
 from iota_cli.train.partfile import file_lock, hash_file, parse_content_range, restart, verified
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     import requests
 
 WAIT_STATUSES = frozenset({429, 502, 503, 504})  # wait as long as it takes (or max_wait_s)
+S3_MESSAGE = re.compile(r"<Code>([^<]{1,64})</Code>.*?<Message>([^<]{1,200})</Message>", re.DOTALL)
 CHUNK = 1 << 16
 
 OnWait = Callable[[str, float], None]  # (message, seconds about to be slept)
@@ -157,7 +159,7 @@ class Client:
     def upload(self, url: str, data: bytes) -> str:
         """PUT bytes to an upload URL with their sha256 (the server verifies it); return the hex digest."""
         digest = hashlib.sha256(data).hexdigest()
-        headers = {SHA256_HEADER: digest, "Content-Type": "application/octet-stream"}
+        headers = {SHA256_HEADER: digest, "Content-Type": BLOB_CONTENT_TYPE}
         self.request("PUT", url, data=data, headers=headers)
         return digest
 
@@ -301,10 +303,16 @@ class Client:
         self, method: str, path: str, *, timeout: tuple[float, float] | None = None, **kw: Any
     ) -> requests.Response:
         url = self.url(path)
-        headers = dict(kw.pop("headers", None) or {})
-        # The token goes only to the orchestrator itself, never to a blob store's presigned URL.
-        if self.token and _origin(url) == self._origin:
-            headers["Authorization"] = f"Bearer {self.token}"
+        headers: dict[str, Any] = dict(kw.pop("headers", None) or {})
+        if _origin(url) == self._origin:
+            if self.token:
+                headers["Authorization"] = f"Bearer {self.token}"
+        else:
+            # A blob store's presigned URL: nothing meant for the orchestrator goes there (the token, the
+            # protocol and sha256 headers), and a presigned PUT carries no header its signature does not
+            # cover (it signs the Content-Type that upload() sends).
+            headers.pop(SHA256_HEADER, None)
+            headers[PROTOCOL_HEADER] = None  # a session header: None leaves it out of this request
         return self._session.request(method, url, headers=headers, timeout=timeout or self.timeout, **kw)
 
     def _who(self, path: str) -> str:
@@ -352,6 +360,8 @@ def _detail(r: requests.Response) -> str:
         d = None
     if isinstance(d, list):  # FastAPI validation errors
         d = "; ".join(str(x.get("msg", x)) if isinstance(x, dict) else str(x) for x in d)
+    if not d and (m := S3_MESSAGE.search(r.text[:4096])):  # an object store's XML error
+        d = f"{m[1]}: {m[2]}"
     return str(d) if d else (r.text[:200].strip() or r.reason or "no detail")
 
 

@@ -1,30 +1,34 @@
-"""The local blob store: files under `<data-dir>/blobs`, reached through HMAC-signed, expiring URLs.
+"""Where the orchestrator keeps blobs: one interface (BlobStore) and two stores, chosen once at start.
 
-Workers only follow the URLs the orchestrator hands out, so an S3-compatible store with presigned URLs
-can replace this one without a client change. Every blob has a sha256 (checked on upload) and a size limit.
+- The directory store (dirblobs.py, the default): files under `<data-dir>/blobs`, reached through the
+  orchestrator's own HMAC-signed, expiring URLs (api/blobs.py serves them).
+- An S3-compatible object store (s3blobs.py, `iota orchestrator serve --blob-store s3://bucket[/prefix]`,
+  endpoint and credentials from the environment): presigned URLs, so the bytes go between the workers
+  and the store and never through the orchestrator.
+
+Workers only follow the URLs they are handed, so neither store needs a client change. Every blob has a
+sha256 and a size limit: the directory store checks both as the bytes come in; the object store when the
+orchestrator takes an upload in (uploads.py), before the result it holds is accepted.
+
+    python -c "from iota_orchestrator.blobs import parse_spec; print(parse_spec('s3://bucket/swarm'))"
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import hmac
-import os
+import abc
+import errno
 import re
-import tempfile
-import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
-from iota_cli.core.files import atomic_writer, commit
 from iota_cli.core.protocol import BlobRef, UploadRef
-from iota_orchestrator.errors import BadRequest, Forbidden, TooLarge, Unauthorized
+from iota_orchestrator.datadir import DataDirError
+from iota_orchestrator.errors import BadRequest
 
 KEY_RE = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")
-SIG_RE = re.compile(r"[0-9a-f]{40}")
 MAX_KEY = 400
-URL_PREFIX = "/v1/blobs/"
+BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's bucket naming rules, less the rare ones
 
 
 def check_key(key: str) -> str:
@@ -43,33 +47,34 @@ class Stored:
     size: int
 
 
-class BlobStore:
-    def __init__(self, root: Path, secret: bytes, fsync: bool = False, ttl_s: float = 6 * 3600) -> None:
-        self.root = Path(root)
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.tmp = self.root / ".tmp"
-        self.tmp.mkdir(mode=0o700, exist_ok=True)
-        self.secret = secret
-        self.fsync = fsync
-        self.ttl_s = ttl_s
+class BlobStoreError(DataDirError):
+    """The blob store named at start cannot be used (a bad --blob-store, missing credentials, no bucket);
+    str() is one line. A DataDirError, so `serve` stops with it as it does for an unusable data dir."""
 
-    def path(self, key: str) -> Path:
-        return self.root / check_key(key)
 
-    # --- URLs ------------------------------------------------------------------------------------------
+class StoreUnavailable(OSError):
+    """The object store did not answer or failed (a 5xx): requests get a 503 with Retry-After (app.py),
+    and code that checks blobs (integrity.intact) must not take it for a missing or damaged blob."""
 
-    def _sig(self, op: str, key: str, exp: int, max_size: int) -> str:
-        msg = f"{op}\n{key}\n{exp}\n{max_size}".encode()
-        return hmac.new(self.secret, msg, hashlib.sha256).hexdigest()[:40]
+    def __init__(self, reason: str) -> None:
+        super().__init__(errno.EIO, f"object store: {reason}")
 
-    def download_url(self, key: str, now: float | None = None) -> str:
-        exp = int((now or time.time()) + self.ttl_s)
-        return f"{URL_PREFIX}{quote(key)}?exp={exp}&sig={self._sig('get', key, exp, 0)}"
 
-    def upload_url(self, key: str, max_size: int, now: float | None = None) -> str:
-        exp = int((now or time.time()) + self.ttl_s)
-        sig = self._sig("put", key, exp, max_size)
-        return f"{URL_PREFIX}{quote(key)}?exp={exp}&max={max_size}&sig={sig}"
+class BlobStore(abc.ABC):
+    """Blobs by key: signed URLs for workers, and bytes for the orchestrator's own reads and writes."""
+
+    # True: workers upload straight to the store, and take_in brings an upload in before it is checked.
+    # False: uploads come through the orchestrator's own PUT route, which checks and records them.
+    presigned: bool = False
+    ttl_s: float
+
+    @abc.abstractmethod
+    def download_url(self, key: str) -> str:
+        """A URL that GETs key (Range honoured) until it expires."""
+
+    @abc.abstractmethod
+    def upload_url(self, key: str, max_size: int) -> str:
+        """A URL that takes one PUT of up to max_size bytes for key until it expires."""
 
     def ref(self, key: str, sha256: str, size: int) -> BlobRef:
         """What a worker follows to download key: a signed URL and the bytes' sha256 and size."""
@@ -78,77 +83,68 @@ class BlobStore:
     def upload_ref(self, key: str, max_size: int) -> UploadRef:
         return UploadRef(url=self.upload_url(key, max_size), max_size=max_size)
 
-    def verify(self, op: str, key: str, exp: str | None, sig: str | None, max_size: str | None = None) -> int:
-        """Check a URL's signature and expiry; return its size limit (0 for downloads)."""
-        if not sig or not exp:
-            raise Unauthorized("blob URL is not signed; use the URL the orchestrator issued")
-        try:
-            exp_i, max_i = int(exp), int(max_size or 0)
-        except ValueError:
-            raise Forbidden("malformed blob URL signature") from None
-        if not SIG_RE.fullmatch(sig):  # compare_digest refuses non-ASCII text (a TypeError, not a no)
-            raise Forbidden("malformed blob URL signature")
-        if not hmac.compare_digest(sig, self._sig(op, key, exp_i, max_i)):
-            raise Forbidden("bad blob URL signature")
-        if exp_i < time.time():
-            raise Forbidden("blob URL expired; ask the orchestrator for a fresh one")
-        return max_i
+    @abc.abstractmethod
+    def path(self, key: str) -> Path:
+        """A local file holding key's bytes, to read (the object store's is a cached copy); it does not
+        exist when the blob does not."""
 
-    # --- bytes -----------------------------------------------------------------------------------------
-
-    def open_temp(self) -> tuple[int, str]:
-        return tempfile.mkstemp(dir=self.tmp, suffix=".part")
-
-    def commit(self, tmp: str, key: str) -> None:
-        """Move a fully written temp file into place (fsynced only when durability is 'full')."""
-        dest = self.path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        commit(tmp, dest, durable=self.fsync)
-
+    @abc.abstractmethod
     def write(self, key: str, data: bytes) -> Stored:
         """Store bytes the orchestrator made itself (weights, token batches)."""
-        with atomic_writer(self.path(key), durable=self.fsync, tmp_dir=self.tmp) as f:
-            f.write(data)
-        return Stored(key, hashlib.sha256(data).hexdigest(), len(data))
 
+    @abc.abstractmethod
     def read(self, key: str) -> bytes:
-        return self.path(key).read_bytes()
+        """key's bytes (FileNotFoundError when there is no such blob)."""
 
-    def exists(self, key: str) -> bool:
-        return self.path(key).is_file()
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool: ...
 
+    @abc.abstractmethod
     def delete(self, key: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.path(key).unlink()
+        """Delete key (and an upload for it not taken in yet); a missing key is no error."""
+
+    @abc.abstractmethod
+    def delete_tree(self, prefix: str) -> None:
+        """Delete every blob whose key starts with `prefix/` (a run's folder, say)."""
+
+    @abc.abstractmethod
+    def take_in(self, key: str, max_size: int) -> Stored | None:
+        """Bring in what a worker uploaded for key (presigned stores) and say what it holds; None when no
+        new upload is there. TooLarge (413) past max_size, and the upload is deleted."""
 
 
-class UploadSink:
-    """Receives an upload chunk by chunk: enforces the size limit and hashes as it writes."""
+def parse_spec(spec: str) -> tuple[str, str]:
+    """`s3://bucket[/prefix]` -> (bucket, prefix with a trailing `/`, or "")."""
+    if not spec.startswith("s3://"):
+        raise BlobStoreError(f"--blob-store {spec[:80]!r}: expected s3://bucket[/prefix]")
+    bucket, _, prefix = spec[len("s3://") :].partition("/")
+    if not BUCKET_RE.fullmatch(bucket) or ".." in bucket:
+        raise BlobStoreError(f"--blob-store {spec[:80]!r}: {bucket[:64]!r} is not a valid bucket name")
+    prefix = prefix.strip("/")
+    if prefix:
+        try:
+            check_key(prefix)
+        except BadRequest:
+            raise BlobStoreError(f"--blob-store {spec[:80]!r}: invalid prefix {prefix[:64]!r}") from None
+    return bucket, f"{prefix}/" if prefix else ""
 
-    def __init__(self, store: BlobStore, max_size: int) -> None:
-        self.store, self.max_size = store, max_size
-        fd, self.tmp = store.open_temp()
-        self.file = os.fdopen(fd, "wb")
-        self.hash = hashlib.sha256()
-        self.size = 0
 
-    def write(self, chunk: bytes) -> None:
-        self.size += len(chunk)
-        if self.size > self.max_size:
-            raise TooLarge(f"blob exceeds its limit of {self.max_size} bytes")
-        self.hash.update(chunk)
-        self.file.write(chunk)
+def open_store(
+    spec: str | None,
+    data_dir: Path,
+    secret: bytes,
+    *,
+    fsync: bool = False,
+    ttl_s: float = 6 * 3600,
+    environ: Mapping[str, str] | None = None,
+) -> BlobStore:
+    """The store `--blob-store` names: None for the directory store under data_dir, `s3://...` for an
+    object store (endpoint and credentials from environ, default os.environ; see s3blobs.py)."""
+    if not spec:
+        from iota_orchestrator.dirblobs import DirStore
 
-    def finish(self, key: str, want_sha: str) -> Stored:
-        self.file.close()
-        got = self.hash.hexdigest()
-        if got != want_sha:
-            raise BadRequest(f"sha256 mismatch: body hashes to {got}, header says {want_sha}; nothing stored")
-        self.store.commit(self.tmp, key)
-        return Stored(key, got, self.size)
+        return DirStore(data_dir / "blobs", secret, fsync=fsync, ttl_s=ttl_s)
+    bucket, prefix = parse_spec(spec)
+    from iota_orchestrator.s3blobs import S3Store, settings_from_env
 
-    def discard(self) -> None:
-        with contextlib.suppress(OSError):
-            self.file.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.tmp)
+    return S3Store(settings_from_env(bucket, prefix, environ), data_dir / "blob-cache", ttl_s=ttl_s)

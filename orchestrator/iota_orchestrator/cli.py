@@ -96,6 +96,14 @@ def serve(
             help="Registering needs the operator's invite: IOTA_INVITE, else <data-dir>/invite (made once)."
         ),
     ] = False,
+    blob_store: Annotated[
+        str | None,
+        typer.Option(
+            envvar="IOTA_BLOB_STORE",
+            metavar="s3://BUCKET[/PREFIX]",
+            help="Blobs on an S3-compatible store, keys from the environment (docs/deploy.md).",
+        ),
+    ] = None,
 ) -> None:
     """Serve the orchestrator until Ctrl-C or SIGTERM.
 
@@ -135,8 +143,13 @@ def serve(
         tick_s=max(tick, 0.05),
         register_burst=register_burst,
         register_rate=register_rate,
+        blob_store=blob_store or None,
     )
     try:
+        if blob_store:  # a malformed one is one error line (a DataDirError) before anything starts
+            from iota_orchestrator.blobs import parse_spec
+
+            parse_spec(blob_store)
         code = run_server(config, host, port, new_admin_token, invite_required=invite_required)
     except DataDirError as e:  # restarting helps only when the disk was full
         output.fail(str(e), code=output.EXIT_UNAVAILABLE if e.transient else output.EXIT_CONFIG)

@@ -32,7 +32,7 @@ from iota_cli.core.tensors import (
     read_header,
 )
 from iota_orchestrator import chains, db
-from iota_orchestrator.blobs import BlobStore
+from iota_orchestrator.blobs import BlobStore, StoreUnavailable
 from iota_orchestrator.errors import BadRequest
 from iota_orchestrator.faults import Rejected
 from iota_orchestrator.runs import RunCtx
@@ -128,9 +128,12 @@ def hash_file(path: Path) -> tuple[str, int]:
 
 
 def intact(blobs: BlobStore, key: str, sha256: str) -> bool:
-    """Whether the stored file of key still hashes to sha256 (a missing file is not intact)."""
+    """Whether the stored file of key still hashes to sha256 (a missing file is not intact). An object
+    store that does not answer raises StoreUnavailable: that says nothing about the blob."""
     try:
         return hash_file(blobs.path(key))[0] == sha256
+    except StoreUnavailable:
+        raise
     except OSError:
         return False
 

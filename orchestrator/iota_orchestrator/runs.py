@@ -187,7 +187,7 @@ def discard(blobs: BlobStore, data_dir: Path, p: Prepared) -> None:
     for key, _, _ in p.weights:
         blobs.delete(key)
     # Its blob folders too (weights_key's layout), which blobs.write made and nothing else uses yet.
-    shutil.rmtree(blobs.path(f"runs/{p.ctx.run_id}"), ignore_errors=True)
+    blobs.delete_tree(f"runs/{p.ctx.run_id}")
     shutil.rmtree(run_dir(data_dir, p.ctx.run_id), ignore_errors=True)
 
 

@@ -29,7 +29,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import OperationalError
 
 from iota_orchestrator import auth, datadir, db, ratelimit
-from iota_orchestrator.blobs import BlobStore
+from iota_orchestrator.blobs import BlobStore, open_store
 from iota_orchestrator.wakeups import Wakeups
 
 T = TypeVar("T")
@@ -48,6 +48,8 @@ class ServerConfig:
     register_burst: int = 20
     register_rate: float = 2.0
     invite: str | None = field(default=None, repr=False)  # required to register when set (invites.py)
+    # s3://bucket[/prefix]: blobs on an object store (s3blobs.py); None: files in data_dir (dirblobs.py).
+    blob_store: str | None = None
 
 
 class State:
@@ -158,8 +160,8 @@ def open_state(config: ServerConfig, admin_from_env: str | None = None, rotate_a
             elif changes:  # set from IOTA_ADMIN_TOKEN: a file from before would hold a stale token
                 datadir.forget_admin_token(config.data_dir)
         datadir.secure_files(config.data_dir)
-        blobs = BlobStore(
-            config.data_dir / "blobs", secret, fsync=config.sync == "full", ttl_s=config.url_ttl_s
+        blobs = open_store(  # the directory store, or an object store (blobs.py)
+            config.blob_store, config.data_dir, secret, fsync=config.sync == "full", ttl_s=config.url_ttl_s
         )
         state = State(config, engine, blobs)
         from iota_orchestrator import lease

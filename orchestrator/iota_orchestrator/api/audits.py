@@ -20,7 +20,7 @@ from sqlalchemy import Connection
 
 from iota_cli.core.protocol import Ok
 from iota_cli.core.validation import AuditTask, AuditVerdict, WeightsReport
-from iota_orchestrator import audits, integrity, merge_audits, runs
+from iota_orchestrator import audits, integrity, merge_audits, runs, uploads
 from iota_orchestrator.api.deps import Admin, Contributor, StateDep, now, problems
 from iota_orchestrator.errors import Invalid
 from iota_orchestrator.runs import RunCtx
@@ -40,7 +40,9 @@ async def report_weights(work_id: str, body: WeightsReport, cid: Contributor, st
         return runs.context(conn, au.run_id), au.id, au.stage
 
     ctx, audit_id, stage = await state.in_tx(find)
-    path = state.blobs.path(audits.weights_key(ctx.run_id, audit_id))
+    uploaded = audits.weights_key(ctx.run_id, audit_id)
+    await uploads.receive(state, uploaded, audits.weights_max_size(ctx, stage))
+    path = await asyncio.to_thread(state.blobs.path, uploaded)  # an object store's: a cached copy
     checked = await asyncio.to_thread(integrity.check_file, path, audits.weights_want(ctx, stage))
 
     def report(conn: Connection) -> set[str]:

@@ -1,23 +1,23 @@
-"""Blob upload and download through signed URLs (the same contract a presigned S3 URL keeps)."""
+"""Blob upload and download through the directory store's signed URLs (the contract a presigned S3 URL
+keeps). With an object store (--blob-store s3://...) the orchestrator serves no blob bytes: 404 here."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-import time
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
-from sqlalchemy import bindparam, insert, select, update
 
 from iota_cli.core.protocol import SHA256_HEADER
-from iota_orchestrator import db
+from iota_orchestrator import uploads
 from iota_orchestrator.api.deps import StateDep, problems
-from iota_orchestrator.blobs import UploadSink, check_key
-from iota_orchestrator.errors import BadRequest, Conflict, Gone, NotFound, TooLarge
+from iota_orchestrator.blobs import check_key
+from iota_orchestrator.dirblobs import DirStore, UploadSink
+from iota_orchestrator.errors import BadRequest, Gone, NotFound, TooLarge
 from iota_orchestrator.state import State
 
 router = APIRouter(
@@ -47,60 +47,53 @@ async def put_blob(
 ) -> Response:
     """Store the body under key if its sha256 matches the header and it fits the URL's size limit."""
     check_key(key)
-    limit = state.blobs.verify("put", key, exp, sig, max)
+    store = _directory(state)
+    limit = store.verify("put", key, exp, sig, max)
     if sha256 is None or not SHA_RE.match(sha256):
         raise BadRequest(f"the {SHA256_HEADER} header (lowercase hex sha256 of the body) is required")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise TooLarge(f"blob of {declared} bytes exceeds its limit of {limit} bytes")
-    sink = UploadSink(state.blobs, limit)
+    sink = UploadSink(store, limit)
     try:
         async for chunk in request.stream():
             if chunk:
                 sink.write(chunk)
-        if sink.size <= SMALL and not state.blobs.fsync:
-            status = await state.with_db(_store, state, sink, key, sha256)  # a rename: stay on the loop
+        if sink.size <= SMALL and not store.fsync:
+            status = await state.with_db(_store, state, store, sink, key, sha256)  # a rename: on the loop
         else:  # a large file's move or an fsync: a worker thread waits for it, not the loop
-            status = await run_in_threadpool(_store, state, sink, key, sha256)
+            status = await run_in_threadpool(_store, state, store, sink, key, sha256)
     finally:
         sink.discard()
     return _stored(status, key, sha256, sink.size)
 
 
-def _store(state: State, sink: UploadSink, key: str, sha256: str) -> int:
+def _store(state: State, store: DirStore, sink: UploadSink, key: str, sha256: str) -> int:
     """Move the upload into place unless the key holds this very blob (200) or a sealed other one (409)."""
     got = sink.hash.hexdigest()
     if got != sha256:
         raise BadRequest(
             f"sha256 mismatch: the body hashes to {got}, the header says {sha256}; nothing stored"
         )
-    B = db.blobs
     with state.tx() as conn:
-        row = conn.execute(_LOOKUP, {"key": key}).first()
-        same = row is not None and (row.sha256, row.size) == (sha256, sink.size)
-        if same and state.blobs.exists(key):
+        row = uploads.lookup(conn, key)
+        if row is not None and (row.sha256, row.size) == (sha256, sink.size) and store.exists(key):
             return 200
-        if row is not None and row.sealed and not same:
-            raise Conflict(f"blob {key} is sealed (already accepted) with different content")
-        if row is not None and row.quarantined:
-            raise Gone(f"blob {key} is quarantined")
+        uploads.admit(row, key, sha256, sink.size)
         sink.finish(key, sha256)
-        values = {"sha256": sha256, "size": sink.size, "created": time.time()}
-        if row is None:
-            conn.execute(insert(B).values(key=key, sealed=False, **values))
-        else:
-            conn.execute(update(B).where(B.c.key == key).values(**values))
+        uploads.record(conn, row, key, sha256, sink.size)
     return 201
+
+
+def _directory(state: State) -> DirStore:
+    if not isinstance(state.blobs, DirStore):
+        raise NotFound("this orchestrator keeps blobs in an object store: use the URLs it hands out")
+    return state.blobs
 
 
 def _stored(status: int, key: str, sha: str, size: int) -> Response:
     body = json.dumps({"key": key, "sha256": sha, "size": size})
     return Response(body, status_code=status, media_type="application/json", headers={SHA256_HEADER: sha})
-
-
-_LOOKUP = select(db.blobs.c.sha256, db.blobs.c.size, db.blobs.c.sealed, db.blobs.c.quarantined).where(
-    db.blobs.c.key == bindparam("key")
-)
 
 
 @router.get(
@@ -115,7 +108,7 @@ async def get_blob(key: str, request: Request, state: StateDep, exp: Exp = None,
     """The blob's bytes, with its sha256 as ETag; `Range: bytes=N-` resumes a download (206); 410 for a
     blob that was quarantined (its bytes on disk no longer matched its sha256)."""
     check_key(key)
-    state.blobs.verify("get", key, exp, sig)
+    _directory(state).verify("get", key, exp, sig)
     whole = "range" not in request.headers and request.method == "GET"
     return await state.with_db(_serve, state, key, whole)
 
@@ -123,7 +116,7 @@ async def get_blob(key: str, request: Request, state: StateDep, exp: Exp = None,
 def _serve(state: State, key: str, whole: bool) -> Response:
     """Look the blob up and answer it (small ones from one read, in the same with_db)."""
     with state.tx() as conn:
-        found = conn.execute(_LOOKUP, {"key": key}).first()
+        found = uploads.lookup(conn, key)
     path = state.blobs.path(key)
     try:
         st = os.stat(path)

@@ -28,7 +28,7 @@ from iota_cli.core.protocol import (
     MergePartReply,
     MergePlan,
 )
-from iota_orchestrator import butterfly, db, faults, integrity, merge_checks, rounds, runs
+from iota_orchestrator import butterfly, db, faults, integrity, merge_checks, rounds, runs, uploads
 from iota_orchestrator.api.deps import Contributor, StateDep, now, problems
 from iota_orchestrator.errors import Conflict
 from iota_orchestrator.faults import Rejected
@@ -70,7 +70,9 @@ async def merge_complete(body: MergeComplete, cid: Contributor, state: StateDep)
     ctx, base_key = await state.in_tx(
         lambda conn: (runs.context(conn, body.run_id), _weights_key(conn, body))
     )
-    path = state.blobs.path(rounds.update_key(body.run_id, body.stage, body.epoch, cid))
+    uploaded = rounds.update_key(body.run_id, body.stage, body.epoch, cid)
+    await uploads.receive(state, uploaded, rounds.update_max_size(ctx, body.stage))
+    path = await asyncio.to_thread(state.blobs.path, uploaded)  # an object store's: a cached copy
     size, dtype = rounds.flat_size(ctx, body.stage), ctx.manifest.merge.wire_dtype
     checked = await asyncio.to_thread(integrity.check_with, path, lambda h: flat.check_update(h, size, dtype))
     stats = await asyncio.to_thread(merge_checks.read_stats, path, size, dtype)
@@ -141,7 +143,9 @@ async def merge_part(body: MergePartDone, cid: Contributor, state: StateDep) -> 
         return ctx, p.stop - p.start
 
     ctx, n = await state.in_tx(find)
-    path = state.blobs.path(rounds.part_key(body.run_id, body.stage, body.epoch, body.part, cid))
+    uploaded = rounds.part_key(body.run_id, body.stage, body.epoch, body.part, cid)
+    await uploads.receive(state, uploaded, rounds.part_max_size(ctx, n))
+    path = await asyncio.to_thread(state.blobs.path, uploaded)
     checked = await asyncio.to_thread(butterfly.check_part, ctx, path, n)
 
     def report(conn: Connection) -> tuple[MergePartReply, list[str]]:

@@ -34,6 +34,7 @@ from iota_orchestrator.api.urls import assignment_reply, work_item
 from iota_orchestrator.errors import Conflict
 from iota_orchestrator.faults import Rejected
 from iota_orchestrator.state import State
+from iota_orchestrator.uploads import receive_result
 
 router = APIRouter(
     prefix="/v1",
@@ -169,6 +170,7 @@ async def claim(body: ClaimRequest, cid: Contributor, state: StateDep) -> WorkIt
 @router.post("/work/{work_id}/complete", response_model=WorkCompleteReply)
 async def complete(work_id: str, body: WorkComplete, cid: Contributor, state: StateDep) -> WorkCompleteReply:
     """Report a finished item whose result is uploaded; credits it once, however often it is repeated."""
+    await receive_result(state, work_id, cid)  # an upload to an object store is taken in first
     return await state.with_db(_complete, state, work_id, cid, body)
 
 
