@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import requests
 from inprocess_orchestrator import InProcessOrchestrator
+from iota_orchestrator import db
 from iota_orchestrator.activity import Activity
 from iota_orchestrator.series import MAX_POINTS, Series
 from prometheus_client.parser import text_string_to_metric_families
 from simworker import SimWorker
+from sqlalchemy import insert
 
 from iota_cli.core.manifest import tiny_manifest
 from iota_cli.swarm.corpus import write_corpus
@@ -102,6 +105,31 @@ def test_dashboard_follows_the_work(orch):
     assert totals == sorted(totals, reverse=True) and totals[0] > 0
     assert {s["stage"] for s in d["stages"]} == {0, 1, 2}
     assert run_id in {r["run_id"] for r in d["runs"]}
+
+    # A held-out loss the validator measured (a merge check's verdict, as audits.decide stores it) lands
+    # on the curve at the tokens trained by then.
+    with orch.state.tx() as conn:
+        conn.execute(
+            insert(db.audits).values(
+                run_id=run_id,
+                contributor_id=body.contributor_id,
+                kind="merge",
+                stage=1,
+                state="passed",
+                created=time.time(),
+                deadline=time.time() + 60,
+                decided=time.time(),
+                ledger_mark=0,
+                basis=0.0,
+                epoch=0,
+                loss=4.25,
+            )
+        )
+    d = board(orch, run_id)
+    (point,) = d["series"]["heldout"]
+    assert point["loss"] == 4.25 and point["passed"] and 0 < point["tokens"] <= d["run"]["tokens"]
+    assert d["checks"]["by_kind"]["merge"] == {"passed": 1}
+    assert d["checks"]["recent"][0]["name"] == "w1" and d["checks"]["recent"][0]["kind"] == "merge"
 
     tail.api.leave()
     requests.post(f"{orch.url}/v1/runs/{run_id}/abort", headers={"Authorization": f"Bearer {ADMIN}"})
