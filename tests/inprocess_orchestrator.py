@@ -10,6 +10,7 @@ overloaded proxy or blob store would, so a client's waiting can be driven by a r
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -42,6 +43,8 @@ class Unavailable:
 class InProcessOrchestrator:
     def __init__(self, data_dir: Path, admin_token: str, tick_s: float = 0.1, **settings: Any) -> None:
         # settings: other ServerConfig fields (register_burst, register_rate, invite, ...)
+        # IOTA_DATABASE, as `iota orchestrator serve` reads it: tests run on PostgreSQL with --database.
+        settings.setdefault("database", os.environ.get("IOTA_DATABASE") or None)
         self.config = ServerConfig(data_dir=Path(data_dir), tick_s=tick_s, **settings)
         self.admin_token = admin_token
         self.url = ""

@@ -96,6 +96,18 @@ def serve(
             help="Registering needs the operator's invite: IOTA_INVITE, else <data-dir>/invite (made once)."
         ),
     ] = False,
+    database: Annotated[
+        str | None,
+        typer.Option(
+            envvar="IOTA_DATABASE",
+            show_envvar=True,
+            metavar="URL",
+            help="postgresql://user@host:port/db keeps the state there (default: SQLite in the data dir).",
+        ),
+    ] = None,
+    workers: Annotated[
+        int, typer.Option(min=1, help="API replica processes serving the port (PostgreSQL only past 1).")
+    ] = 1,
     blob_store: Annotated[
         str | None,
         typer.Option(
@@ -119,6 +131,7 @@ def serve(
       iota orchestrator serve --port 8700
       iota orchestrator serve --host 0.0.0.0 --data-dir /srv/iota
       iota orchestrator serve --host 0.0.0.0 --invite-required --register-rate 0.5
+      IOTA_DATABASE=postgresql://iota@db:5432/iota iota orchestrator serve --workers 4
     """
     from iota_cli import output
 
@@ -137,8 +150,20 @@ def serve(
         )
     if sync not in ("normal", "full"):
         output.fail("--sync must be 'normal' or 'full'", code=output.EXIT_USAGE)
+    from iota_orchestrator import postgres
+
+    if database and not postgres.is_url(database):
+        output.fail(
+            f"--database must be a postgresql:// URL, not {postgres.shown(database)}", code=output.EXIT_USAGE
+        )
+    if workers > 1 and not database:
+        output.fail(
+            "--workers above 1 needs --database postgresql://...: SQLite has one writer, in one process",
+            code=output.EXIT_USAGE,
+        )
     config = ServerConfig(
         data_dir=_data_dir(data_dir),
+        database=database or None,
         sync=sync,
         tick_s=max(tick, 0.05),
         register_burst=register_burst,
@@ -150,7 +175,9 @@ def serve(
             from iota_orchestrator.blobs import parse_spec
 
             parse_spec(blob_store)
-        code = run_server(config, host, port, new_admin_token, invite_required=invite_required)
+        code = run_server(
+            config, host, port, new_admin_token, invite_required=invite_required, workers=workers
+        )
     except DataDirError as e:  # restarting helps only when the disk was full
         output.fail(str(e), code=output.EXIT_UNAVAILABLE if e.transient else output.EXIT_CONFIG)
     except OSError as e:

@@ -1,6 +1,7 @@
 """Durable state: SQLAlchemy Core tables, versioned migrations, and the SQLite (WAL) engine.
 
-Only portable Core constructs are used, so the same tables run on PostgreSQL later. A fresh database gets
+Only portable Core constructs are used, so the same tables run on PostgreSQL (postgres.py); every integer
+there is 64-bit (Int), as SQLite's are. A fresh database gets
 the current schema and is stamped with the latest version; an older one is moved forward by MIGRATIONS.
 """
 
@@ -33,6 +34,7 @@ from sqlalchemy.pool import StaticPool
 
 SCHEMA_VERSION = 5
 metadata = MetaData()
+Int = BigInteger().with_variant(Integer(), "sqlite")  # INTEGER PRIMARY KEY is SQLite's rowid: keep it
 
 
 def _id(name: str, **kw: Any) -> Column:
@@ -63,7 +65,7 @@ run_files = Table(
     "run_files",
     metadata,
     _id("run_id", primary_key=True),
-    Column("idx", Integer, primary_key=True),
+    Column("idx", Int, primary_key=True),
     Column("path", Text, nullable=False),
     Column("size", BigInteger, nullable=False),
     Column("start", BigInteger, nullable=False),  # offset of the file's first token in the run's stream
@@ -76,8 +78,8 @@ run_tokenizers = Table(
     _id("run_id", primary_key=True),
     Column("path", Text, nullable=False),  # the tokenizer.json, resolved on the orchestrator's machine
     Column("sha256", String(64), nullable=False),  # of the tokenizer.json the stream was encoded with
-    Column("eos_id", Integer, nullable=False),
-    Column("n_ids", Integer, nullable=False),  # the tokenizer's largest id + 1
+    Column("eos_id", Int, nullable=False),
+    Column("n_ids", Int, nullable=False),  # the tokenizer's largest id + 1
     Column("cache", Text, nullable=False),  # the flat int32 token file
     Column("cache_sha256", String(64), nullable=False),
     Column("n_tokens", BigInteger, nullable=False),
@@ -87,8 +89,8 @@ stages = Table(
     "stages",
     metadata,
     _id("run_id", primary_key=True),
-    Column("stage", Integer, primary_key=True),
-    Column("epoch", Integer, nullable=False),
+    Column("stage", Int, primary_key=True),
+    Column("epoch", Int, nullable=False),
     Column("weights_key", Text, nullable=False),
     Column("updated", Float, nullable=False),
 )
@@ -111,25 +113,25 @@ assignments = Table(
     metadata,
     _id("run_id", primary_key=True),
     _id("contributor_id", primary_key=True),
-    Column("stage", Integer, nullable=False),
+    Column("stage", Int, nullable=False),
     Column("state", String(16), nullable=False),  # active | dropped | left
     Column("assigned", Float, nullable=False),
     Column("last_seen", Float, nullable=False),
     Column("steps", BigInteger, nullable=False, default=0),
-    Column("epoch", Integer, nullable=False, default=0),  # weights epoch the worker reports holding
-    Column("sync_epoch", Integer, nullable=False, default=-1),  # epoch at which sync_step was taken
+    Column("epoch", Int, nullable=False, default=0),  # weights epoch the worker reports holding
+    Column("sync_epoch", Int, nullable=False, default=-1),  # epoch at which sync_step was taken
     Column("sync_step", BigInteger, nullable=False, default=0),
     Column("tokens_per_s", Float, nullable=False, default=0.0),
-    Column("reassign_to", Integer),
+    Column("reassign_to", Int),
     Column("credits", Float, nullable=False, default=0.0),
     # Claims that lapsed past their deadline, less completions since (never below 0): while above 0 the
     # worker may hold only one claim at a time (v3).
-    Column("lapses", Integer, nullable=False, default=0, server_default="0"),
+    Column("lapses", Int, nullable=False, default=0, server_default="0"),
     Column("beat", Float),  # its last heartbeat (v4): the run's end waits for each replica's last step
     # Its standing (v5, standing.py): checks passed and failed, and the ledger id up to which its credits
     # were vetted by a pass (a failed check claws back what it earned after that).
-    Column("passes", Integer, nullable=False, default=0, server_default="0"),
-    Column("fails", Integer, nullable=False, default=0, server_default="0"),
+    Column("passes", Int, nullable=False, default=0, server_default="0"),
+    Column("fails", Int, nullable=False, default=0, server_default="0"),
     Column("vetted_mark", BigInteger, nullable=False, default=0, server_default="0"),
     Index("ix_assign_run_state", "run_id", "state", "last_seen"),
 )
@@ -142,7 +144,7 @@ chains = Table(
     Column("data_index", BigInteger, nullable=False),  # position in the corpus (shard * per_shard + k)
     Column("tokens_key", Text, nullable=False),
     Column("tokens_sha", String(64), nullable=False),
-    Column("tokens_size", Integer, nullable=False),
+    Column("tokens_size", Int, nullable=False),
     _id("head_worker"),
     Column("state", String(16), nullable=False),  # active | done | dropped
     Column("created", Float, nullable=False),
@@ -155,16 +157,16 @@ chains = Table(
 work = Table(
     "work",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", Int, primary_key=True, autoincrement=True),
     _id("run_id", nullable=False),
     Column("sample_id", BigInteger, nullable=False),
-    Column("stage", Integer, nullable=False),
+    Column("stage", Int, nullable=False),
     Column("kind", String(8), nullable=False),  # forward | backward
     Column("state", String(8), nullable=False),  # queued | claimed | done | expired | dropped
     _id("route"),  # backward: the only contributor that may claim it
     _id("worker"),  # who claimed it
     _id("claim_id"),  # the client's idempotency key: a retried claim gets the same item back
-    Column("forward_id", Integer),  # backward: the forward work row on this stage
+    Column("forward_id", Int),  # backward: the forward work row on this stage
     Column("input_key", Text),
     Column("output_key", Text),
     Column("created", Float, nullable=False),
@@ -187,12 +189,12 @@ work = Table(
 ledger = Table(
     "ledger",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", Int, primary_key=True, autoincrement=True),
     _id("run_id", nullable=False),
     _id("contributor_id", nullable=False),
     _id("work_id", nullable=False, unique=True),  # a work item is credited at most once
     Column("kind", String(8), nullable=False),
-    Column("stage", Integer, nullable=False),
+    Column("stage", Int, nullable=False),
     Column("tokens", BigInteger, nullable=False),
     Column("credits", Float, nullable=False),
     Column("t", Float, nullable=False),
@@ -202,7 +204,7 @@ ledger = Table(
 losses = Table(
     "losses",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", Int, primary_key=True, autoincrement=True),
     _id("run_id", nullable=False),
     Column("sample_id", BigInteger, nullable=False),
     Column("loss", Float, nullable=False),
@@ -217,14 +219,14 @@ losses = Table(
 audits = Table(
     "audits",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", Int, primary_key=True, autoincrement=True),
     _id("run_id", nullable=False),
     _id("contributor_id", nullable=False),
     Column("kind", String(8), nullable=False, default="work"),
-    Column("stage", Integer, nullable=False),
+    Column("stage", Int, nullable=False),
     Column("sample_id", BigInteger),  # work: the sample; merge: the held-out corpus sample
-    Column("forward_id", Integer),  # work: the forward item checked
-    Column("backward_id", Integer),
+    Column("forward_id", Int),  # work: the forward item checked
+    Column("backward_id", Int),
     Column("weights_key", Text),  # work: the snapshot blob, once reported; merge: the update blob
     Column("state", String(8), nullable=False),  # weights | backward | ready | taken | passed | failed | void
     Column("created", Float, nullable=False),
@@ -232,8 +234,8 @@ audits = Table(
     Column("decided", Float),
     Column("ledger_mark", BigInteger, nullable=False),  # the checked item's ledger id (merge: the latest)
     Column("basis", Float, nullable=False),  # the checked item's credits (a failure costs a multiple)
-    Column("epoch", Integer),  # work: the epoch its worker held (the snapshot's base); merge: the round's
-    Column("steps", Integer),  # work: the most optimizer steps its weights can be from that base
+    Column("epoch", Int),  # work: the epoch its worker held (the snapshot's base); merge: the round's
+    Column("steps", Int),  # work: the most optimizer steps its weights can be from that base
     Column("loss", Float),  # work: the tail's loss as recomputed; merge: the held-out loss after
     Column("detail", Text),
     Index("ix_audits_state", "state", "id"),
@@ -245,13 +247,13 @@ merge_rounds = Table(
     "merge_rounds",
     metadata,
     _id("run_id", primary_key=True),
-    Column("stage", Integer, primary_key=True),
-    Column("epoch", Integer, primary_key=True),  # contributions are at this epoch; the result is epoch + 1
+    Column("stage", Int, primary_key=True),
+    Column("epoch", Int, primary_key=True),  # contributions are at this epoch; the result is epoch + 1
     Column("state", String(8), nullable=False),  # open | reducing | closed (v4; v3 had closing)
     Column("opened", Float, nullable=False),
     Column("deadline", Float, nullable=False),  # the contribute phase closes with whoever is in by then
     Column("closed", Float),
-    Column("contributions", Integer, nullable=False, default=0),
+    Column("contributions", Int, nullable=False, default=0),
     Column("reducing", Float),  # when the partitions were fixed; fallback past reducing + timeout_s (v4)
     Column("momentum_key", Text),  # closed (diloco): the outer momentum blob as of epoch + 1 (v4)
 )
@@ -262,8 +264,8 @@ merge_contribs = Table(
     "merge_contribs",
     metadata,
     _id("run_id", primary_key=True),
-    Column("stage", Integer, primary_key=True),
-    Column("epoch", Integer, primary_key=True),
+    Column("stage", Int, primary_key=True),
+    Column("epoch", Int, primary_key=True),
     _id("contributor_id", primary_key=True),
     Column("blob_key", Text, nullable=False),
     Column("weight", Float, nullable=False),
@@ -280,9 +282,9 @@ merge_parts = Table(
     "merge_parts",
     metadata,
     _id("run_id", primary_key=True),
-    Column("stage", Integer, primary_key=True),
-    Column("epoch", Integer, primary_key=True),
-    Column("part", Integer, primary_key=True),
+    Column("stage", Int, primary_key=True),
+    Column("epoch", Int, primary_key=True),
+    Column("part", Int, primary_key=True),
     Column("start", BigInteger, nullable=False),
     Column("stop", BigInteger, nullable=False),
     Column("owners", Text, nullable=False),  # JSON list of contributor ids
@@ -318,7 +320,7 @@ faults = Table(
     _id("run_id", primary_key=True),
     _id("contributor_id", primary_key=True),
     Column("kind", String(16), primary_key=True),
-    Column("count", Integer, nullable=False, default=0),
+    Column("count", Int, nullable=False, default=0),
     Column("last", Float, nullable=False),
     Column("detail", Text),  # the latest one's
 )

@@ -4,6 +4,8 @@ finishes drained runs (a stopped one drops what no live worker can drain), watch
 weights on disk and deletes blobs nobody needs any more.
 
 Every decision is taken from timestamps stored in the database, so a restart picks up where it stopped.
+With several replicas on PostgreSQL only the one holding the leader lease ticks (leader.py); time is
+the database's (clock.py).
 """
 
 from __future__ import annotations
@@ -11,11 +13,23 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 
 from sqlalchemy import Connection, delete, select, tuple_, update
 
-from iota_orchestrator import assignment, audits, chains, db, integrity, lease, merge, publish, rounds, runs
+from iota_orchestrator import (
+    assignment,
+    audits,
+    chains,
+    clock,
+    db,
+    integrity,
+    lease,
+    merge,
+    publish,
+    rounds,
+    runs,
+)
+from iota_orchestrator.leader import Leader
 from iota_orchestrator.rebalance import maybe_move
 from iota_orchestrator.runs import RunCtx
 from iota_orchestrator.state import State
@@ -27,7 +41,7 @@ _verified: dict[str, tuple[int, int]] = {}
 
 
 def tick(state: State, now: float | None = None) -> None:
-    now = time.time() if now is None else now
+    now = clock.now() if now is None else now
     with state.tx() as conn:
         run_ids = [r[0] for r in conn.execute(select(db.runs.c.run_id).where(db.runs.c.state == "running"))]
     for run_id in run_ids:
@@ -134,13 +148,18 @@ class Reaper(threading.Thread):
         self.stopping = threading.Event()
 
     def run(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                tick(self.state)
-            except Exception:  # keep the clock going; the next tick retries from stored state
-                log.exception("reaper tick failed")
-            self.state.poke.wait(self.state.config.tick_s)
-            self.state.poke.clear()
+        leader = Leader(self.state.config.database)
+        try:
+            while not self.stopping.is_set():
+                try:
+                    if leader.holds():
+                        tick(self.state)
+                except Exception:  # keep the clock going; the next tick retries from stored state
+                    log.exception("reaper tick failed")
+                self.state.poke.wait(self.state.config.tick_s)
+                self.state.poke.clear()
+        finally:
+            leader.close()
 
     def stop(self, timeout: float = 10.0) -> None:
         self.stopping.set()

@@ -7,6 +7,8 @@ and prints that path, never the token: under systemd stdout goes to the journal.
 With invite_required the invite comes from IOTA_INVITE or `<data-dir>/invite` (invites.py), and again
 only the file's path is printed.
 A data dir it cannot use raises DataDirError before anything listens.
+With --database the state is on PostgreSQL (postgres.py); --workers N serves the port from N replica
+processes (replicas.py), the database readied once before any of them starts.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,7 +28,7 @@ import uvicorn
 
 from iota_cli.core.files import atomic_write
 from iota_cli.core.protocol import LISTENING
-from iota_orchestrator.state import ServerConfig, open_state
+from iota_orchestrator.state import ServerConfig, State, open_state, prepare
 from iota_orchestrator.wakeups import Wakeups
 
 
@@ -63,42 +66,14 @@ def url_for(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def serve(
-    config: ServerConfig,
-    host: str = "127.0.0.1",
-    port: int = 8700,
-    rotate_admin: bool = False,
-    log_level: str = "warning",
-    invite_required: bool = False,
-) -> int:
-    """Serve until a signal arrives; return the exit code."""
+def make_server(state: State, log_level: str) -> Server:
+    """uvicorn serving the app on an opened State (this process's replica)."""
     from iota_orchestrator.app import create_app
 
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper(), logging.WARNING), format="%(levelname)s %(message)s"
-    )
-    # Everything made from here on (database, blobs, caches) is the owner's only: the database holds
-    # the key that signs blob URLs.
-    os.umask(0o077)
-    if invite_required:
-        from iota_orchestrator import datadir, invites
-
-        datadir.prepare(config.data_dir)
-        invite, invite_file = invites.ensure(config.data_dir, os.environ.get("IOTA_INVITE") or None)
-        config = replace(config, invite=invite)
-        where = invite_file or "IOTA_INVITE"
-        print(f"registration needs the invite in {where} (readable by this user only)", flush=True)
-    opened = open_state(config, os.environ.get("IOTA_ADMIN_TOKEN") or None, rotate_admin)
-    if opened.admin_token_file:
-        print(f"admin token written to {opened.admin_token_file} (readable by this user only)", flush=True)
-    sock = bind(host, port)
-    bound_port = sock.getsockname()[1]
-    url = url_for(host, bound_port)
-    app = create_app(opened.state)
-    server = Server(
-        opened.state.wake,
+    return Server(
+        state.wake,
         uvicorn.Config(
-            app,
+            create_app(state),
             log_level=log_level,
             access_log=False,
             lifespan="on",
@@ -107,9 +82,54 @@ def serve(
             backlog=4096,
         ),
     )
-    # uvicorn re-raises the signal that stopped it once it is done; make that a no-op so we exit 0.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: None)
+
+
+def setup_process(log_level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.WARNING), format="%(levelname)s %(message)s"
+    )
+    # Everything made from here on (database, blobs, caches) is the owner's only: the database holds
+    # the key that signs blob URLs.
+    os.umask(0o077)
+
+
+def serve(
+    config: ServerConfig,
+    host: str = "127.0.0.1",
+    port: int = 8700,
+    rotate_admin: bool = False,
+    log_level: str = "warning",
+    invite_required: bool = False,
+    workers: int = 1,
+) -> int:
+    """Serve until a signal arrives; return the exit code. workers > 1: that many replica processes
+    on one port (replicas.py; PostgreSQL only)."""
+    setup_process(log_level)
+    if invite_required:
+        from iota_orchestrator import datadir, invites
+
+        datadir.prepare(config.data_dir)
+        invite, invite_file = invites.ensure(config.data_dir, os.environ.get("IOTA_INVITE") or None)
+        config = replace(config, invite=invite)
+        where = invite_file or "IOTA_INVITE"
+        print(f"registration needs the invite in {where} (readable by this user only)", flush=True)
+    admin_from_env = os.environ.get("IOTA_ADMIN_TOKEN") or None
+    if workers > 1:  # the database is readied once, before any replica serves
+        _say_token(prepare(config, admin_from_env, rotate_admin))
+        from iota_orchestrator import replicas
+
+        sock = bind(host, port)
+        try:
+            return replicas.run(config, sock, url_for(host, sock.getsockname()[1]), workers, log_level)
+        finally:
+            sock.close()
+    opened = open_state(config, admin_from_env, rotate_admin)
+    _say_token(opened.admin_token_file)
+    sock = bind(host, port)
+    bound_port = sock.getsockname()[1]
+    url = url_for(host, bound_port)
+    server = make_server(opened.state, log_level)
+    quiet_signals()
     info = config.data_dir / "server.json"
     try:
         asyncio.run(_run(server, sock, url, info))
@@ -121,14 +141,38 @@ def serve(
     return 0 if server.started else 1
 
 
-async def _run(server: object, sock: socket.socket, url: str, info: Path) -> None:
-    task = asyncio.create_task(server.serve(sockets=[sock]))  # type: ignore[attr-defined]
-    while not server.started and not task.done():  # type: ignore[attr-defined]
+def _say_token(token_file: Path | None) -> None:
+    if token_file:
+        print(f"admin token written to {token_file} (readable by this user only)", flush=True)
+
+
+def quiet_signals() -> None:
+    """uvicorn re-raises the signal that stopped it once it is done; make that a no-op so we exit 0."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+
+
+def write_info(info: Path, fields: dict[str, object]) -> None:
+    """<data-dir>/server.json, for scripts: {url, pid} (and the replicas' pids)."""
+    try:
+        atomic_write(info, json.dumps(fields).encode(), mode=0o600)
+    except OSError as e:  # only scripts read it; the server itself is up
+        logging.getLogger("iota_orchestrator").warning("cannot write %s: %s", info, e.strerror or e)
+
+
+async def serve_until_done(server: Server, sock: socket.socket, started: Callable[[], None]) -> None:
+    """Serve on sock; call started() once requests are accepted."""
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not task.done():
         await asyncio.sleep(0.02)
-    if server.started:  # type: ignore[attr-defined]
-        try:
-            atomic_write(info, json.dumps({"url": url, "pid": os.getpid()}).encode(), mode=0o600)
-        except OSError as e:  # only scripts read it; the server itself is up
-            logging.getLogger("iota_orchestrator").warning("cannot write %s: %s", info, e.strerror or e)
-        print(f"{LISTENING} {url}", flush=True)
+    if server.started:
+        started()
     await task
+
+
+async def _run(server: Server, sock: socket.socket, url: str, info: Path) -> None:
+    def started() -> None:
+        write_info(info, {"url": url, "pid": os.getpid()})
+        print(f"{LISTENING} {url}", flush=True)
+
+    await serve_until_done(server, sock, started)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from sqlalchemy import Connection, func, select, update
+from sqlalchemy import Connection, case, func, select, update
 
 from iota_orchestrator import db, faults, ledger
 from iota_orchestrator.errors import Forbidden
@@ -75,7 +75,9 @@ def passed(conn: Connection, ctx: RunCtx, contributor_id: str, mark: int) -> Non
     conn.execute(
         update(A)
         .where(*_where(ctx.run_id, contributor_id))
-        .values(passes=A.c.passes + 1, vetted_mark=func.max(A.c.vetted_mark, mark))
+        .values(
+            passes=A.c.passes + 1, vetted_mark=case((A.c.vetted_mark > mark, A.c.vetted_mark), else_=mark)
+        )
     )
 
 

@@ -12,25 +12,36 @@ must then win it back from the busy loop each time, so its transactions take sev
 and the server loses throughput: bench/orchestrator_load.py --workers 100 measured 15-25% fewer
 requests/s with one or four threads (anyio or an executor, any GIL switch interval, sync "normal" or
 "full"). A transaction in the OS cache is about a millisecond of CPU on the loop.
+
+On PostgreSQL (ServerConfig.database, postgres.py) the same lock still orders this process's
+transactions, and each also takes the database's write lock, which orders them with every other
+replica's. There a transaction mostly waits (on the network, on another replica's lock), so with_db
+runs fn on one database thread of its own and the loop carries on meanwhile; wakeups reach the other
+replicas through NOTIFY (listen.py), and time is the database's (clock.py).
+
+    opened = open_state(config)            # one process: prepare() then connect()
+    prepare(config); state = connect(config)   # several replicas: prepare once, then one each
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar, TypeVarTuple
+from typing import Any, TypeVar, TypeVarTuple
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import OperationalError
 
-from iota_orchestrator import auth, datadir, db, ratelimit
+from iota_orchestrator import auth, clock, datadir, db, postgres, ratelimit
 from iota_orchestrator.blobs import BlobStore, open_store
-from iota_orchestrator.wakeups import Wakeups
+from iota_orchestrator.wakeups import Poke, Wakeups
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
@@ -39,6 +50,8 @@ Ts = TypeVarTuple("Ts")
 @dataclass(frozen=True)
 class ServerConfig:
     data_dir: Path
+    # postgresql://user@host:port/db (postgres.py); None: SQLite in data_dir. Not in repr: a password.
+    database: str | None = field(default=None, repr=False)
     sync: str = "normal"  # "full": fsync every commit and blob (survives power loss, slower)
     tick_s: float = 1.0  # how often leases, deadlines and merge rounds are checked
     max_json_bytes: int = 1 << 20
@@ -59,7 +72,10 @@ class State:
         self.blobs = blobs
         self.lock = threading.RLock()
         self.wake = Wakeups()
-        self.poke = threading.Event()  # wakes the reaper early (a merge round may close)
+        self.poke = Poke()  # wakes the reaper early (a merge round may close)
+        self.shared = engine.dialect.name == "postgresql"  # other replicas may share the database
+        self._db_thread = ThreadPoolExecutor(1, "iota-db") if self.shared else None
+        self._bus: Any = None  # listen.Bus, while attached on PostgreSQL
         self._conn: Connection | None = None
         self.token_cache: dict[str, str] = {}  # token sha256 -> contributor id (tokens never change)
         self.registrations = ratelimit.RateLimiter(config.register_burst, config.register_rate)
@@ -73,9 +89,18 @@ class State:
         self.wake.loop = self._loop = loop
         self._loop_thread = threading.get_ident()
         self._freed = asyncio.Event()
+        if self.shared and self._bus is None and self.config.database:
+            from iota_orchestrator.listen import Bus
+
+            self._bus = Bus(self.config.database, self.wake, self.poke)
+            self._bus.start()
 
     async def with_db(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
         """fn(*args), which uses tx(), on the loop once the lock is free; never blocks the loop on it."""
+        if self._db_thread is not None:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._db_thread, functools.partial(fn, *args)
+            )
         while not self.lock.acquire(blocking=False):
             self._freed.clear()
             if self.lock.acquire(blocking=False):  # let go between the two looks: no wakeup will come
@@ -111,9 +136,16 @@ class State:
                 conn = self._conn
                 try:
                     with conn.begin():
-                        yield conn
+                        if self.shared:
+                            with clock.frozen_at(postgres.lock(conn)):
+                                yield conn
+                        else:
+                            yield conn
                 except BaseException:
-                    if conn.in_transaction():
+                    if conn.invalidated:  # the connection broke: the next transaction opens another
+                        self._conn = None
+                        conn.close()
+                    elif conn.in_transaction():
                         conn.rollback()
                     raise
         finally:
@@ -128,6 +160,11 @@ class State:
                 loop.call_soon_threadsafe(self._freed.set)
 
     def close(self) -> None:
+        if self._bus is not None:
+            self._bus.close()
+            self._bus = None
+        if self._db_thread is not None:
+            self._db_thread.shutdown(wait=True)
         with self.lock:
             if self._conn is not None:
                 self._conn.close()
@@ -142,42 +179,75 @@ class Opened:
 
 
 def open_state(config: ServerConfig, admin_from_env: str | None = None, rotate_admin: bool = False) -> Opened:
-    """Open (or create) the data dir: migrate the database, set up secrets, give live workers grace.
+    """prepare() then connect(): what one serving process does at start."""
+    token_file = prepare(config, admin_from_env, rotate_admin)
+    return Opened(connect(config), token_file)
+
+
+def open_engine(config: ServerConfig) -> Engine:
+    if config.database:
+        return postgres.open_engine(config.database, config.sync)
+    return db.open_engine(config.data_dir / datadir.DATABASE, config.sync)
+
+
+def prepare(
+    config: ServerConfig, admin_from_env: str | None = None, rotate_admin: bool = False
+) -> Path | None:
+    """Once a start, before anything serves: the data dir, migrations, the admin token and the URL secret,
+    a full lease for live workers. Returns where an admin token made here was written.
 
     Raises DataDirError (one line, no traceback) when the data dir or its database cannot be used.
     """
+    from iota_orchestrator import lease
+
     datadir.prepare(config.data_dir)
-    engine = db.open_engine(config.data_dir / datadir.DATABASE, config.sync)
     token_file = None
+    engine = open_engine(config)
     try:
-        db.migrate(engine)
-        with engine.begin() as conn:
-            changes = rotate_admin or db.get_meta(conn, auth.ADMIN_KEY) is None
-            token = auth.ensure_admin(conn, admin_from_env, rotate_admin)
-            secret = auth.ensure_secret(conn)
-            if token is not None:  # in the transaction: a token nobody could read is never stored
-                token_file = datadir.write_admin_token(config.data_dir, token)
-            elif changes:  # set from IOTA_ADMIN_TOKEN: a file from before would hold a stale token
-                datadir.forget_admin_token(config.data_dir)
+        with postgres.setup_lock(engine):  # replicas started on several hosts at once migrate once
+            db.migrate(engine)
+            with engine.begin() as conn:
+                now = postgres.lock(conn) if config.database else time.time()
+                changes = rotate_admin or db.get_meta(conn, auth.ADMIN_KEY) is None
+                token = auth.ensure_admin(conn, admin_from_env, rotate_admin)
+                auth.ensure_secret(conn)
+                if token is not None:  # in the transaction: a token nobody could read is never stored
+                    token_file = datadir.write_admin_token(config.data_dir, token)
+                elif changes:  # set from IOTA_ADMIN_TOKEN: a file from before would hold a stale token
+                    datadir.forget_admin_token(config.data_dir)
+                lease.grant_restart_grace(conn, now)
         datadir.secure_files(config.data_dir)
+    except (OperationalError, db.SchemaError, OSError, datadir.DataDirError) as e:
+        raise _unusable(config, e) from None
+    finally:
+        engine.dispose()
+    return token_file
+
+
+def connect(config: ServerConfig) -> State:
+    """The State one serving process uses, on a database prepare() readied."""
+    engine = open_engine(config)
+    try:
+        with engine.begin() as conn:
+            secret = auth.ensure_secret(conn)
         blobs = open_store(  # the directory store, or an object store (blobs.py)
             config.blob_store, config.data_dir, secret, fsync=config.sync == "full", ttl_s=config.url_ttl_s
         )
-        state = State(config, engine, blobs)
-        from iota_orchestrator import lease
-
-        with state.tx() as conn:
-            lease.grant_restart_grace(conn, time.time())
-    except (OperationalError, db.SchemaError, OSError, datadir.DataDirError) as e:
+    except (OperationalError, OSError, datadir.DataDirError) as e:
         engine.dispose()
-        raise _unusable(config.data_dir, e) from None
-    return Opened(state, token_file)
+        raise _unusable(config, e) from None
+    return State(config, engine, blobs)
 
 
-def _unusable(data_dir: Path, e: Exception) -> datadir.DataDirError:
+def _unusable(config: ServerConfig, e: Exception) -> datadir.DataDirError:
     if isinstance(e, datadir.DataDirError):
         return e
     if isinstance(e, OSError):
-        return datadir.failure(data_dir, "open the database", e)
+        return datadir.failure(config.data_dir, "open the database", e)
     reason = str(e.orig) if isinstance(e, OperationalError) else str(e)
-    return datadir.DataDirError(f"data dir {data_dir}: cannot open the database: {reason}", "full" in reason)
+    if config.database:
+        where = f"database {postgres.shown(config.database)}"
+        return datadir.DataDirError(f"{where}: cannot use it: {reason.strip()}", transient=True)
+    return datadir.DataDirError(
+        f"data dir {config.data_dir}: cannot open the database: {reason}", "full" in reason
+    )
