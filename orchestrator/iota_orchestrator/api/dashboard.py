@@ -12,11 +12,11 @@ document: they are for people and for Prometheus, not part of the protocol.
 from __future__ import annotations
 
 import importlib.resources
+import json
 import time
 from typing import Annotated
 
 from fastapi import APIRouter, FastAPI, Query, Request, Response
-from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy import Connection
 
@@ -37,6 +37,7 @@ PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
 }
+CACHE_S = 0.5  # however many pages poll, a run's document is built at most twice a second
 _files: dict[str, bytes] = {}
 
 
@@ -45,6 +46,7 @@ def install(app: FastAPI) -> None:
     app.state.metrics = Metrics()
     app.state.activity = Activity()
     app.state.series = {}  # run id -> Series
+    app.state.views = {}  # run id asked for (None: the default) -> (monotonic time built, JSON bytes)
     app.add_middleware(RequestMetrics, metrics=app.state.metrics, activity=app.state.activity)
     app.include_router(router)
 
@@ -74,23 +76,25 @@ async def dashboard_view(
 ) -> Response:
     """The dashboard's document for run_id (default: the newest running run, else the newest)."""
     app = request.app
+    cached = app.state.views.get(run_id)
+    if cached is None or time.monotonic() - cached[0] >= CACHE_S:
 
-    def look(conn: Connection) -> dict:
-        rid = run_id or dashboard.default_run(conn)
-        if rid is None:
-            return {"run": None, "runs": []}
-        run = runs.get_run(conn, rid)  # 404 for an unknown run
-        ctx = runs.context(conn, rid)
-        series = app.state.series.get(rid)
-        if series is None:
-            series = app.state.series[rid] = Series(ctx.tokens_per_sample, float(run.created))
-        now = time.time()
-        # token_cache maps a token's sha256 to its contributor, as each claim was authorised.
-        waiting = app.state.activity.waiting(state.token_cache, now)
-        return {**dashboard.view(conn, ctx, series, waiting, now), "runs": dashboard.run_list(conn)}
+        def look(conn: Connection) -> dict:
+            rid = run_id or dashboard.default_run(conn)
+            if rid is None:
+                return {"run": None, "runs": []}
+            run = runs.get_run(conn, rid)  # 404 for an unknown run
+            ctx = runs.context(conn, rid)
+            series = app.state.series.get(rid)
+            if series is None:
+                series = app.state.series[rid] = Series(ctx.tokens_per_sample, float(run.created))
+            now = time.time()
+            # token_cache maps a token's sha256 to its contributor, as each claim was authorised.
+            waiting = app.state.activity.waiting(state.token_cache, now)
+            return {**dashboard.view(conn, ctx, series, waiting, now), "runs": dashboard.run_list(conn)}
 
-    # Straight to JSON: the document is plain data, and FastAPI's encoder would walk every point again.
-    return JSONResponse(await state.in_tx(look), headers={"Cache-Control": "no-store"})
+        cached = app.state.views[run_id] = (time.monotonic(), json.dumps(await state.in_tx(look)).encode())
+    return Response(cached[1], media_type="application/json", headers={"Cache-Control": "no-store"})
 
 
 class _Collected:
