@@ -91,10 +91,12 @@ def manifest(model: str, data: str, samples: int) -> RunManifest:
     # The swarm's own leases and pacing, a bigger model and batch; wire dtype bfloat16 (the default).
     # 16 samples in flight per head: a sample's round trip through the pipeline over a 100 ms link is
     # about 3 s (five hops of upload, complete, claim, download), and the heads must fill it (Little's law).
-    train = replace(m.train, seq_len=128, batch_size=8, max_inflight_per_head=16)
-    return replace(
-        m, name="compute", model=COMPUTE_MODEL, train=train, merge=replace(m.merge, wire_dtype="BF16")
-    )
+    # IOTA's cadence (shared/notes/iota.md): a local step every 4 backward passes, a merge once replicas
+    # have done about 10 (here every 3 steps, 12 passes); the tiny run's merge every 4 passes is a loopback
+    # demo's, which a model whose weights cross home links could not afford.
+    train = replace(m.train, seq_len=128, batch_size=8, max_inflight_per_head=16, backward_per_step=4)
+    merge = replace(m.merge, wire_dtype="BF16", interval=3)
+    return replace(m, name="compute", model=COMPUTE_MODEL, train=train, merge=merge)
 
 
 @dataclass
