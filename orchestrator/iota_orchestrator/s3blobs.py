@@ -127,7 +127,8 @@ class S3Store(BlobStore):
             raise BlobStoreError(f"{where}: no such bucket; create it first") from None
         except StoreUnavailable as e:
             refused = "HTTP 403" in str(e) or "HTTP 401" in str(e)
-            why = "the credentials were refused (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)" if refused else e
+            keys = "the credentials were refused (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
+            why = keys if refused else e.strerror or str(e)
             raise BlobStoreError(f"{where}: {why}", transient=not refused) from None
 
     # --- names and URLs ---------------------------------------------------------------------------------
