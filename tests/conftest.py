@@ -7,6 +7,9 @@ import pytest
 # The throwaway PostgreSQL and `--database postgresql` (tests/pg_server.py).
 from pg_server import _module_database, _test_database, pg_url, postgres_server, pytest_addoption  # noqa: F401
 
+# A real SeaweedFS for the object-store tests, one a session (tests/seaweedfs.py).
+from seaweedfs import seaweed  # noqa: F401
+
 
 @pytest.fixture(autouse=True)
 def iota_home(tmp_path, monkeypatch):

