@@ -111,11 +111,18 @@ class RequestMetrics:
     def _note_claim(self, scope: dict, code: int, headers: Any) -> None:
         if code not in (200, 204):
             return
-        auth_header = next((v for k, v in scope.get("headers") or () if k == b"authorization"), None)
-        token = auth.bearer(auth_header.decode("latin-1")) if auth_header else None
+        token = None
+        for k, v in scope.get("headers") or ():
+            if k == b"authorization":
+                token = auth.bearer(v.decode("latin-1"))
+                break
         if token is None:
             return
-        why = next((v.decode("latin-1") for k, v in headers if k.lower() == _WAIT), None)
-        if code == 204 and why is None:
+        why = None
+        if code == 204:
             why = "no work"  # an older reason-less answer, or the run finished
-        self.activity.claimed(auth.hash_token(token), why if code == 204 else None, time.time())
+            for k, v in headers:
+                if k.lower() == _WAIT:
+                    why = v.decode("latin-1")
+                    break
+        self.activity.claimed(auth.hash_token(token), why, time.time())
