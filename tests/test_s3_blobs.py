@@ -158,6 +158,9 @@ def test_the_cache_follows_the_store(seaweed, tmp_path, monkeypatch):
     s.write("runs/other/x.bin", b"x")
     s.delete_tree("runs/r")
     assert objects(seaweed, s) == ["blobs/runs/other/x.bin"]
+    s.write("runs/other/y.bin", b"y")
+    s.delete_many(["runs/other/x.bin", "runs/other/y.bin", "runs/other/never.bin"])
+    assert objects(seaweed, s) == [] and not s.exists("runs/other/y.bin")
 
 
 def test_a_store_that_cannot_be_used_stops_the_start_with_one_line(seaweed, tmp_path):

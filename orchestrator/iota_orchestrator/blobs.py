@@ -103,6 +103,11 @@ class BlobStore(abc.ABC):
     def delete(self, key: str) -> None:
         """Delete key (and an upload for it not taken in yet); a missing key is no error."""
 
+    def delete_many(self, keys: list[str]) -> None:
+        """delete() each key (an object store deletes a thousand in one request)."""
+        for key in keys:
+            self.delete(key)
+
     @abc.abstractmethod
     def delete_tree(self, prefix: str) -> None:
         """Delete every blob whose key starts with `prefix/` (a run's folder, say)."""

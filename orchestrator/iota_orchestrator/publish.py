@@ -286,5 +286,4 @@ def _forget(conn: Any, ctx: RunCtx, rnd: Any, now: float) -> list[str]:
 
 
 def _delete(state: State, keys: list[str]) -> None:
-    for k in keys:
-        state.blobs.delete(k)
+    state.blobs.delete_many(keys)

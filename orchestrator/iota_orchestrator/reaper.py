@@ -136,8 +136,7 @@ def collect_garbage(state: State) -> int:
             conn.execute(update(C).where(tuple_(C.c.run_id, C.c.sample_id).in_(ids)).values(gc=True))
             conn.execute(delete(db.blobs).where(db.blobs.c.key.in_(chain_keys)))
             keys += chain_keys
-    for k in keys:
-        state.blobs.delete(k)
+    state.blobs.delete_many(keys)  # an object store: one request for the batch
     return len(done)
 
 

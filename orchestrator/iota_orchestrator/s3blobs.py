@@ -214,24 +214,34 @@ class S3Store(BlobStore):
         self._call("DELETE", self.s3.delete_object, Key=self._obj(key))
         self._call("DELETE", self.s3.delete_object, Key=self._incoming(key))
 
+    def delete_many(self, keys: list[str]) -> None:
+        for key in keys:
+            self.cache.drop(key)
+        self._delete_objects([n for key in keys for n in (self._obj(key), self._incoming(key))])
+
     def delete_tree(self, prefix: str) -> None:
         check_key(prefix)
+        names: list[str] = []
         for space in ("blobs", "incoming"):
             pages = self.s3.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=f"{self.prefix}{space}/{prefix}/"
             )
-            names: list[str] = []
             try:
                 for page in pages:
                     names += [o["Key"] for o in page.get("Contents", [])]
             except Exception as e:  # botocore's errors, raised from the paginator
                 raise StoreUnavailable(f"LIST failed ({type(e).__name__})") from None
-            for i in range(0, len(names), DELETE_BATCH):
-                batch = [{"Key": n} for n in names[i : i + DELETE_BATCH]]
-                self._call("DELETE", self.s3.delete_objects, Delete={"Objects": batch, "Quiet": True})
-            for name in names:
-                if space == "blobs":
-                    self.cache.drop(name.removeprefix(f"{self.prefix}blobs/"))
+        for name in names:
+            if name.startswith(f"{self.prefix}blobs/"):
+                self.cache.drop(name.removeprefix(f"{self.prefix}blobs/"))
+        self._delete_objects(names)
+
+    def _delete_objects(self, names: list[str]) -> None:
+        for i in range(0, len(names), DELETE_BATCH):
+            batch = [{"Key": n} for n in names[i : i + DELETE_BATCH]]
+            r = self._call("DELETE", self.s3.delete_objects, Delete={"Objects": batch, "Quiet": True})
+            if r.get("Errors"):  # Quiet: only the failures are listed
+                raise StoreUnavailable(f"DELETE failed for {len(r['Errors'])} objects")
 
     def take_in(self, key: str, max_size: int) -> Stored | None:
         """Copy the upload at incoming/<key> to blobs/<key> (inside the store), read that into the cache
