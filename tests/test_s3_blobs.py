@@ -183,6 +183,9 @@ def test_a_store_that_cannot_be_used_stops_the_start_with_one_line(seaweed, tmp_
     for bad in ("iota-test", "s3://", "s3://Upper", "s3://b/../x", "s3://bucket/a b"):
         with pytest.raises(BlobStoreError):
             parse_spec(bad)
+    with pytest.raises(BlobStoreError) as e:
+        parse_spec("s3://AKIAKEY:secret-in-url@bucket")
+    assert "secret-in-url" not in str(e.value) and "environment" in str(e.value)
     assert parse_spec("s3://bucket/a/b/") == ("bucket", "a/b/") and parse_spec("s3://bucket") == (
         "bucket",
         "",

@@ -120,6 +120,10 @@ class BlobStore(abc.ABC):
 
 def parse_spec(spec: str) -> tuple[str, str]:
     """`s3://bucket[/prefix]` -> (bucket, prefix with a trailing `/`, or "")."""
+    if "@" in spec or ":" in spec.removeprefix("s3://"):  # never echo what may be a key put in the URL
+        raise BlobStoreError(
+            "--blob-store takes s3://bucket[/prefix]; keys go in the environment (docs/deploy.md)"
+        )
     if not spec.startswith("s3://"):
         raise BlobStoreError(f"--blob-store {spec[:80]!r}: expected s3://bucket[/prefix]")
     bucket, _, prefix = spec[len("s3://") :].partition("/")
