@@ -6,11 +6,12 @@ training files of bench/heldout.py's split) for the same optimizer steps, then s
 Evaluator on the held-out text. Configurations are (bottleneck_dim, wire):
   - the uncompressed reference: bottleneck_dim = d_model, float32 on the wire;
   - bfloat16 (a real wire dtype: the stages themselves cast) at 16x, 32x and 64x width;
-  - int8, simulated here only: every float tensor crossing a boundary (the activations forward, the
-    gradient back) is quantized and dequantized between the stages, so the receiving stage sees what an
-    int8 wire would deliver and the gradient passes straight through the rounding. Two scale layouts:
-    "int8-tok", one float16 scale per token (a row of b values), and "int8-seq", one float16 scale per
-    channel per sequence (a row of T values). Scales are absmax / 127, symmetric, round to nearest.
+  - int8: every float tensor crossing a boundary (the activations forward, the gradient back) is
+    quantized and dequantized between the stages, so the receiving stage sees what the int8 wire
+    delivers and the gradient passes straight through the rounding. Two scale layouts: "int8-seq", one
+    float32 scale per channel per sequence (a row of T values), is the product's wire
+    (model.wire_dtype = "int8", core.wire.quantize: the same code); "int8-tok", one float16 scale per
+    token (a row of b values), is simulated here only. Scales are absmax / 127, symmetric, to nearest.
 bytes_per_token is what one direction of one boundary carries per token (the gradient back is the same
 size again), scales included; ratio is d_model * 4 (the float32 hidden state) over it; loss_cost is the
 held-out loss over the reference's, minus one. blob_bytes_per_token and zstd_bytes_per_token weigh the
@@ -51,7 +52,7 @@ from chain_reference import start, train_sample
 from convergence_sim import MODEL, Plan, reference
 from heldout import Evaluator, TrainStream, heldout_batches, link_tree, split_corpus
 
-from iota_cli.core import wire
+from iota_cli.core import wire as wire_mod
 from iota_cli.core.backend import BackwardResult, StageBackend
 from iota_cli.core.flat import FlatLayout
 from iota_cli.core.manifest import MergeConfig
@@ -59,7 +60,7 @@ from iota_cli.core.tensors import RawTensor, TensorDict, encode
 from iota_cli.swarm.corpus import default_data
 
 WIRE_BYTES = {"float32": 4, "bfloat16": 2, "int8-tok": 1, "int8-seq": 1}
-SCALE_BYTES = 2  # a float16 scale
+SCALE_BYTES = {"int8-tok": 2, "int8-seq": 4}  # a float16 scale per token; the product's float32 ones
 
 
 @dataclass(frozen=True)
@@ -71,9 +72,9 @@ class Variant:
     def bytes_per_token(self, seq: int) -> float:
         b = self.bottleneck_dim
         if self.wire == "int8-tok":
-            return b + SCALE_BYTES
+            return b + SCALE_BYTES["int8-tok"]
         if self.wire == "int8-seq":
-            return b + SCALE_BYTES * b / seq
+            return b + SCALE_BYTES["int8-seq"] * b / seq
         return float(b * WIRE_BYTES[self.wire])
 
 
@@ -117,9 +118,10 @@ def int8_round(t: RawTensor, wire: str) -> RawTensor:
     """A (B, T, b) float32 tensor as an int8 wire delivers it: scale per token or per channel and sequence."""
     if t.dtype != "F32" or len(t.shape) != 3:  # the head's proof vector is not on the boundary
         return t
+    if wire == "int8-seq":  # the product's int8 wire (model.wire_dtype = "int8")
+        return wire_mod.dequantize(wire_mod.quantize({"x": t}))["x"]
     x = np.frombuffer(t.data, dtype=np.float32).reshape(t.shape)
-    y = fake_int8(x, axis=-1 if wire == "int8-tok" else -2)
-    return RawTensor("F32", t.shape, y.tobytes())
+    return RawTensor("F32", t.shape, fake_int8(x, axis=-1).tobytes())
 
 
 class Int8Wire:
@@ -158,12 +160,13 @@ def wrap(stages: list[StageBackend], wire: str) -> list[Any]:
 
 def as_blob(t: RawTensor, wire_name: str) -> bytes:
     """The blob a boundary tensor travels in: as the stage made it, or, for an int8 wire, its int8
-    values and float16 scales (what a real int8 wire would ship; the values are already on the grid)."""
+    values and scales (what the int8 wire ships; the values are already on its grid)."""
     if not wire_name.startswith("int8"):
         return encode({"activations": t})
+    if wire_name == "int8-seq":
+        return encode(wire_mod.quantize({"activations": t}))
     x = np.frombuffer(t.data, dtype=np.float32).reshape(t.shape)
-    axis = -1 if wire_name == "int8-tok" else -2
-    scale = (np.abs(x).max(axis=axis, keepdims=True) / 127.0).astype(np.float16)
+    scale = (np.abs(x).max(axis=-1, keepdims=True) / 127.0).astype(np.float16)
     safe = np.where(scale > 0, scale.astype(np.float32), np.float32(1.0))
     q = np.clip(np.rint(x / safe), -127, 127).astype(np.int8)
     return encode(
@@ -186,7 +189,7 @@ class Weigher:
                 blob = as_blob(t, self.wire_name)
                 self.sizes["tokens"] += t.shape[0] * t.shape[1]
                 self.sizes["plain"] += len(blob)
-                self.sizes["zstd"] += len(wire.pack(blob, "zstd"))
+                self.sizes["zstd"] += len(wire_mod.pack(blob, "zstd"))
 
     def forward(self, work_id: str, inputs: TensorDict) -> TensorDict:
         out = self.inner.forward(work_id, inputs)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,10 @@ def db_rows(data_dir: Path, sql: str, *args: object) -> list[tuple]:
 def test_a_swarm_over_lossy_delayed_links_trains_and_accounts_for_every_sample(tmp_path):
     swarm = Swarm.create(SwarmOptions(workers=3, max_steps=MAX_STEPS, validate=False), tmp_path / "s")
     assert swarm.manifest.data.source == default_data()
+    # What a run over home links ships: the int8 wire, zstd-framed (core/wire.py).
+    m = swarm.manifest
+    swarm.manifest = replace(m, model=replace(m.model, wire_dtype="int8"))
+    assert swarm.manifest.train.wire_codec == "zstd"
     proxies: list[LinkProxy] = []
     try:
         swarm.prepare()  # the orchestrator, the run, one contributor per worker: on loopback, no proxy

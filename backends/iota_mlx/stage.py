@@ -49,7 +49,7 @@ class MlxKernel:
         self.spec = stage_spec(cfg, stage)
         self.device = mx.gpu if device == "gpu" else mx.cpu
         self.dt = MX_DTYPES[DTYPE_CODES[cfg.dtype]]
-        self.wire = MX_DTYPES[DTYPE_CODES[cfg.wire_dtype]]
+        self.wire = MX_DTYPES[DTYPE_CODES[cfg.boundary_dtype]]
         self._specs = stage_params(cfg, self.spec)
         self._decay = {p.name for p in self._specs if len(p.shape) >= 2}
         self.weights: model.Weights = {}

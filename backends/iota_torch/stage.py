@@ -51,7 +51,7 @@ class TorchKernel:
         self.spec = stage_spec(cfg, stage)
         self.device = torch.device(device)
         self.compute_dtype = TORCH_DTYPES[DTYPE_CODES[cfg.dtype]]
-        self.wire_dtype = TORCH_DTYPES[DTYPE_CODES[cfg.wire_dtype]]
+        self.wire_dtype = TORCH_DTYPES[DTYPE_CODES[cfg.boundary_dtype]]
         self._specs = stage_params(cfg, self.spec)
         self._forward = torch.compile(model.stage_forward, dynamic=False) if compile else model.stage_forward
         self.weights: model.Weights = {}

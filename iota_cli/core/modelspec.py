@@ -61,7 +61,11 @@ class ModelConfig:
         default="float32",
         description="compute dtype (float32, bfloat16, float16); master weights are float32",
     )
-    wire_dtype: str = Field(default="bfloat16", description="dtype of activations and gradients on the wire")
+    wire_dtype: str = Field(
+        default="bfloat16",
+        description="dtype of activations and gradients on the wire: float32, bfloat16, float16, or int8 "
+        "(float32 in the stages, quantized per channel and sequence for the wire: core/wire.py)",
+    )
     tokenizer: str = Field(default="bytes", description="'bytes', or the path of a tokenizers tokenizer.json")
     stages: tuple[int, ...] = Field(
         default=(), description="layers per stage: head, body..., tail (empty: split_layers(n_layers, 3))"
@@ -74,6 +78,11 @@ class ModelConfig:
         problems = validate(self)
         if problems:
             raise ValueError("invalid model config: " + "; ".join(problems))
+
+    @property
+    def boundary_dtype(self) -> str:
+        """The dtype a stage's boundary tensors have in memory (an int8 wire dequantizes to float32)."""
+        return "float32" if self.wire_dtype == "int8" else self.wire_dtype
 
     @property
     def head_dim(self) -> int:
@@ -115,9 +124,10 @@ def validate(cfg: ModelConfig) -> list[str]:
         p.append("vocab_size and context must be positive")
     if cfg.tokenizer == "bytes" and cfg.vocab_size <= EOS_ID:
         p.append(f"vocab_size must exceed {EOS_ID} for the byte tokenizer (bytes, then the special tokens)")
-    for name in ("dtype", "wire_dtype"):
-        if getattr(cfg, name) not in ("float32", "bfloat16", "float16"):
-            p.append(f"{name} must be float32, bfloat16 or float16")
+    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+        p.append("dtype must be float32, bfloat16 or float16")
+    if cfg.wire_dtype not in ("float32", "bfloat16", "float16", "int8"):
+        p.append("wire_dtype must be float32, bfloat16, float16 or int8")
     return p
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # safetensors dtype names -> bytes per element. Only what every backend can load (MLX has no F64).
-DTYPE_SIZES = {"F32": 4, "BF16": 2, "F16": 2, "I32": 4, "I64": 8, "U8": 1}
+DTYPE_SIZES = {"F32": 4, "BF16": 2, "F16": 2, "I32": 4, "I64": 8, "U8": 1, "I8": 1}
 # Model-config dtype names -> safetensors names.
 DTYPE_CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "int32": "I32", "int64": "I64"}
 MAX_HEADER = 100 * 1024 * 1024

@@ -28,7 +28,7 @@ from pathlib import Path
 from iota_cli.core import wire
 from iota_cli.core.backend import StageInputError, UnknownWorkId
 from iota_cli.core.protocol import Abandon, BlobRef, ClaimRequest, WorkComplete, WorkCompleteReply, WorkItem
-from iota_cli.core.tensors import RawTensor, TensorDict, encode
+from iota_cli.core.tensors import RawTensor, TensorDict
 from iota_cli.train import fetch
 from iota_cli.train.api import Claim, SwarmApi
 from iota_cli.train.errors import ApiError, IntegrityError, Stopped
@@ -265,9 +265,14 @@ class Sender:
     """
 
     def __init__(
-        self, api: SwarmApi, profile: Profile, liveness: Liveness, codec: str = "none", depth: int = DEPTH
+        self,
+        api: SwarmApi,
+        profile: Profile,
+        liveness: Liveness,
+        fmt: wire.WireFormat = wire.WireFormat(),  # noqa: B008 - frozen
+        depth: int = DEPTH,
     ) -> None:
-        self.api, self.profile, self.liveness, self.codec = api, profile, liveness, codec
+        self.api, self.profile, self.liveness, self.fmt = api, profile, liveness, fmt
         self._jobs: queue.Queue[tuple[WorkItem, str, TensorDict | None, float | None] | None]
         self._jobs = queue.Queue(maxsize=1)
         self._done: queue.Queue[Sent] = queue.Queue()
@@ -352,7 +357,7 @@ class Sender:
         sha, size = None, 0
         if payload is not None and item.upload is not None:
             with self.profile.timed("serialize_s"):
-                data = wire.pack(encode(payload), self.codec)
+                data = self.fmt.frame(payload)
             with self.profile.timed("upload_s"):
                 sha, size = self.api.upload(item.upload, data), len(data)
             self.profile.add("bytes_up", size)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iota_cli.core import outer
+from iota_cli.core import outer, wire
 from iota_cli.core.backend import StageBackend, StageInputError, UnknownWorkId
 from iota_cli.core.modelspec import stage_spec
 from iota_cli.core.protocol import (
@@ -88,7 +88,7 @@ class Worker:
         self._loss: float | None = None
         self.profile, self.liveness = Profile(), Liveness()
         self.prefetch: Prefetcher | None = None  # made in run(): its threads claim from the start
-        self.sender = Sender(api, self.profile, self.liveness, self.manifest.train.wire_codec)
+        self.sender = Sender(api, self.profile, self.liveness, wire.WireFormat.of(self.manifest))
         self.finished = False  # the run ended (as opposed to a stop or max_steps)
         self.reassign = False
         self.session = Session.start(state)

@@ -59,7 +59,7 @@ class RunCtx:
 
     @property
     def wire_dtype(self) -> str:
-        return DTYPE_CODES[self.cfg.wire_dtype]
+        return DTYPE_CODES[self.cfg.boundary_dtype]  # as checked: an int8 upload is read dequantized
 
     @property
     def act_shape(self) -> tuple[int, int, int]:
