@@ -32,8 +32,8 @@ Choices:
   pay per token. The whole span, first completed sample to last, is printed beside it. The one-process
   side likewise skips its first sample (allocations, lazy init). Both count batch_size * seq_len tokens
   per sample.
-- Wire: the tiny model sends float32 (tiny_manifest), the compute-bound one bfloat16 at ModelConfig's
-  default 64x bottleneck, both zstd-framed (train.wire_codec's default), as a real run sends.
+- Wire: the tiny model sends float32 (tiny_manifest), the compute-bound one ModelConfig's default wire
+  (int8 at 32x narrower than d_model), both zstd-framed (train.wire_codec's default), as a real run.
 - CPU: every process the swarm started (reaped, start-up included) against the one process's own, per
   token: on a machine whose cores are all busy, efficiency cannot exceed their ratio.
 All processes share the machine's cores (2 here): the figures are of that machine, at that load.
@@ -77,7 +77,7 @@ COMPUTE_MODEL = ModelConfig(
     n_kv_heads=2,
     ffn_dim=704,
     context=128,
-    bottleneck_dim=4,  # 64x narrower than d_model, as ModelConfig's default (512 / 8)
+    bottleneck_dim=8,  # 32x narrower than d_model in int8 (ModelConfig's default wire): 128x the bytes
     stages=(2, 2, 2),
 )
 SAMPLES = {"tiny": 240, "compute": 80}  # sized so the default run stays within a few minutes on 2 cores
@@ -88,7 +88,7 @@ def manifest(model: str, data: str, samples: int) -> RunManifest:
     m = tiny_manifest(data, max_samples=samples)
     if model == "tiny":
         return m
-    # The swarm's own leases and pacing, a bigger model and batch; wire dtype bfloat16 (the default).
+    # The swarm's own leases and pacing, a bigger model and batch, the default wire (int8, zstd).
     # 16 samples in flight per head: a sample's round trip through the pipeline over a 100 ms link is
     # about 3 s (five hops of upload, complete, claim, download), and the heads must fill it (Little's law).
     # IOTA's cadence (shared/notes/iota.md): a local step every 4 backward passes, a merge once replicas

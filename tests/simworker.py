@@ -137,7 +137,7 @@ class SimWorker:
     def boundary_tensor(self, name: str) -> bytes:
         m = self.assigned.manifest
         shape = (m.train.batch_size, m.train.seq_len, m.model.bottleneck_dim)
-        dtype = DTYPE_CODES[m.model.wire_dtype]
+        dtype = DTYPE_CODES[m.model.boundary_dtype]
         return encode(
             {name: RawTensor(dtype, shape, bytes(shape[0] * shape[1] * shape[2] * DTYPE_SIZES[dtype]))}
         )

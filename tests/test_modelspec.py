@@ -26,9 +26,10 @@ from iota_cli.core.modelspec import (
 SMALL = ModelConfig(d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=64, context=16, bottleneck_dim=4)
 
 
-def test_default_config_compresses_boundaries_64x_like_iota():
+def test_default_config_sends_128x_fewer_bytes_than_the_residual_stream():
     cfg = ModelConfig()
-    assert cfg.compression == 64
+    assert cfg.compression == 32 and cfg.wire_dtype == "int8"
+    assert cfg.wire_bytes_ratio == 128  # IOTA's 64x in width at bfloat16 is 128x too
     assert [s.kind for s in stage_specs(cfg)] == ["head", "body", "tail"]
     assert cfg.stages == (2, 4, 2)  # end stages one layer lighter than the middle (they carry vocab matrices)
 

@@ -326,7 +326,7 @@ def test_hostile_safetensors_uploads_get_no_5xx(target):
     w.assign(target.run_id, stage=0)
     m = target.manifest
     shape = [m.train.batch_size, m.train.seq_len, m.model.bottleneck_dim]
-    dtype = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[m.model.wire_dtype]
+    dtype = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[m.model.boundary_dtype]
     probe = Prober(target.url)
     item = w.claim()
     for data in hostile_tensors("activations", shape, dtype):

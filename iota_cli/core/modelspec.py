@@ -47,8 +47,10 @@ class ModelConfig:
         default=1408, ge=1, le=1 << 18, description="hidden width of the SwiGLU feed-forward"
     )
     context: int = Field(default=256, ge=1, le=1 << 20, description="longest sequence the model is built for")
+    # 32x narrower than d_model, in int8: 128x fewer bytes than the float32 residual stream, at about half
+    # the held-out loss cost of bfloat16 at 64x (the same bytes; bench/boundary_bytes.py, docs/model.md).
     bottleneck_dim: int = Field(
-        default=8,
+        default=16,
         ge=1,
         le=1 << 16,
         description="width of what crosses a stage boundary; d_model / bottleneck_dim is the compression",
@@ -62,7 +64,7 @@ class ModelConfig:
         description="compute dtype (float32, bfloat16, float16); master weights are float32",
     )
     wire_dtype: str = Field(
-        default="bfloat16",
+        default="int8",
         description="dtype of activations and gradients on the wire: float32, bfloat16, float16, or int8 "
         "(float32 in the stages, quantized per channel and sequence for the wire: core/wire.py)",
     )
@@ -78,6 +80,12 @@ class ModelConfig:
         problems = validate(self)
         if problems:
             raise ValueError("invalid model config: " + "; ".join(problems))
+
+    @property
+    def wire_bytes_ratio(self) -> float:
+        """How many times fewer bytes a boundary tensor is on the wire than the float32 residual stream
+        (int8's scales and zstd not counted: a few percent either way)."""
+        return self.d_model * 4 / (self.bottleneck_dim * WIRE_BYTES[self.wire_dtype])
 
     @property
     def boundary_dtype(self) -> str:
@@ -286,6 +294,7 @@ def rope_tables(cfg: ModelConfig, seq_len: int) -> tuple[list[float], list[float
 
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+WIRE_BYTES = {**DTYPE_BYTES, "int8": 1}
 
 
 def _as_stage(cfg: ModelConfig, stage: StageSpec | int) -> StageSpec:
