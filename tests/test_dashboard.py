@@ -130,15 +130,15 @@ def test_dashboard_follows_the_work(orch):
                 loss=4.25,
             )
         )
+    tail.api.leave()
+    requests.post(f"{orch.url}/v1/runs/{run_id}/abort", headers={"Authorization": f"Bearer {ADMIN}"})
     d = board(orch, run_id, fresh=True)
     (point,) = d["series"]["heldout"]
     assert point["loss"] == 4.25 and point["passed"] and 0 < point["tokens"] <= d["run"]["tokens"]
     assert d["checks"]["by_kind"]["merge"] == {"passed": 1}
     assert d["checks"]["recent"][0]["name"] == "w1" and d["checks"]["recent"][0]["kind"] == "merge"
-
-    tail.api.leave()
-    requests.post(f"{orch.url}/v1/runs/{run_id}/abort", headers={"Authorization": f"Bearer {ADMIN}"})
-    d = board(orch, run_id, fresh=True)
+    state = {c["name"]: c for c in d["contributors"]}
+    assert state["w2"]["state"] == "gone" and state["w2"]["why"].startswith("left the run")
     assert d["run"]["state"] == "finished"
     text = json.dumps(d)
     for w in (head, body, tail):  # public facts only, as GET /v1/runs/{id}/status shows them
