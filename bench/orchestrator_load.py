@@ -2,6 +2,7 @@
 
 Run: .venv/bin/python bench/orchestrator_load.py [--workers 100] [--duration 20] [--sync normal|full]
      [--url URL --admin-token T]   (against a running orchestrator instead of a fresh one)
+     [--watch]   (also poll the dashboard's /v1/dashboard every 2 s and scrape /metrics every 15 s)
 
 Each simulated worker does what `iota join` does, with stand-in tensors of the right shapes: register,
 assignment, then a loop of claim -> download inputs -> upload result -> complete, a heartbeat every
@@ -151,7 +152,20 @@ class Worker:
             self.items += status == 200
 
 
-async def drive(url: str, run_id: str, n: int, duration: float, claim_wait: float) -> dict:
+async def watch(host: str, port: int, until: float) -> None:
+    """Someone watching: the dashboard's page polls every 2 s, Prometheus scrapes every 15 s."""
+    conn, scrape = Conn(host, port), 0.0
+    while time.monotonic() < until:
+        await conn.request("GET", "/v1/dashboard", name="dashboard")
+        if time.monotonic() >= scrape:
+            scrape = time.monotonic() + 15.0
+            await conn.request("GET", "/metrics", name="metrics")
+        await asyncio.sleep(min(2.0, max(until - time.monotonic(), 0)))
+
+
+async def drive(
+    url: str, run_id: str, n: int, duration: float, claim_wait: float, watching: bool = False
+) -> dict:
     parts = urlsplit(url)
     workers = [Worker(parts.hostname, parts.port, run_id, i, claim_wait) for i in range(n)]
     gate = asyncio.Semaphore(50)
@@ -167,6 +181,8 @@ async def drive(url: str, run_id: str, n: int, duration: float, claim_wait: floa
     until = t0 + duration
     tasks = [asyncio.create_task(w.heartbeats(until)) for w in workers]
     tasks += [asyncio.create_task(w.work(until)) for w in workers]
+    if watching:
+        tasks.append(asyncio.create_task(watch(parts.hostname, parts.port, until)))
     await asyncio.gather(*tasks)
     return {"elapsed": time.monotonic() - t0, "items": sum(w.items for w in workers)}
 
@@ -191,7 +207,16 @@ def report(n: int, res: dict, status: dict) -> dict:
     )
     print(f"{'endpoint':12s} {'requests':>9s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s}")
     endpoints = {}
-    for name in ("claim", "claim_204", "complete", "heartbeat", "blob_put", "blob_get"):
+    for name in (
+        "claim",
+        "claim_204",
+        "complete",
+        "heartbeat",
+        "blob_put",
+        "blob_get",
+        "dashboard",
+        "metrics",
+    ):
         xs = sorted(LAT.get(name, []))
         if not xs:
             continue
@@ -222,6 +247,7 @@ def main() -> None:
     )
     p.add_argument("--url", help="use this running orchestrator (needs --admin-token)")
     p.add_argument("--admin-token", default="bench-admin")
+    p.add_argument("--watch", action="store_true", help="poll the dashboard and /metrics during the load")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         corpus = write_corpus(Path(tmp) / "text", files=8, words=20000)
@@ -253,7 +279,7 @@ def main() -> None:
             r.raise_for_status()
             run_id = r.json()["run_id"]
             cpu0 = cpu_seconds(orch.pid) if orch else None
-            res = asyncio.run(drive(url, run_id, a.workers, a.duration, a.claim_wait))
+            res = asyncio.run(drive(url, run_id, a.workers, a.duration, a.claim_wait, a.watch))
             status = requests.get(f"{url}/v1/runs/{run_id}/status", timeout=60).json()
             print(f"orchestrator {url} (sync={a.sync}), run {run_id}")
             figures = report(a.workers, res, status)

@@ -45,6 +45,8 @@ class InProcessOrchestrator:
         # settings: other ServerConfig fields (register_burst, register_rate, invite, ...)
         # IOTA_DATABASE, as `iota orchestrator serve` reads it: tests run on PostgreSQL with --database.
         settings.setdefault("database", os.environ.get("IOTA_DATABASE") or None)
+        # IOTA_BLOB_STORE too (s3://..., with the store's keys in the environment): blobs on an object store.
+        settings.setdefault("blob_store", os.environ.get("IOTA_BLOB_STORE") or None)
         self.config = ServerConfig(data_dir=Path(data_dir), tick_s=tick_s, **settings)
         self.admin_token = admin_token
         self.url = ""

@@ -41,8 +41,8 @@ def make_run(orch) -> str:
     return r.json()["run_id"]
 
 
-def board(orch, run_id: str | None = None, fresh: bool = True) -> dict:
-    """The dashboard's document; fresh: one built after this call (it is cached for CACHE_S)."""
+def board(orch, run_id: str | None = None, fresh: bool = False) -> dict:
+    """The dashboard's document; fresh: one built after this call, not one cached up to CACHE_S ago."""
     if fresh:
         time.sleep(CACHE_S)
     r = requests.get(f"{orch.url}/v1/dashboard", params={"run_id": run_id} if run_id else None, timeout=10)
@@ -97,7 +97,7 @@ def test_dashboard_follows_the_work(orch):
         for w in (head, body, tail):
             if (it := w.claim()) is not None:
                 w.do(it)
-    d = board(orch)  # the newest running run by default
+    d = board(orch)  # the newest running run by default (the first ask: built now)
     assert d["run"]["run_id"] == run_id and d["run"]["tokens"] > 0
     loss = d["series"]["loss"]
     assert loss and all(math.isfinite(y) for _, y in loss)
@@ -109,7 +109,7 @@ def test_dashboard_follows_the_work(orch):
     assert totals == sorted(totals, reverse=True) and totals[0] > 0
     assert {s["stage"] for s in d["stages"]} == {0, 1, 2}
     assert run_id in {r["run_id"] for r in d["runs"]}
-    assert board(orch, fresh=False)["now"] == d["now"]  # many pages polling cost one build
+    assert board(orch)["now"] == d["now"]  # many pages polling cost one build
 
     # A held-out loss the validator measured (a merge check's verdict, as audits.decide stores it) lands
     # on the curve at the tokens trained by then.
@@ -130,15 +130,15 @@ def test_dashboard_follows_the_work(orch):
                 loss=4.25,
             )
         )
-    d = board(orch, run_id)
+    tail.api.leave()
+    requests.post(f"{orch.url}/v1/runs/{run_id}/abort", headers={"Authorization": f"Bearer {ADMIN}"})
+    d = board(orch, run_id, fresh=True)
     (point,) = d["series"]["heldout"]
     assert point["loss"] == 4.25 and point["passed"] and 0 < point["tokens"] <= d["run"]["tokens"]
     assert d["checks"]["by_kind"]["merge"] == {"passed": 1}
     assert d["checks"]["recent"][0]["name"] == "w1" and d["checks"]["recent"][0]["kind"] == "merge"
-
-    tail.api.leave()
-    requests.post(f"{orch.url}/v1/runs/{run_id}/abort", headers={"Authorization": f"Bearer {ADMIN}"})
-    d = board(orch, run_id)
+    state = {c["name"]: c for c in d["contributors"]}
+    assert state["w2"]["state"] == "gone" and state["w2"]["why"].startswith("left the run")
     assert d["run"]["state"] == "finished"
     text = json.dumps(d)
     for w in (head, body, tail):  # public facts only, as GET /v1/runs/{id}/status shows them

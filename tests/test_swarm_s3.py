@@ -1,5 +1,6 @@
 """End to end with the blobs on SeaweedFS: `iota swarm`'s orchestrator process with `--blob-store
-s3://...`, real `iota join` workers that move every tensor to and from the store through presigned URLs.
+s3://...` (on SQLite, and on PostgreSQL with 3 API replicas), real `iota join` workers that move every
+tensor to and from the store through presigned URLs.
 
     .venv/bin/python -m pytest -q tests/test_swarm_s3.py
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import re
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -17,14 +19,15 @@ from iota_cli.swarm.local import SwarmOptions
 pytestmark = pytest.mark.slow
 
 
-def test_a_swarm_trains_with_its_blobs_on_an_object_store(seaweed, tmp_path):
+def swarm_on(seaweed, home: Path, *server_args: str) -> None:
+    """A 3-worker swarm with its blobs under a fresh prefix: it finishes, merges, keeps no blob file."""
     spec = seaweed.spec()
     options = SwarmOptions(
         workers=3,
         max_steps=8,
         cap_steps=True,
-        home=tmp_path / "swarm",
-        server_args=("--blob-store", spec),
+        home=home,
+        server_args=("--blob-store", spec, *server_args),
         server_env=seaweed.env(),  # the store's keys go to the orchestrator alone
     )
     summary = run_swarm(options, threading.Event(), interactive=False)
@@ -39,7 +42,14 @@ def test_a_swarm_trains_with_its_blobs_on_an_object_store(seaweed, tmp_path):
         if m := re.search(r"/weights/s(\d+)/e(\d+)\.safetensors$", n):
             epochs[int(m[1])] = max(epochs.get(int(m[1]), 0), int(m[2]))
     assert sorted(epochs) == [0, 1, 2] and min(epochs.values()) >= 1, f"every stage merged: {names}"
-    home = tmp_path / "swarm"
     assert not (home / "orchestrator" / "blobs").exists(), "the orchestrator kept no blob of its own"
     log = (home / "orchestrator.log").read_text()
     assert seaweed.secret_key not in log and "Traceback" not in log, log[-2000:]
+
+
+def test_a_swarm_trains_with_its_blobs_on_an_object_store(seaweed, tmp_path):
+    swarm_on(seaweed, tmp_path / "swarm")
+
+
+def test_a_swarm_trains_on_postgresql_with_three_replicas_and_an_object_store(seaweed, pg_url, tmp_path):
+    swarm_on(seaweed, tmp_path / "swarm", "--database", pg_url, "--workers", "3")

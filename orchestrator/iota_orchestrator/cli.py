@@ -171,10 +171,6 @@ def serve(
         blob_store=blob_store or None,
     )
     try:
-        if blob_store:  # a malformed one is one error line (a DataDirError) before anything starts
-            from iota_orchestrator.blobs import parse_spec
-
-            parse_spec(blob_store)
         code = run_server(
             config, host, port, new_admin_token, invite_required=invite_required, workers=workers
         )

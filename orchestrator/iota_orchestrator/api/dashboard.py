@@ -37,7 +37,7 @@ PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
 }
-CACHE_S = 0.5  # however many pages poll, a run's document is built at most twice a second
+CACHE_S = 2.0  # the page's poll interval: however many pages poll, one build per interval
 _files: dict[str, bytes] = {}
 
 
