@@ -36,6 +36,7 @@ PLUGIN_CLI_USES = (
     "iota_cli.train.api",
     "iota_cli.validate",  # `iota orchestrator validate`: the validator is a client of the API, like the rest
 )
+PLUGIN_CLI = {"iota_orchestrator.cli", "iota_orchestrator.cli_runs", "iota_orchestrator.cli_shared"}
 NOT_IN_CORE = FRAMEWORKS | SERVER_STACK | {"requests", "urllib3", "typer", "keyring", "tqdm", "platformdirs"}
 
 
@@ -98,7 +99,7 @@ def test_import_boundaries(name: str, path: Path):
     else:
         assert not roots & FRAMEWORKS, f"only backends import ML frameworks; {name}: {roots & FRAMEWORKS}"
     if top(name) in ("iota_torch", "iota_mlx", "iota_orchestrator"):
-        allowed = PLUGIN_CLI_USES if name == "iota_orchestrator.cli" else ("iota_cli.core", "iota_cli.__")
+        allowed = PLUGIN_CLI_USES if name in PLUGIN_CLI else ("iota_cli.core", "iota_cli.__")
         beyond = {m for m in ours if m != "iota_cli" and not m.startswith(allowed)}
         assert not beyond, f"{name} uses iota_cli beyond {allowed}: {sorted(beyond)}"
 

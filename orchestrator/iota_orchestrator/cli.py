@@ -11,61 +11,34 @@ Try it: `iota orchestrator serve --port 0 --data-dir /tmp/o`.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from iota_orchestrator.cli_runs import run_app
+from iota_orchestrator.cli_shared import (
+    AdminOption,
+    DataDirOption,
+    JsonOption,
+    UrlOption,
+    admin_token,
+    connect,
+    data_dir_of,
+    server_url,
+)
+
 if TYPE_CHECKING:  # the typed API and its models load only when a command runs
-    from iota_cli.core.manifest import RunManifest
     from iota_cli.core.protocol import RunStatus
-    from iota_cli.train.api import SwarmApi
 
 orch_app = typer.Typer(
     help="Run the reference orchestrator that coordinates a swarm (operators only).", no_args_is_help=True
 )
-run_app = typer.Typer(
-    help="Create, stop and abort training runs (needs the admin token).", no_args_is_help=True
-)
 orch_app.add_typer(run_app, name="run")
-
-DataDirOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--data-dir",
-        metavar="DIR",
-        help="Orchestrator state: database and blobs (default: under the data dir).",
-    ),
-]
-UrlOption = Annotated[
-    str | None,
-    typer.Option("--url", metavar="URL", help="Orchestrator URL (default: from <data-dir>/server.json)."),
-]
-AdminOption = Annotated[
-    str | None,
-    typer.Option(
-        "--admin-token",
-        envvar="IOTA_ADMIN_TOKEN",
-        metavar="TOKEN",
-        show_default=False,
-        help="The admin token (or set IOTA_ADMIN_TOKEN; default for the local orchestrator: "
-        "<data-dir>/admin-token).",
-    ),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
 def register(app: typer.Typer) -> None:
     """The `iota.commands` entry point: add `iota orchestrator` to the CLI."""
     app.add_typer(orch_app, name="orchestrator")
-
-
-def _data_dir(flag: Path | None) -> Path:
-    from iota_cli.config import settings
-
-    return flag if flag is not None else settings.paths().data_dir / "orchestrator"
 
 
 @orch_app.command()
@@ -162,7 +135,7 @@ def serve(
             code=output.EXIT_USAGE,
         )
     config = ServerConfig(
-        data_dir=_data_dir(data_dir),
+        data_dir=data_dir_of(data_dir),
         database=database or None,
         sync=sync,
         tick_s=max(tick, 0.05),
@@ -181,144 +154,6 @@ def serve(
     raise typer.Exit(code)
 
 
-def _url(url: str | None, data_dir: Path | None) -> str:
-    import json
-
-    from iota_cli import output
-
-    if url:
-        return url.rstrip("/")
-    info = _data_dir(data_dir) / "server.json"
-    try:
-        return str(json.loads(info.read_text())["url"]).rstrip("/")
-    except (OSError, ValueError, KeyError):
-        output.fail(
-            f"no running orchestrator found ({info} is missing)",
-            hint="start one with `iota orchestrator serve`, or pass --url",
-            code=output.EXIT_UNAVAILABLE,
-        )
-
-
-@contextlib.contextmanager
-def _api(url: str, token: str | None = None) -> Iterator[SwarmApi]:
-    """The typed API without waiting for a server that is down: an operator wants the answer now.
-
-    A refusal (ApiError) or no answer (Unreachable) is raised for iota's error table to report.
-    """
-    from iota_cli.train.api import SwarmApi
-    from iota_cli.train.errors import Unreachable
-
-    # retries=0: a 5xx is reported as it came; timeout: creating a run may take minutes (encoding the corpus).
-    with SwarmApi.connect(url, token, timeout=(5.0, 300.0), retries=0) as api:
-        try:
-            yield api
-        except Unreachable as e:
-            raise Unreachable(f"{url}: {e}") from None  # the URL may be a stale server.json
-
-
-def _admin(flag: str | None, url: str | None, data_dir: Path | None) -> str:
-    """The admin token: given, or the local orchestrator's <data-dir>/admin-token (never sent elsewhere)."""
-    from iota_cli import output
-    from iota_orchestrator.datadir import read_admin_token
-
-    token = flag or (None if url else read_admin_token(_data_dir(data_dir)))
-    if not token:
-        output.fail(
-            "the admin token is required",
-            hint="pass --admin-token or set IOTA_ADMIN_TOKEN",
-            code=output.EXIT_CONFIG,
-        )
-    return token
-
-
-@run_app.command("create")
-def create_run(
-    manifest: Annotated[
-        Path,
-        typer.Argument(
-            metavar="MANIFEST",
-            help="Run manifest (TOML or JSON; docs/example-run.toml is one).",
-            exists=True,
-            dir_okay=False,
-        ),
-    ],
-    admin_token: AdminOption = None,
-    url: UrlOption = None,
-    data_dir: DataDirOption = None,
-    as_json: JsonOption = False,
-) -> None:
-    """Create a run from a manifest; relative data.source and model.tokenizer paths are taken from its folder.
-
-    \b
-    Example:
-      iota orchestrator run create run.toml
-    """
-    from iota_cli import output
-    from iota_cli.core.manifest import RunManifest
-
-    token = _admin(admin_token, url, data_dir)
-    try:
-        m = RunManifest.load(manifest)
-    except (OSError, ValueError, TypeError) as e:
-        output.fail(f"{manifest}: {e}", code=output.EXIT_CONFIG)
-    with _api(_url(url, data_dir), token) as api:
-        reply = api.create_run(_rebase(m, manifest.resolve().parent), wait=False)
-    output.Sink(as_json).result(
-        reply.model_dump(mode="json"),
-        lambda _: f"created run {reply.run_id} ({m.name}, {m.model.n_stages} stages)",
-    )
-
-
-def _rebase(m: RunManifest, folder: Path) -> RunManifest:
-    """Relative data.source and model.tokenizer paths made absolute from folder (the server's cwd differs)."""
-    import dataclasses
-    import os
-
-    def relative(path: str) -> bool:
-        return bool(path) and not os.path.isabs(os.path.expanduser(path))
-
-    if relative(m.data.source):
-        m = dataclasses.replace(m, data=dataclasses.replace(m.data, source=str(folder / m.data.source)))
-    if m.model.tokenizer != "bytes" and relative(m.model.tokenizer):
-        model = dataclasses.replace(m.model, tokenizer=str(folder / m.model.tokenizer))
-        m = dataclasses.replace(m, model=model)
-    return m
-
-
-@run_app.command("stop")
-def stop_run(
-    run_id: Annotated[str, typer.Argument(help="The run to stop.")],
-    admin_token: AdminOption = None,
-    url: UrlOption = None,
-    data_dir: DataDirOption = None,
-) -> None:
-    """Issue no new samples; the run finishes once the work in flight drains."""
-    from iota_cli import output
-
-    with _api(_url(url, data_dir), _admin(admin_token, url, data_dir)) as api:
-        api.stop_run(run_id, wait=False)
-    output.echo(f"run {run_id} is stopping")
-
-
-@run_app.command("abort")
-def abort_run(
-    run_id: Annotated[str, typer.Argument(help="The run to abort.")],
-    admin_token: AdminOption = None,
-    url: UrlOption = None,
-    data_dir: DataDirOption = None,
-) -> None:
-    """Finish a run now: work in flight is dropped and every worker is told the run has finished.
-
-    The weights merged so far are kept; samples in the pipeline are counted as dropped. For a run
-    that will not drain (a stopped run with no workers left, say).
-    """
-    from iota_cli import output
-
-    with _api(_url(url, data_dir), _admin(admin_token, url, data_dir)) as api:
-        info = api.abort_run(run_id, wait=False)
-    output.echo(f"run {run_id} is {info.state} (aborted)")
-
-
 @orch_app.command()
 def status(
     run_id: Annotated[str | None, typer.Argument(help="Run to show (default: every run).")] = None,
@@ -329,8 +164,8 @@ def status(
     """Runs, workers per stage, queue depths, tokens processed and loss."""
     from iota_cli import output
 
-    base = _url(url, data_dir)
-    with _api(base) as api:
+    base = server_url(url, data_dir)
+    with connect(base) as api:
         ids = [run_id] if run_id else [r.run_id for r in api.runs(wait=False)]
         statuses = [api.run_status(rid, wait=False) for rid in ids]
     result = {"url": base, "runs": [s.model_dump(mode="json") for s in statuses]}
@@ -348,7 +183,7 @@ def validate(
     backend: Annotated[
         str, typer.Option(help="Backend to recompute with (float32 torch-cpu is the reference).")
     ] = "torch-cpu",
-    admin_token: AdminOption = None,
+    token_flag: AdminOption = None,
     url: UrlOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
@@ -362,7 +197,7 @@ def validate(
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with _api(_url(url, data_dir), _admin(admin_token, url, data_dir)) as api:
+    with connect(server_url(url, data_dir), admin_token(token_flag, url, data_dir)) as api:
         validator = Validator(api, backend, settings.paths().cache_dir / "validator")
         output.echo(f"validating with {backend}; Ctrl-C to stop")
         try:
