@@ -1,28 +1,37 @@
-"""Load on one orchestrator process: N simulated workers on loopback, requests/s and latency per endpoint.
+"""Load on the orchestrator: N simulated workers on loopback, requests/s and latency per endpoint, for
+each database and replica count side by side in one run.
 
 Run: .venv/bin/python bench/orchestrator_load.py [--workers 100] [--duration 20] [--sync normal|full]
-     [--url URL --admin-token T]   (against a running orchestrator instead of a fresh one)
-     [--watch]   (also poll the dashboard's /v1/dashboard every 2 s and scrape /metrics every 15 s)
+     [--configs sqlite:1,postgresql:1,postgresql:3] [--item-s 0.25] [--watch]
+  --configs: database:replicas; PostgreSQL is a throwaway server from Debian's binaries (tests/pg_server.py)
+             and N replicas are `serve --workers N` on one port; the blobs stay in the data dir.
+  --item-s:  seconds of simulated compute between a claim and its complete (0: none, the saturating load;
+             ITEM_S_1B, 0.25: a stage of a 1B-parameter model on a consumer GPU).
+  --watch:   also poll the dashboard's /v1/dashboard every 2 s and scrape /metrics every 15 s.
 
 Each simulated worker does what `iota join` does, with stand-in tensors of the right shapes: register,
-assignment, then a loop of claim -> download inputs -> upload result -> complete, a heartbeat every
-heartbeat_s (10 s at the default 30 s lease). Claims long-poll (`wait_s`, 2 s like `iota join`), so
-`claim` is the time until an item arrived (waiting included) and `claim_204` a wait that ended empty;
-with --claim-wait 0 workers poll instead and pause 0.5-1 s after a 204. The workers are asyncio tasks over
-keep-alive connections with a minimal HTTP/1.1 client, so a thousand of them cost little CPU next to the
-server. Prints, per endpoint: requests, requests/s, p50 and p99 latency in ms; last, one JSON line
-(requests_per_s, items_per_s, tokens_per_s, errors, server_cpu_share, endpoints: {name: requests_per_s,
-p50_ms, p99_ms}).
+assignment, then a loop of claim -> download inputs -> (compute) -> upload result -> complete, a heartbeat
+every heartbeat_s (10 s at the default 30 s lease). Claims long-poll (`wait_s`, 2 s like `iota join`), so
+`claim` is the time until an item arrived (waiting included), `claim_ready` the same from the moment the
+item could be had (its input completed; a head's forward: the request), and `claim_204` a wait that ended
+empty; with --claim-wait 0 workers poll instead and pause 0.5-1 s after a 204. The workers are asyncio
+tasks over keep-alive connections with a minimal HTTP/1.1 client, so a thousand of them cost little CPU
+next to the server (they share its cores here: figures are of this machine at that load). Prints, per
+config and endpoint: requests, requests/s, p50 and p99 latency in ms, the server's CPU share (every
+replica); last, one JSON line: {"configs": [{"database", "replicas", "workers", "requests_per_s",
+"p99_ms": {"complete", "heartbeat", "claim_ready"}, "items_per_s", "errors", "server_cpu_share"}]}.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import random
 import statistics
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -35,6 +44,9 @@ from iota_cli.core.tensors import RawTensor, encode
 from iota_cli.swarm.corpus import write_corpus
 from iota_cli.swarm.orchestrator import OrchestratorProcess
 
+# A stage of a 1B-parameter model on a consumer GPU, IOTA's 4 x 800-token item: about 0.25 s of compute
+# (issue 15's FLOP estimate); a worker claims and completes about that often, heartbeats every 10 s.
+ITEM_S_1B = 0.25
 LAT: dict[str, list[float]] = defaultdict(list)
 ERRORS: dict[str, int] = defaultdict(int)
 
@@ -92,11 +104,24 @@ class Conn:
         self.reader = self.writer = None
 
 
+EXISTS: dict[tuple[int, int, str], float] = {}  # (sample, stage, kind) -> when its input was completed
+
+
+def follows(item: dict, n_stages: int) -> tuple[int, int, str] | None:
+    """The item a completed one makes claimable: the next stage's forward, or the backward it returns."""
+    s, k, last = item["sample_id"], item["stage"], n_stages - 1
+    if item["kind"] == "forward":
+        return (s, k + 1, "forward") if k < last else (s, k - 1, "backward")
+    return (s, k - 1, "backward") if k > 0 else None
+
+
 class Worker:
-    def __init__(self, host: str, port: int, run_id: str, index: int, claim_wait: float) -> None:
+    def __init__(
+        self, host: str, port: int, run_id: str, index: int, claim_wait: float, item_s: float = 0.0
+    ) -> None:
         # Two connections, as the real worker has: its main loop and its heartbeat thread.
         self.conn, self.beat = Conn(host, port), Conn(host, port)
-        self.run_id, self.index, self.claim_wait = run_id, index, claim_wait
+        self.run_id, self.index, self.claim_wait, self.item_s = run_id, index, claim_wait, item_s
         self.auth: dict[str, str] = {}
         self.items = 0
 
@@ -131,11 +156,17 @@ class Worker:
         while time.monotonic() < until:
             t0 = time.perf_counter()
             body = {"run_id": self.run_id, "wait_s": self.claim_wait}
+            asked = time.monotonic()
             status, item = await self.call("POST", "/v1/work/claim", body)
             LAT["claim" if status == 200 else "claim_204"].append(time.perf_counter() - t0)
             if status != 200:
                 await asyncio.sleep(random.uniform(0.5, 1.0) if not self.claim_wait else 0.0)
                 continue
+            # From the moment the item could be had (its input completed), not from the request.
+            key = (item["sample_id"], item["stage"], item["kind"])
+            LAT["claim_ready"].append(time.monotonic() - max(asked, EXISTS.pop(key, asked)))
+            if self.item_s:  # the compute a real stage does between its claim and its complete
+                await asyncio.sleep(self.item_s * random.uniform(0.8, 1.2))
             for ref in (item.get("tokens"), item.get("input")):
                 if ref:
                     await self.conn.request("GET", ref["url"], name="blob_get")
@@ -150,6 +181,8 @@ class Worker:
                 body.update(sha256=sha, size=len(data))
             status, _ = await self.call("POST", f"/v1/work/{item['work_id']}/complete", body, "complete")
             self.items += status == 200
+            if status == 200 and (nxt := follows(item, last + 1)) is not None:
+                EXISTS[nxt] = time.monotonic()
 
 
 async def watch(host: str, port: int, until: float) -> None:
@@ -164,10 +197,16 @@ async def watch(host: str, port: int, until: float) -> None:
 
 
 async def drive(
-    url: str, run_id: str, n: int, duration: float, claim_wait: float, watching: bool = False
+    url: str,
+    run_id: str,
+    n: int,
+    duration: float,
+    claim_wait: float,
+    watching: bool = False,
+    item_s: float = 0.0,
 ) -> dict:
     parts = urlsplit(url)
-    workers = [Worker(parts.hostname, parts.port, run_id, i, claim_wait) for i in range(n)]
+    workers = [Worker(parts.hostname, parts.port, run_id, i, claim_wait, item_s) for i in range(n)]
     gate = asyncio.Semaphore(50)
 
     async def start(w: Worker) -> None:
@@ -209,6 +248,7 @@ def report(n: int, res: dict, status: dict) -> dict:
     endpoints = {}
     for name in (
         "claim",
+        "claim_ready",
         "claim_204",
         "complete",
         "heartbeat",
@@ -237,6 +277,63 @@ def report(n: int, res: dict, status: dict) -> dict:
     }
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its children (the replicas `serve --workers N` starts)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat.parent.name) == pid or int(fields[1]) == pid:
+            total += cpu_seconds(int(stat.parent.name))
+    return total
+
+
+def one_config(a: argparse.Namespace, manifest: dict, data: Path, database: str, replicas: int) -> dict:
+    """Start an orchestrator on this database with this many replicas, load it, report its figures."""
+    import requests
+
+    LAT.clear()
+    ERRORS.clear()
+    EXISTS.clear()
+    extra = ["--register-rate", "0"]  # the simulated workers share one address
+    if database != "sqlite":
+        extra += ["--database", database, "--workers", str(replicas)]
+    orch = OrchestratorProcess(data, admin_token=a.admin_token, sync=a.sync, extra_args=extra).start()
+    try:
+        r = requests.post(
+            f"{orch.url}/v1/runs",
+            json={"manifest": manifest},
+            headers={"Authorization": f"Bearer {a.admin_token}"},
+            timeout=60,
+        )
+        r.raise_for_status()
+        run_id = r.json()["run_id"]
+        cpu0 = tree_cpu_seconds(orch.pid)
+        res = asyncio.run(drive(orch.url, run_id, a.workers, a.duration, a.claim_wait, a.watch, a.item_s))
+        used = tree_cpu_seconds(orch.pid) - cpu0
+        status = requests.get(f"{orch.url}/v1/runs/{run_id}/status", timeout=60).json()
+    finally:
+        orch.stop()
+    kind = "sqlite" if database == "sqlite" else "postgresql"
+    print(f"\n{kind}, {replicas} replica(s), item every {a.item_s:g} s a worker:")
+    figures = report(a.workers, res, status)
+    share = used / res["elapsed"]
+    print(f"server CPU: {used:.1f} s over {res['elapsed']:.1f} s ({100 * share:.0f}% of a core)")
+    ep = figures["endpoints"]
+    return {
+        "database": kind,
+        "replicas": replicas,
+        "workers": a.workers,
+        "requests_per_s": figures["requests_per_s"],
+        "p99_ms": {k: ep.get(k, {}).get("p99_ms", 0.0) for k in ("complete", "heartbeat", "claim_ready")},
+        "items_per_s": figures["items_per_s"],
+        "errors": figures["errors"],
+        "server_cpu_share": round(share, 3),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workers", type=int, default=100)
@@ -245,55 +342,47 @@ def main() -> None:
     p.add_argument(
         "--claim-wait", type=float, default=2.0, help="long-poll seconds per claim, as iota join (0: poll)"
     )
-    p.add_argument("--url", help="use this running orchestrator (needs --admin-token)")
+    p.add_argument(
+        "--item-s",
+        type=float,
+        default=0.0,
+        help=f"seconds of simulated compute per item (0: none, saturate; {ITEM_S_1B:g}: a 1B model's stage)",
+    )
+    p.add_argument(
+        "--configs",
+        default="sqlite:1",
+        help="database:replicas, comma-separated: sqlite:1, postgresql:1, postgresql:3 (a throwaway "
+        "PostgreSQL from Debian's binaries, tests/pg_server.py)",
+    )
     p.add_argument("--admin-token", default="bench-admin")
     p.add_argument("--watch", action="store_true", help="poll the dashboard and /metrics during the load")
     a = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = write_corpus(Path(tmp) / "text", files=8, words=20000)
+    configs = [(c.split(":")[0], int(c.split(":")[1]) if ":" in c else 1) for c in a.configs.split(",")]
+    out = []
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        corpus = write_corpus(tmp / "text", files=8, words=20000)
         m = tiny_manifest(str(corpus))
         m = replace(
             m,
-            train=replace(m.train, lease_s=30.0, work_timeout_s=60.0),
+            # Samples enough in flight that every stage's workers have work (a real swarm's heads fill it).
+            train=replace(m.train, lease_s=30.0, work_timeout_s=60.0, max_inflight_per_head=16),
             merge=replace(m.merge, interval=1_000_000),
         )
-        orch = None
-        if a.url is None:
-            # The simulated workers share one address: the registration rate limit would refuse most of them.
-            orch = OrchestratorProcess(
-                Path(tmp) / "data",
-                admin_token=a.admin_token,
-                sync=a.sync,
-                extra_args=["--register-rate", "0"],
-            ).start()
-        url = a.url or orch.url
-        try:
-            import requests
+        pg = None
+        for i, (database, replicas) in enumerate(configs):
+            url = "sqlite"
+            if database == "postgresql":
+                if pg is None:
+                    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+                    from pg_server import PostgresServer  # the tests' throwaway server
 
-            r = requests.post(
-                f"{url}/v1/runs",
-                json={"manifest": m.to_dict()},
-                headers={"Authorization": f"Bearer {a.admin_token}"},
-                timeout=60,
-            )
-            r.raise_for_status()
-            run_id = r.json()["run_id"]
-            cpu0 = cpu_seconds(orch.pid) if orch else None
-            res = asyncio.run(drive(url, run_id, a.workers, a.duration, a.claim_wait, a.watch))
-            status = requests.get(f"{url}/v1/runs/{run_id}/status", timeout=60).json()
-            print(f"orchestrator {url} (sync={a.sync}), run {run_id}")
-            figures = report(a.workers, res, status)
-            if cpu0 is not None:
-                used = cpu_seconds(orch.pid) - cpu0
-                share = 100 * used / res["elapsed"]
-                figures["server_cpu_share"] = round(share / 100, 3)
-                print(
-                    f"server process CPU: {used:.1f} s over {res['elapsed']:.1f} s ({share:.0f}% of a core)"
-                )
-            print(json.dumps(figures))
-        finally:
-            if orch is not None:
-                orch.stop()
+                    pg = stack.enter_context(PostgresServer.start_new())
+                url = pg.create_database()
+            elif database != "sqlite":
+                raise SystemExit(f"unknown database {database!r} (sqlite or postgresql)")
+            out.append(one_config(a, m.to_dict(), tmp / f"data{i}", url, replicas))
+    print(json.dumps({"configs": out}))
 
 
 if __name__ == "__main__":
