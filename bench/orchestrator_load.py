@@ -277,17 +277,10 @@ def report(n: int, res: dict, status: dict) -> dict:
     }
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU time of a process and its children (the replicas `serve --workers N` starts)."""
-    total = 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(stat.parent.name) == pid or int(fields[1]) == pid:
-            total += cpu_seconds(int(stat.parent.name))
-    return total
+def server_cpu_seconds(orch: OrchestratorProcess) -> float:
+    """CPU time of the serving process and its replicas (server.json lists them)."""
+    info = json.loads((orch.data_dir / "server.json").read_text())
+    return sum(cpu_seconds(pid) for pid in [orch.pid, *info.get("replicas", [])])
 
 
 def one_config(a: argparse.Namespace, manifest: dict, data: Path, database: str, replicas: int) -> dict:
@@ -310,9 +303,9 @@ def one_config(a: argparse.Namespace, manifest: dict, data: Path, database: str,
         )
         r.raise_for_status()
         run_id = r.json()["run_id"]
-        cpu0 = tree_cpu_seconds(orch.pid)
+        cpu0 = server_cpu_seconds(orch)
         res = asyncio.run(drive(orch.url, run_id, a.workers, a.duration, a.claim_wait, a.watch, a.item_s))
-        used = tree_cpu_seconds(orch.pid) - cpu0
+        used = server_cpu_seconds(orch) - cpu0
         status = requests.get(f"{orch.url}/v1/runs/{run_id}/status", timeout=60).json()
     finally:
         orch.stop()
