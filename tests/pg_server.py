@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine
 
 BIN_DIRS = [Path(f"/usr/lib/postgresql/{v}/bin") for v in (17, 16, 15, 14, 13)]
 
@@ -185,3 +186,11 @@ def _module_database(request: pytest.FixtureRequest) -> Iterator[None]:
 def _test_database(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     if on_postgres(request.config):
         monkeypatch.setenv("IOTA_DATABASE", request.getfixturevalue("postgres_server").create_database())
+
+
+def state_engine(data_dir: Path) -> Engine:
+    """The engine of the database the test's orchestrators use: IOTA_DATABASE (--database postgresql),
+    else the SQLite file in data_dir. Dispose of it when done."""
+    from iota_orchestrator.state import ServerConfig, open_engine
+
+    return open_engine(ServerConfig(data_dir, database=os.environ.get("IOTA_DATABASE") or None))

@@ -24,7 +24,7 @@ import pytest
 import requests
 from inprocess_orchestrator import InProcessOrchestrator, until
 from iota_orchestrator import db
-from iota_orchestrator.datadir import DATABASE
+from pg_server import state_engine
 from simworker import SimWorker
 from sqlalchemy import select
 
@@ -377,7 +377,7 @@ def test_a_sigkill_in_the_reducing_phase_and_the_round_completes_once(tmp_path, 
         assert [r.heartbeat()["epoch"] for r in reps] == [1, 1, 1]
     finally:
         orch.stop()
-    engine = db.open_engine(data / DATABASE)
+    engine = state_engine(data)  # SQLite in data, or the test's PostgreSQL
     with engine.connect() as conn:
         S, R = db.stages, db.merge_rounds
         assert (

@@ -77,7 +77,9 @@ def test_the_data_dir_is_private_and_the_admin_token_is_only_in_its_file(tmp_pat
             for w in workers:
                 if item := w.claim():
                     w.do(item)
-        assert (data / "orchestrator.sqlite3-wal").exists() and list((data / "blobs").rglob("act"))
+        on_sqlite = not os.environ.get("IOTA_DATABASE")  # else the state is in the test's PostgreSQL
+        assert (data / "orchestrator.sqlite3-wal").exists() or not on_sqlite
+        assert list((data / "blobs").rglob("act"))
         assert list((data / "runs").rglob("*.i32"))
         assert not_private(data) == [], "everything made while serving is private too"
         stopped = iota("orchestrator", "run", "stop", run_id, "--data-dir", str(data))

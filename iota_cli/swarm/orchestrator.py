@@ -41,7 +41,9 @@ class OrchestratorProcess:
     ) -> None:
         self.data_dir, self.port, self.host = Path(data_dir), port, host
         self.admin_token, self.tick_s, self.sync = admin_token, tick_s, sync
-        self.extra_env, self.extra_args = extra_env or {}, tuple(extra_args)
+        # The database it keeps its state in (IOTA_DATABASE), fixed when made: a restart finds the same state.
+        pinned = {"IOTA_DATABASE": os.environ["IOTA_DATABASE"]} if os.environ.get("IOTA_DATABASE") else {}
+        self.extra_env, self.extra_args = pinned | (extra_env or {}), tuple(extra_args)
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
         self.lines: list[str] = []

@@ -3,9 +3,11 @@
 Before routing it refuses an unknown `X-Iota-Protocol` (400), a JSON body over the limit (413), and a
 body that Python's json module would parse but that is not JSON one may serve (400): NaN, Infinity and
 numbers past the float range (neither RFC 8259 nor pydantic's output allow them, so an error message
-that echoed one would fail to encode), lone UTF-16 surrogates (SQLite and every encoder refuse them), and
-nesting deeper than the parser's recursion limit. Bodies that are not JSON at all pass through for the
-route to answer 400/422 in its own words. Blob uploads are streamed bytes and are not buffered here.
+that echoed one would fail to encode), lone UTF-16 surrogates (SQLite and every encoder refuse them), NUL
+characters (PostgreSQL's text cannot hold them; refused on SQLite too, so both back ends answer alike), and
+nesting deeper than the parser's recursion limit; a NUL in the path or the query too. Bodies that are not
+JSON at all pass through for the route to answer 400/422 in its own words. Blob uploads are streamed bytes
+and are not buffered here.
 
 Try it: python -c "from iota_orchestrator.guard import json_problem; print(json_problem(b'[NaN]'))"
 """
@@ -47,11 +49,11 @@ def json_problem(body: bytes) -> str | None:
         return "invalid JSON: nested too deeply"
     except ValueError:
         return None  # not JSON (or not UTF-8): the route's own parsing answers 400/422
-    return _lone_surrogate(value)
+    return _unstorable(value)
 
 
-def _lone_surrogate(value: Any) -> str | None:
-    """The first string (or key) holding an unpaired surrogate, described; walked without recursion."""
+def _unstorable(value: Any) -> str | None:
+    """The first string (or key) holding a lone surrogate or a NUL, described; walked without recursion."""
     todo = [value]
     while todo:
         v = todo.pop()
@@ -65,6 +67,8 @@ def _lone_surrogate(value: Any) -> str | None:
                 v.encode("utf-8")
             except UnicodeEncodeError:
                 return "invalid JSON: a string holds a lone UTF-16 surrogate (\\ud800-\\udfff)"
+            if "\x00" in v:
+                return "invalid JSON: a string holds a NUL character (\\u0000)"
     return None
 
 
@@ -83,6 +87,8 @@ class Guard:
             shown = version[:20].decode("latin-1")
             detail = f"unsupported protocol {shown!r}; this orchestrator speaks {PROTOCOL_VERSION}"
             return await send_json(send, 400, detail)
+        if "\x00" in scope["path"] or b"%00" in scope.get("query_string", b""):
+            return await send_json(send, 400, "a NUL character (%00) in the path or the query")
         if scope["path"].startswith(BLOB_PREFIX):
             return await self.app(scope, receive, send)
         try:

@@ -9,7 +9,6 @@ costing no thread while they wait.
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -17,7 +16,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Connection, select
 
 from iota_cli.core.protocol import Problem
-from iota_orchestrator import auth, db
+from iota_orchestrator import auth, clock, db
 from iota_orchestrator.errors import ApiError, Forbidden, Unauthorized
 from iota_orchestrator.state import State
 
@@ -87,7 +86,8 @@ Admin = Depends(admin)
 
 
 def now() -> float:
-    return time.time()
+    """The time leases and deadlines are judged by: the database's on PostgreSQL (clock.py)."""
+    return clock.now()
 
 
 def problems(*codes: int) -> dict[int | str, dict[str, Any]]:

@@ -85,8 +85,8 @@ async def heartbeat(body: Heartbeat, cid: Contributor, state: StateDep) -> Heart
 def _try_claim(
     state: State, cid: str, run_id: str, claim_id: str | None
 ) -> tuple[WorkItem | None, list[str], str]:
-    t = now()
     with state.tx() as conn:
+        t = now()  # the transaction's instant (the database's clock on PostgreSQL)
         run = runs.get_run(conn, run_id)
         ctx = runs.context(conn, run_id)
         a = chains.assignment(conn, run_id, cid)
