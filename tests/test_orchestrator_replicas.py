@@ -25,8 +25,12 @@ from typing import Any
 
 import psycopg
 import pytest
+from iota_orchestrator import db
 from iota_orchestrator.leader import Leader
+from iota_orchestrator.state import ServerConfig, connect, prepare
 from simworker import SimWorker
+from sqlalchemy import insert
+from sqlalchemy.exc import DBAPIError
 
 from iota_cli.core.manifest import tiny_manifest
 from iota_cli.swarm.corpus import write_corpus
@@ -217,3 +221,36 @@ def test_workers_above_one_on_sqlite_is_a_usage_error(tmp_path):
     r = subprocess.run([*cmd, "--workers", "2"], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--workers above 1 needs --database" in r.stderr + r.stdout
     assert not (tmp_path / "orchestrator.sqlite3").exists(), "refused before anything was made"
+
+
+def test_reads_skip_the_write_lock_another_replica_holds_and_writes_wait_for_it(tmp_path, pg_url):
+    config = ServerConfig(tmp_path / "data", database=pg_url)
+    prepare(config)
+    one, other = connect(config), connect(config)  # two replicas' States
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with one.tx() as conn:
+            conn.execute(insert(db.meta).values(key="held", value="1"))
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(10)
+        t0 = time.monotonic()
+        with other.read() as conn:
+            assert db.get_meta(conn, "held") is None, "a snapshot of what was committed"
+        assert time.monotonic() - t0 < 1.0, "a read waited for the write lock"
+        with pytest.raises(DBAPIError, match="read-only"), other.read() as conn:
+            conn.execute(insert(db.meta).values(key="x", value="1"))
+        t1 = time.monotonic()
+        threading.Timer(0.5, release.set).start()
+        with other.tx() as conn:  # waits for the holder to commit, then sees its row
+            assert time.monotonic() - t1 >= 0.4 and db.get_meta(conn, "held") == "1"
+    finally:
+        release.set()
+        holder.join(10)
+        one.close()
+        other.close()

@@ -44,6 +44,8 @@ _LOCK_NOW = text(
     "SELECT extract(epoch FROM clock_timestamp())::float8 FROM (SELECT pg_advisory_xact_lock(:k) OFFSET 0) l"
 )
 _NOW = text("SELECT extract(epoch FROM clock_timestamp())::float8")
+# State.read(): status pages and hints read one snapshot and take no lock (a write in one fails).
+READ_SNAPSHOT = text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
 # A replica stopped (SIGSTOP, a hung disk) while holding the lock would stall every other one: the server
 # ends such a transaction. No transaction of ours waits this long between statements.
 IDLE_IN_TX_MS = 60_000

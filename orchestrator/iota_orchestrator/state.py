@@ -17,7 +17,8 @@ On PostgreSQL (ServerConfig.database, postgres.py) the same lock still orders th
 transactions, and each also takes the database's write lock, which orders them with every other
 replica's. There a transaction mostly waits (on the network, on another replica's lock), so with_db
 runs fn on one database thread of its own and the loop carries on meanwhile; wakeups reach the other
-replicas through NOTIFY (listen.py), and time is the database's (clock.py).
+replicas through NOTIFY (listen.py), and time is the database's (clock.py). What only reads (status
+pages, the 204's hint) may use `read()` / `await state.in_read(fn)`: a snapshot without the write lock.
 
     opened = open_state(config)            # one process: prepare() then connect()
     prepare(config); state = connect(config)   # several replicas: prepare once, then one each
@@ -75,6 +76,9 @@ class State:
         self.poke = Poke()  # wakes the reaper early (a merge round may close)
         self.shared = engine.dialect.name == "postgresql"  # other replicas may share the database
         self._db_thread = ThreadPoolExecutor(1, "iota-db") if self.shared else None
+        self._read_thread = ThreadPoolExecutor(1, "iota-read") if self.shared else None
+        self._read_lock = threading.Lock()
+        self._read_conn: Connection | None = None
         self._bus: Any = None  # listen.Bus, while attached on PostgreSQL
         self._conn: Connection | None = None
         self.token_cache: dict[str, str] = {}  # token sha256 -> contributor id (tokens never change)
@@ -121,6 +125,38 @@ class State:
         with self.tx() as conn:
             return fn(conn)
 
+    async def in_read(self, fn: Callable[[Connection], T]) -> T:
+        """fn(conn), which only reads, in read(): a status page never holds up the swarm's writes."""
+        if self._read_thread is None:
+            return await self.in_tx(fn)
+        return await asyncio.get_running_loop().run_in_executor(self._read_thread, self._in_read, fn)
+
+    def _in_read(self, fn: Callable[[Connection], T]) -> T:
+        with self.read() as conn:
+            return fn(conn)
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read-only transaction. On PostgreSQL: a snapshot on a connection of its own, without the write
+        lock (one consistent view, as of its first statement; a write in it fails); on SQLite: tx()."""
+        if not self.shared:
+            with self.tx() as conn:
+                yield conn
+            return
+        with self._read_lock:
+            if self._read_conn is None:
+                self._read_conn = self.engine.connect()
+            conn = self._read_conn
+            try:
+                with conn.begin():
+                    conn.execute(postgres.READ_SNAPSHOT)
+                    yield conn
+            except BaseException:
+                if conn.invalidated:
+                    self._read_conn = None
+                    conn.close()
+                raise
+
     @contextlib.contextmanager
     def tx(self) -> Iterator[Connection]:
         """One transaction under the write lock; commits on success, rolls back on error."""
@@ -163,8 +199,13 @@ class State:
         if self._bus is not None:
             self._bus.close()
             self._bus = None
-        if self._db_thread is not None:
-            self._db_thread.shutdown(wait=True)
+        for pool in (self._db_thread, self._read_thread):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        with self._read_lock:
+            if self._read_conn is not None:
+                self._read_conn.close()
+                self._read_conn = None
         with self.lock:
             if self._conn is not None:
                 self._conn.close()

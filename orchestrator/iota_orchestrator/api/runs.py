@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Connection, update
 
 from iota_cli.core.protocol import Health, Problem, RunCreate, RunCreated, RunInfo, RunStatus
-from iota_orchestrator import __version__, abort, db, runs, status
+from iota_orchestrator import __version__, abort, db, preparing, runs, status
 from iota_orchestrator.api.deps import Admin, StateDep, now
 from iota_orchestrator.errors import Invalid, storage_trouble
 
@@ -31,9 +31,15 @@ async def health() -> Health:
     responses={401: {"model": Problem}, 403: {"model": Problem}, 422: {"model": Problem}},
 )
 async def create_run(body: RunCreate, state: StateDep) -> RunCreated:
-    """Create a run: index (or, with a tokenizer.json, encode) its data, write epoch-0 weights."""
+    """Create a run: index its data and write epoch-0 weights. A run with a tokenizer.json is checked and
+    recorded `preparing`; its corpus is encoded in the background (its status shows how far)."""
     with manifest_faults():
         m = runs.parse_manifest(body.manifest, state.config.max_params)
+        if m.model.tokenizer != "bytes":
+            files, size = await run_in_threadpool(preparing.check, m)
+            run_id = await state.in_tx(lambda conn: preparing.begin(conn, m, files, size, now()))
+            preparing.poke()
+            return RunCreated(run_id=run_id, state="preparing")
         # Outside the lock: indexing or encoding the corpus and making the weights can take a while.
         prepared = await run_in_threadpool(runs.prepare, state.blobs, m, state.config.data_dir)
     try:
@@ -63,17 +69,17 @@ def manifest_faults() -> Iterator[None]:
 
 @router.get("/runs", response_model=list[RunInfo], tags=["runs"])
 async def list_runs(state: StateDep) -> list[dict]:
-    return await state.in_tx(runs.list_runs)
+    return await state.in_read(runs.list_runs)
 
 
 @router.get("/runs/{run_id}", response_model=RunInfo, tags=["runs"])
 async def get_run(run_id: str, state: StateDep) -> dict:
-    return await state.in_tx(lambda conn: runs.info(runs.get_run(conn, run_id)))
+    return await state.in_read(lambda conn: runs.info(runs.get_run(conn, run_id)))
 
 
 @router.get("/runs/{run_id}/status", response_model=RunStatus, tags=["runs"])
 async def run_status(run_id: str, state: StateDep) -> dict:
-    return await state.in_tx(lambda conn: status.run_status(conn, runs.context(conn, run_id)))
+    return await state.in_read(lambda conn: status.of(conn, run_id))
 
 
 @router.post(

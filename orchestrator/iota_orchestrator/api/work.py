@@ -115,7 +115,7 @@ def _ensure_tokens(state: State, ctx: runs.RunCtx, c: scheduler.Claimed) -> None
 def _why(state: State, cid: str, run_id: str) -> str | None:
     """The 204's hint; a hint never costs the claim its answer, so a failure here only drops it."""
     try:
-        with state.tx() as conn:
+        with state.read() as conn:  # a hint: no write lock on PostgreSQL
             a = chains.assignment(conn, run_id, cid)
             if a is None:  # it left while we waited
                 return "this worker has no assignment"
