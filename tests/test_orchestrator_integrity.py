@@ -434,7 +434,7 @@ def test_a_v2_database_gains_faults_lapses_reasons_and_quarantine(tmp_path):
         row = "INSERT INTO blobs (key, sha256, size, created, sealed) VALUES ('k', 's', 1, 0, 1)"
         conn.execute(text(row))
         db.set_meta(conn, "schema_version", "2")
-    assert db.migrate(engine) == db.SCHEMA_VERSION == 5
+    assert db.migrate(engine) == db.SCHEMA_VERSION == 6
     found = inspect(engine)
     for table, column in added:
         assert column in {c["name"] for c in found.get_columns(table)}
@@ -469,7 +469,7 @@ def test_a_v3_database_loses_only_its_rounds_in_flight(tmp_path):
                 )
             )
         db.set_meta(conn, "schema_version", "3")
-    assert db.migrate(engine) == db.SCHEMA_VERSION == 5
+    assert db.migrate(engine) == db.SCHEMA_VERSION == 6
     found = inspect(engine)
     for table, column in added:
         assert column in {c["name"] for c in found.get_columns(table)}

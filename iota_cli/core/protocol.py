@@ -32,7 +32,10 @@ Real = Annotated[float, Field(ge=0, le=1e18, allow_inf_nan=False)]
 Id = Annotated[str, Field(min_length=1, max_length=64)]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Label = Annotated[str, Field(max_length=64)]
-RunState = Literal["running", "finished"]
+RunState = Literal["running", "finished"]  # what a worker is told: it only ever holds a prepared run
+# Every state a run can be in (RunInfo, RunStatus): a run with a tokenizer.json is `preparing` while its
+# corpus is encoded in the background, and `failed` when that could not be done (RunStatus.encoding).
+RunLifecycle = Literal["preparing", "running", "finished", "failed"]
 WorkKind = Literal["forward", "backward"]
 
 
@@ -75,14 +78,42 @@ class RunCreate(Model):
 
 class RunCreated(Model):
     run_id: str
+    state: RunLifecycle = "running"  # preparing: wait for the run's status to leave it (its encoding)
 
 
 class RunInfo(Model):
     run_id: str
     name: str
     manifest: RunManifest
-    state: RunState
+    state: RunLifecycle
     created: float
+
+
+class Encoding(Model):
+    """How far the background encoding of a run's corpus is (a run with a tokenizer.json)."""
+
+    phase: Literal["queued", "encoding", "weights", "ready", "failed"]  # weights: writing epoch 0's
+    files_done: int
+    files_total: int
+    bytes_done: int  # of the corpus's text read and encoded
+    bytes_total: int
+    started: float | None = None  # when the encoder took it up (queued: another run is encoded first)
+    finished: float | None = None
+    error: str | None = None  # failed: why
+
+    def line(self) -> str:
+        """One line for people: 'encoding the corpus: 12.0 of 40.0 MB (3 of 10 files)'."""
+        if self.phase == "failed":
+            return f"preparing the run failed: {self.error}"
+        mb = f"{self.bytes_done / 1e6:.1f} of {self.bytes_total / 1e6:.1f} MB"
+        files = f"{self.files_done} of {self.files_total} file{'s' * (self.files_total != 1)}"
+        what = {
+            "queued": "waiting for another run's encoding to end",
+            "encoding": f"encoding the corpus: {mb} ({files})",
+            "weights": "writing the epoch-0 weights",
+            "ready": f"corpus encoded ({mb}, {files})",
+        }
+        return what[self.phase]
 
 
 class WorkerStatus(Model):
@@ -123,7 +154,7 @@ class CreditLine(Model):
 class RunStatus(Model):
     run_id: str
     name: str
-    state: RunState
+    state: RunLifecycle
     created: float
     n_stages: int
     max_samples: int
@@ -140,6 +171,7 @@ class RunStatus(Model):
     credits: list[CreditLine]
     # Sampled checks by state: weights, backward, ready, taken, passed, failed, void (docs/trust.md).
     checks: dict[str, int] = {}
+    encoding: Encoding | None = None  # a run with a tokenizer.json: its corpus's background encoding
 
 
 # --- contributors and assignment -----------------------------------------------------------------------

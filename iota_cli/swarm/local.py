@@ -9,6 +9,7 @@ Ctrl-C reaches the launcher alone, which stops the workers first and the orchest
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import signal
@@ -21,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from iota_cli.core.manifest import RunManifest, tiny_manifest
-from iota_cli.core.protocol import RegisterRequest, RunStatus
+from iota_cli.core.protocol import Encoding, RegisterRequest, RunStatus
 from iota_cli.output import EXIT_USAGE
 from iota_cli.swarm.checks import PASSED_ON, SwarmError, data_problem, log_reason, reason
 from iota_cli.swarm.corpus import default_data
 from iota_cli.swarm.orchestrator import OrchestratorProcess, ValidatorProcess
 from iota_cli.train.api import SwarmApi
+
+log = logging.getLogger("iota.swarm")
 
 
 @dataclass(frozen=True)
@@ -202,7 +205,17 @@ class Swarm:
         from iota_cli.train.errors import ApiError
 
         try:
-            return admin.create_run(self.manifest).run_id
+            reply = admin.create_run(self.manifest)
+            if reply.state == "preparing":  # a tokenizer.json: the corpus is encoded in the background
+                shown = [float("-inf")]
+
+                def show(e: Encoding) -> None:
+                    if time.monotonic() - shown[0] >= 5.0 or e.phase in ("ready", "failed"):
+                        shown[0] = time.monotonic()
+                        log.info("run %s: %s", reply.run_id, e.line())
+
+                admin.wait_ready(reply.run_id, on_progress=show)
+            return reply.run_id
         except ApiError as e:
             source = self.manifest.data.source
             if e.status != 422 or "data.source" not in e.detail or not self.options.data:

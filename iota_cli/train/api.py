@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,6 +33,7 @@ from iota_cli.core.protocol import (
     ClaimRequest,
     ContributorInfo,
     Credits,
+    Encoding,
     Health,
     Heartbeat,
     HeartbeatReply,
@@ -57,7 +59,7 @@ from iota_cli.core.protocol import (
 from iota_cli.core.tensors import TensorDict, encode
 from iota_cli.core.validation import AuditTask, AuditVerdict, WeightsReport
 from iota_cli.train.client import Client, OnProgress, Reply
-from iota_cli.train.errors import ApiError
+from iota_cli.train.errors import ApiError, Stopped
 
 log = logging.getLogger("iota.api")
 T = TypeVar("T")
@@ -129,6 +131,28 @@ class SwarmApi:
     def create_run(self, manifest: RunManifest, wait: bool = True) -> RunCreated:
         """Admin: create a run (the orchestrator indexes, or encodes, its data and writes epoch-0 weights)."""
         return self._call(RunCreated, "POST", "/v1/runs", RunCreate(manifest=manifest), wait=wait)
+
+    def wait_ready(
+        self,
+        run_id: str,
+        on_progress: Callable[[Encoding], None] | None = None,
+        poll_s: float = 0.5,
+        wait: bool = True,
+    ) -> RunStatus:
+        """Poll a run created `preparing` (its corpus is encoded in the background) until it runs; its
+        status then. on_progress sees each step of the encoding; a run that failed is an ApiError (409)."""
+        while True:
+            status = self.run_status(run_id, wait=wait)
+            if status.encoding is not None and on_progress is not None:
+                on_progress(status.encoding)
+            if status.state != "preparing":
+                break
+            if self.stop.wait(poll_s):
+                raise Stopped("stopped while the run was being prepared")
+        if status.state == "failed":
+            why = status.encoding.error if status.encoding is not None else None
+            raise ApiError(409, f"run {run_id} could not be prepared: {why or 'no reason given'}")
+        return status
 
     def stop_run(self, run_id: str, wait: bool = True) -> RunInfo:
         """Admin: issue no new samples; the run finishes once the work in flight drains."""

@@ -43,18 +43,22 @@ UNAVAILABLE: dict[int | str, dict[str, Any]] = {
 def create_app(state: State | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        reaper = None
+        reaper = preparer = None
         if state is not None:
             import asyncio
 
+            from iota_orchestrator.preparing import Preparer
             from iota_orchestrator.reaper import Reaper
 
             state.attach(asyncio.get_running_loop())
-            reaper = Reaper(state)
+            reaper, preparer = Reaper(state), Preparer(state)  # preparer: runs whose corpus is encoded
             reaper.start()
+            preparer.start()
         try:
             yield
         finally:
+            if preparer is not None:
+                preparer.stop()
             if reaper is not None:
                 reaper.stop()
             if state is not None:

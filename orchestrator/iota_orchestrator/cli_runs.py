@@ -22,6 +22,8 @@ from iota_orchestrator.cli_shared import (
 
 if TYPE_CHECKING:
     from iota_cli.core.manifest import RunManifest
+    from iota_cli.core.protocol import Encoding, RunLifecycle
+    from iota_cli.train.api import SwarmApi
 
 run_app = typer.Typer(
     help="Create, stop and abort training runs (needs the admin token).", no_args_is_help=True
@@ -43,8 +45,14 @@ def create_run(
     url: UrlOption = None,
     data_dir: DataDirOption = None,
     as_json: JsonOption = False,
+    no_wait: Annotated[
+        bool, typer.Option("--no-wait", help="Return once the run is created, before its corpus is encoded.")
+    ] = False,
 ) -> None:
     """Create a run from a manifest; relative data.source and model.tokenizer paths are taken from its folder.
+
+    A run with a tokenizer.json has its corpus encoded in the background: this waits for that, showing
+    how far it is (--no-wait: return at once; the run's status shows it).
 
     \b
     Example:
@@ -60,10 +68,34 @@ def create_run(
         output.fail(f"{manifest}: {e}", code=output.EXIT_CONFIG)
     with connect(server_url(url, data_dir), token) as api:
         reply = api.create_run(_rebase(m, manifest.resolve().parent), wait=False)
+        if reply.state == "preparing" and not no_wait:
+            reply.state = _wait_ready(api, reply.run_id)
     output.Sink(as_json).result(
         reply.model_dump(mode="json"),
         lambda _: f"created run {reply.run_id} ({m.name}, {m.model.n_stages} stages)",
     )
+
+
+def _wait_ready(api: SwarmApi, run_id: str) -> RunLifecycle:
+    """Wait for a run's background encoding, a line on stderr every few seconds; its state once ready."""
+    import time
+
+    from iota_cli import output
+    from iota_cli.train.errors import ApiError
+
+    shown = [float("-inf")]
+
+    def show(e: Encoding) -> None:
+        if time.monotonic() - shown[0] >= 2.0 and e.phase != "failed":
+            shown[0] = time.monotonic()
+            typer.echo(f"run {run_id}: {e.line()}", err=True)
+
+    try:
+        return api.wait_ready(run_id, on_progress=show, wait=False).state
+    except ApiError as e:
+        if e.status != 409:
+            raise
+        output.fail(e.detail, hint="fix what it names and create the run again")
 
 
 def _rebase(m: RunManifest, folder: Path) -> RunManifest:

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select
 
-from iota_orchestrator import chains, db, runs, status
+from iota_orchestrator import chains, db, runs, status, tallies
 from iota_orchestrator.runs import RunCtx
 from iota_orchestrator.series import Series
 
@@ -30,7 +30,7 @@ GONE = {"left": "left the run", "dropped": "lease expired (no heartbeat)"}
 
 def default_run(conn: Connection) -> str | None:
     """The run a bare `/` shows: the newest running one, else the newest of all (None: no run yet)."""
-    for where in ((R.c.state == "running",), ()):
+    for where in ((R.c.state == "running",), (R.c.state.not_in(runs.UNREADY),)):
         row = conn.execute(select(R.c.run_id).where(*where).order_by(R.c.created.desc()).limit(1)).first()
         if row is not None:
             return str(row[0])
@@ -164,11 +164,12 @@ def heldout(conn: Connection, run_id: str, series: Series) -> list[dict[str, Any
 
 
 def merge_rounds(conn: Connection, run_id: str, t0: float) -> dict[str, Any]:
-    counts: dict[str, int] = {}
+    pruned = sum(tallies.rounds_closed(conn, run_id).values())  # closed rounds prune.py folded away
+    counts: dict[str, int] = {"closed": pruned} if pruned else {}
     for state, n in conn.execute(
         select(MR.c.state, func.count()).where(MR.c.run_id == run_id).group_by(MR.c.state)
     ):
-        counts[state] = int(n)
+        counts[state] = counts.get(state, 0) + int(n)
     recent = conn.execute(
         select(MR).where(MR.c.run_id == run_id).order_by(MR.c.opened.desc()).limit(RECENT_ROUNDS)
     ).all()

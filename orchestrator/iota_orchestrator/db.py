@@ -32,7 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.pool import StaticPool
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 metadata = MetaData()
 Int = BigInteger().with_variant(Integer(), "sqlite")  # INTEGER PRIMARY KEY is SQLite's rowid: keep it
 

@@ -57,5 +57,9 @@ class Gone(ApiError):
     status = 410
 
 
+class Unavailable(ApiError):
+    status = 503  # not ready yet (a run being prepared): raise with a Retry-After header
+
+
 class TooManyRequests(ApiError):
     status = 429  # raise with a Retry-After header: the client waits that long and asks again

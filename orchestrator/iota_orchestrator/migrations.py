@@ -25,6 +25,11 @@ from iota_orchestrator.db import (
     work,
 )
 
+# Tables defined beside the code that owns them (db.py is full): importing them here registers them in
+# db.metadata before db.migrate creates a fresh schema.
+from iota_orchestrator.preparing import run_prep
+from iota_orchestrator.tallies import tallies
+
 
 def _add_columns(conn: Connection, table: Table, names: Sequence[str]) -> None:
     """ALTER TABLE ADD COLUMN for each named column of `table` it lacks (rendered by the dialect)."""
@@ -56,6 +61,11 @@ def _v4(conn: Connection) -> None:
     conn.execute(R.delete().where(R.c.state != "closed"))
 
 
+def _v6(conn: Connection) -> None:
+    run_prep.create(conn, checkfirst=True)
+    tallies.create(conn, checkfirst=True)
+
+
 def _v5(conn: Connection) -> None:
     _add_columns(conn, assignments, ["passes", "fails", "vetted_mark"])
     _add_columns(conn, losses, ["contributor_id"])
@@ -67,4 +77,5 @@ MIGRATIONS: list[tuple[int, str, Migration]] = [
     (3, "fault records, claim lapses, item give-back reasons, blob quarantine", _v3),
     (4, "butterfly merge: partitions, outer momentum, counted contribution weights", _v4),
     (5, "validation: audits, standing, the reporter of each loss", _v5),
+    (6, "housekeeping: tallies of pruned rows, runs prepared in the background", _v6),
 ]

@@ -1,5 +1,5 @@
 """Runs: create one from a manifest (index or encode the data, make epoch-0 weights) and the facts derived
-from it.
+from it. A run with a tokenizer.json is prepared in the background (preparing.py calls build and record).
 
 A RunCtx holds what never changes during a run (manifest, file index, sizes, per-stage costs); it is
 cached per run id, so hot endpoints never re-parse the manifest.
@@ -7,16 +7,16 @@ cached per run id, so hot endpoints never re-parse the manifest.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import secrets
 import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, insert, select
+from sqlalchemy import Connection, bindparam, insert, select, update
 
 from iota_cli.core.manifest import RunManifest
 from iota_cli.core.modelspec import (
@@ -30,9 +30,11 @@ from iota_cli.core.stage import proof_size
 from iota_cli.core.tensors import DTYPE_CODES, DTYPE_SIZES
 from iota_orchestrator import data, db, tokenizer, weights
 from iota_orchestrator.blobs import BlobStore
-from iota_orchestrator.errors import Conflict, Invalid, NotFound
+from iota_orchestrator.errors import Conflict, Invalid, NotFound, Unavailable
 
 HEADER_SLACK = 4096
+UNREADY = ("preparing", "failed")  # states of a run that has no token stream or weights (yet)
+RETRY = {"Retry-After": "5"}  # a run being prepared: ask again in a few seconds
 
 
 @dataclass(frozen=True)
@@ -141,74 +143,87 @@ def run_dir(data_dir: Path, run_id: str) -> Path:
     return data_dir / "runs" / run_id
 
 
-def encode(m: RunManifest, paths: list[Path], dest: Path) -> tuple[list[data.FileEntry], tokenizer.Record]:
+# How far a background preparation is (preparing.py): its phase, and what the encode has read.
+Progress = Callable[[str, tokenizer.Progress], None]
+
+
+def encode(
+    m: RunManifest, paths: list[Path], dest: Path, progress: Progress | None = None
+) -> tuple[list[data.FileEntry], tokenizer.Record]:
     """Check the run's tokenizer.json against the model and encode the corpus into `dest`."""
     t = tokenizer.load(m.model.tokenizer)
     problem = tokenizer.vocab_problem(t, m.model.vocab_size)
     if problem:
         raise Invalid("invalid manifest: " + problem)
-    files, sha = tokenizer.encode_files(t, paths, dest)
+    on_read = None if progress is None else lambda seen: progress("encoding", seen)
+    files, sha = tokenizer.encode_files(t, paths, dest, progress=on_read)
     n = (files[-1].start + files[-1].size + 1) if files else 0
     return files, tokenizer.Record(t.path, t.sha256, t.eos_id, t.n_ids, str(dest), sha, n)
 
 
 def prepare(blobs: BlobStore, m: RunManifest, data_dir: Path) -> Prepared:
-    """Index (or encode) the data and write epoch-0 weights for every stage (slow; outside the write lock)."""
-    paths = data.list_files(m.data.source)
+    """Index (or encode) the data and write epoch-0 weights for every stage (slow; outside the write lock).
+
+    A run with a tokenizer.json is prepared in the background instead (preparing.py calls build)."""
     run_id = "run-" + secrets.token_hex(4)
+    try:
+        return build(blobs, m, data_dir, run_id)
+    except BaseException:  # a full disk mid-way, say: a run never recorded leaves nothing behind
+        discard_files(blobs, data_dir, run_id)
+        raise
+
+
+def build(
+    blobs: BlobStore, m: RunManifest, data_dir: Path, run_id: str, progress: Progress | None = None
+) -> Prepared:
+    """prepare's work for a run id; on failure the caller discards what it wrote (discard_files)."""
+    paths = data.list_files(m.data.source)
     tok: tokenizer.Record | None = None
     if m.model.tokenizer == "bytes":
         files = data.index_files(paths)
     else:
-        try:
-            files, tok = encode(m, paths, run_dir(data_dir, run_id) / tokenizer.CACHE_NAME)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                shutil.rmtree(run_dir(data_dir, run_id))
-            raise
+        files, tok = encode(m, paths, run_dir(data_dir, run_id) / tokenizer.CACHE_NAME, progress)
     ctx = make_ctx(run_id, m, files, tok.token_cache() if tok else None)
     if ctx.layout.n_samples < 1:
-        shutil.rmtree(run_dir(data_dir, run_id), ignore_errors=True)
         raise Invalid(f"data.source {m.data.source!r} yields no sample (no text files, or too little text)")
     stored: list[tuple[str, str, int]] = []
-    try:
-        for s in range(m.model.n_stages):
-            key = weights_key(run_id, s, 0)
-            b = blobs.write(key, weights.init_stage(m.model, s, m.seed))
-            stored.append((key, b.sha256, b.size))
-    except BaseException:  # a full disk mid-way, say: a run never recorded leaves nothing behind
-        discard(blobs, data_dir, Prepared(ctx, tuple(stored), tok))
-        raise
+    for s in range(m.model.n_stages):
+        if progress is not None:
+            progress("weights", tokenizer.Progress())
+        key = weights_key(run_id, s, 0)
+        b = blobs.write(key, weights.init_stage(m.model, s, m.seed))
+        stored.append((key, b.sha256, b.size))
     return Prepared(ctx, tuple(stored), tok)
 
 
+def discard_files(blobs: BlobStore, data_dir: Path, run_id: str) -> None:
+    """Delete what build wrote for a run that will not be recorded (its weights, its token cache)."""
+    # Its blob folder holds the weights (weights_key's layout); nothing else uses it yet.
+    blobs.delete_tree(f"runs/{run_id}")
+    shutil.rmtree(run_dir(data_dir, run_id), ignore_errors=True)
+
+
 def discard(blobs: BlobStore, data_dir: Path, p: Prepared) -> None:
-    """Delete what prepare wrote for a run that will not be recorded (its weights, its token cache)."""
+    """Delete what prepare wrote for a run that will not be recorded."""
     for key, _, _ in p.weights:
         blobs.delete(key)
-    # Its blob folders too (weights_key's layout), which blobs.write made and nothing else uses yet.
-    blobs.delete_tree(f"runs/{p.ctx.run_id}")
-    shutil.rmtree(run_dir(data_dir, p.ctx.run_id), ignore_errors=True)
+    discard_files(blobs, data_dir, p.ctx.run_id)
 
 
 def record(conn: Connection, p: Prepared, now: float) -> str:
     """Store a prepared run; from here on workers can be assigned to it."""
     ctx, m, run_id = p.ctx, p.ctx.manifest, p.ctx.run_id
-    conn.execute(
-        insert(db.runs).values(
-            run_id=run_id,
-            name=m.name[:128],
-            manifest=json.dumps(m.to_dict()),
-            state="running",
-            created=now,
-            stop_requested=False,
-            n_samples_epoch=ctx.layout.n_samples,
-            samples_issued=0,
-            samples_completed=0,
-            samples_dropped=0,
-            tokens=0,
+    R = db.runs
+    if conn.execute(select(R.c.state).where(R.c.run_id == run_id)).scalar() == "preparing":
+        conn.execute(
+            update(R)
+            .where(R.c.run_id == run_id)
+            .values(state="running", n_samples_epoch=ctx.layout.n_samples)
         )
-    )
+    else:
+        conn.execute(
+            insert(R).values(**new_run(m, run_id, "running", now), n_samples_epoch=ctx.layout.n_samples)
+        )
     if ctx.files:
         conn.execute(
             insert(db.run_files),
@@ -227,6 +242,20 @@ def record(conn: Connection, p: Prepared, now: float) -> str:
     return run_id
 
 
+def new_run(m: RunManifest, run_id: str, state: str, now: float) -> dict[str, Any]:
+    """A runs row (but n_samples_epoch, which a prepared run knows)."""
+    counts = dict.fromkeys(("samples_issued", "samples_completed", "samples_dropped", "tokens"), 0)
+    return {
+        "run_id": run_id,
+        "name": m.name[:128],
+        "manifest": json.dumps(m.to_dict()),
+        "state": state,
+        "created": now,
+        "stop_requested": False,
+        **counts,
+    }
+
+
 _cache: dict[str, RunCtx] = {}
 _cache_lock = threading.Lock()
 
@@ -236,9 +265,13 @@ def context(conn: Connection, run_id: str) -> RunCtx:
     ctx = _cache.get(run_id)
     if ctx is not None:
         return ctx
-    row = conn.execute(select(db.runs.c.manifest).where(db.runs.c.run_id == run_id)).first()
+    row = conn.execute(select(db.runs.c.manifest, db.runs.c.state).where(db.runs.c.run_id == run_id)).first()
     if row is None:
         raise NotFound(f"no run {run_id!r}")
+    if row.state == "preparing":  # workers wait it out, as they wait out a busy orchestrator
+        raise Unavailable(f"run {run_id} is being prepared (its corpus is encoded); see its status", RETRY)
+    if row.state == "failed":
+        raise Conflict(f"run {run_id} could not be prepared; its status says why")
     m = RunManifest.from_dict(json.loads(row[0]))
     rows = conn.execute(
         select(db.run_files).where(db.run_files.c.run_id == run_id).order_by(db.run_files.c.idx)

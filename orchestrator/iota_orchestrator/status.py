@@ -3,11 +3,13 @@ queues, epochs (and whether the weights are intact), tokens, vetted losses, cred
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from sqlalchemy import Connection, func, select
 
-from iota_orchestrator import audits, chains, db, faults, merge, runs, standing
+from iota_cli.core.manifest import RunManifest
+from iota_orchestrator import audits, chains, db, faults, merge, preparing, runs, standing, tallies
 from iota_orchestrator.runs import RunCtx
 
 LOSS_WINDOW = 5  # first_loss / last_loss average this many tail losses
@@ -41,6 +43,28 @@ def losses(conn: Connection, run_id: str) -> dict[str, Any]:
     }
 
 
+def of(conn: Connection, run_id: str) -> dict[str, Any]:
+    """GET /v1/runs/{id}/status: run_status, with the background encoding of a run that had one."""
+    run = runs.get_run(conn, run_id)
+    encoding = preparing.encoding(conn, run_id)
+    if run.state in runs.UNREADY or (encoding is not None and encoding["phase"] != "ready"):
+        return unready(run, encoding)
+    return {**run_status(conn, runs.context(conn, run_id)), "encoding": encoding}
+
+
+def unready(run: Any, encoding: dict[str, Any] | None) -> dict[str, Any]:
+    """The status of a run whose corpus is not encoded (yet): nothing issued, no stage served."""
+    m = RunManifest.from_dict(json.loads(run.manifest))
+    return {
+        **{k: getattr(run, k) for k in ("run_id", "name", "state", "created")},
+        "n_stages": m.model.n_stages,
+        "max_samples": m.train.max_samples,
+        **dict.fromkeys(("samples_issued", "samples_completed", "samples_dropped", "tokens_processed"), 0),
+        **{"losses_reported": 0, "first_loss": None, "last_loss": None, "recent_losses": []},
+        **{"stages": [], "credits": [], "checks": {}, "encoding": encoding},
+    }
+
+
 def run_status(conn: Connection, ctx: RunCtx) -> dict[str, Any]:
     run = runs.get_run(conn, ctx.run_id)
     A, CT, W = db.assignments, db.contributors, db.work
@@ -51,14 +75,13 @@ def run_status(conn: Connection, ctx: RunCtx) -> dict[str, Any]:
         .order_by(A.c.assigned)
     ).all()
     depths = chains.queue_depths(conn, ctx.run_id)
-    done = dict(
-        ((s, k), n)
-        for s, k, n in conn.execute(
-            select(W.c.stage, W.c.kind, func.count())
-            .where(W.c.run_id == ctx.run_id, W.c.state == "done")
-            .group_by(W.c.stage, W.c.kind)
-        )
-    )
+    done = tallies.work_done(conn, ctx.run_id)  # what pruning took away, and what is still there
+    for s, k, n in conn.execute(
+        select(W.c.stage, W.c.kind, func.count())
+        .where(W.c.run_id == ctx.run_id, W.c.state == "done")
+        .group_by(W.c.stage, W.c.kind)
+    ):
+        done[(s, k)] = done.get((s, k), 0) + int(n)
     weights = {w.stage: w for w in merge.current_weights(conn, ctx.run_id)}
     charged = faults.by_contributor(conn, ctx.run_id)
     stages = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -119,7 +119,15 @@ def vocab_problem(t: Loaded, vocab_size: int) -> str | None:
     )
 
 
-def _pieces(path: Path) -> Iterator[str]:
+@dataclass
+class Progress:
+    """How far encode_files has read: the bytes of text and the whole files taken in so far."""
+
+    bytes_done: int = 0
+    files_done: int = 0
+
+
+def _pieces(path: Path, seen: Progress) -> Iterator[str]:
     """A file's text in pieces of about READ_BYTES (invalid UTF-8 replaced).
 
     A piece ends before its last space or newline, where pre-tokenizers split anyway, so with a
@@ -133,6 +141,7 @@ def _pieces(path: Path) -> Iterator[str]:
         raise Invalid(f"cannot read data file {path}: {e.strerror}") from None
     with f:
         while block := f.read(READ_BYTES):
+            seen.bytes_done += len(block)
             text = rest + dec.decode(block)
             cut = max(text.rfind(" "), text.rfind("\n"))
             if cut <= 0 and len(text) < 4 * READ_BYTES:
@@ -146,17 +155,18 @@ def _pieces(path: Path) -> Iterator[str]:
         yield tail
 
 
-def _batches(paths: list[Path]) -> Iterator[list[tuple[int, str]]]:
+def _batches(paths: list[Path], seen: Progress) -> Iterator[list[tuple[int, str]]]:
     """(file number, piece) in stream order, in batches of up to BATCH pieces or BATCH_CHARS characters."""
     batch: list[tuple[int, str]] = []
     size = 0
     for i, p in enumerate(paths):
-        for piece in _pieces(p):
+        for piece in _pieces(p, seen):
             batch.append((i, piece))
             size += len(piece)
             if len(batch) == BATCH or size >= BATCH_CHARS:
                 yield batch
                 batch, size = [], 0
+        seen.files_done = i + 1
     if batch:
         yield batch
 
@@ -189,20 +199,28 @@ def _encode(tok: Any, pieces: list[str]) -> list[np.ndarray]:
 
 
 def encode_files(
-    t: Loaded, paths: list[Path], dest: Path, expect_sha: str = ""
+    t: Loaded,
+    paths: list[Path],
+    dest: Path,
+    expect_sha: str = "",
+    progress: Callable[[Progress], None] | None = None,
 ) -> tuple[list[FileEntry], str]:
     """Encode every file, an EOS after each, into `dest` (written whole or not at all).
 
     Returns the stream's file index (sizes in tokens) and the cache's sha256; with `expect_sha`, a
-    different stream is refused (Conflict) and `dest` is left alone.
+    different stream is refused (Conflict) and `dest` is left alone. `progress` is called after each
+    batch with how far the encode has read; whatever it raises ends the encode, leaving `dest` alone.
     """
+    seen = Progress()
     with atomic_writer(dest) as f:
         out = _Writer(f, t.eos_id)
-        for batch in _batches(paths):
+        for batch in _batches(paths, seen):
             for (i, _), ids in zip(batch, _encode(t.tokenizer, [b[1] for b in batch]), strict=True):
                 while len(out.entries) < i:
                     out.end_file(paths[len(out.entries)])
                 out.write(ids)
+            if progress is not None:
+                progress(seen)
         while len(out.entries) < len(paths):
             out.end_file(paths[len(out.entries)])
         entries, sha = out.entries, out.h.hexdigest()

@@ -56,9 +56,9 @@ def _assign(state: State, cid: str, body: AssignmentRequest) -> Assignment:
     with state.tx() as conn:
         run_id = body.run_id or runs.newest_running(conn)
         run = runs.get_run(conn, run_id)
+        ctx = runs.context(conn, run_id)  # a run still being prepared: 503, come back (runs.py)
         if run.state != "running":
             raise Conflict(f"run {run_id} has finished")
-        ctx = runs.context(conn, run_id)
         C = db.contributors
         # The claimed throughput is kept for `status` to show; placement measures its own (measure.py).
         conn.execute(
