@@ -16,7 +16,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from sqlalchemy import Connection, func, select
 
-from iota_orchestrator import chains, db
+from iota_orchestrator import chains, db, tallies
 
 A, AU, MR, L, R = db.assignments, db.audits, db.merge_rounds, db.losses, db.runs
 LOSS_WINDOW = 5  # iota_run_loss is the mean of the newest few tail losses (one alone is noisy)
@@ -109,15 +109,14 @@ def _run(conn: Connection, f: _Families, run: Any) -> None:
         select(db.stages.c.stage, db.stages.c.epoch).where(db.stages.c.run_id == rid)
     ):
         f.epoch.add_metric([rid, str(stage)], epoch)
-    _grouped(
-        f.rounds,
-        rid,
-        conn.execute(
-            select(MR.c.stage, MR.c.state, func.count())
-            .where(MR.c.run_id == rid)
-            .group_by(MR.c.stage, MR.c.state)
-        ),
-    )
+    rounds = {(s, "closed"): n for s, n in tallies.rounds_closed(conn, rid).items()}  # pruned (prune.py)
+    for stage, state, n in conn.execute(
+        select(MR.c.stage, MR.c.state, func.count())
+        .where(MR.c.run_id == rid)
+        .group_by(MR.c.stage, MR.c.state)
+    ):
+        rounds[(stage, state)] = rounds.get((stage, state), 0) + int(n)
+    _grouped(f.rounds, rid, ((s, state, n) for (s, state), n in sorted(rounds.items())))
     failed: dict[str, int] = {"work": 0, "merge": 0}
     for kind, state, n in conn.execute(
         select(AU.c.kind, AU.c.state, func.count()).where(AU.c.run_id == rid).group_by(AU.c.kind, AU.c.state)

@@ -5,7 +5,8 @@ plus the penalty.
 
 A forward pass earns `gflops_per_token(stage) * tokens`, a backward pass twice that, and the tail's
 forward item (forward, loss and backward at once) three times. Running totals on the contributor and the
-assignment make reads cheap; the ledger rows are the record they can be rebuilt from.
+assignment make reads cheap; the ledger rows are the record they can be rebuilt from, with the tallies
+of the rows pruning folded away (prune.py, tallies.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, func, insert, select, update
 
-from iota_orchestrator import db
+from iota_orchestrator import db, tallies
 
 BACKWARD_FACTOR = 2.0
 
@@ -80,7 +81,10 @@ def totals(conn: Connection, contributor_id: str) -> dict[str, Any]:
         .where(L.c.contributor_id == contributor_id)
         .group_by(L.c.kind)
     ).all()
-    by = {k: (float(s or 0.0), int(n)) for k, s, n in rows}
+    by = tallies.ledger_by_kind(conn, contributor_id)  # rows pruned (prune.py), then the rest
+    for k, s, n in rows:
+        c, m = by.get(k, (0.0, 0))
+        by[k] = (c + float(s or 0.0), m + int(n))
     fwd, bwd, back = (by.get(k, (0.0, 0)) for k in ("forward", "backward", "clawback"))
     return {
         "contributor_id": contributor_id,

@@ -25,6 +25,7 @@ from iota_orchestrator import (
     integrity,
     lease,
     merge,
+    prune,
     publish,
     rounds,
     runs,
@@ -70,6 +71,7 @@ def tick(state: State, now: float | None = None) -> None:
             keys |= audits.expire(conn, runs.context(conn, run_id), now)
     state.wake.notify(keys)
     collect_garbage(state)
+    prune.tick(state, now)  # finished work rows, old ledger rows and merge rounds, every prune.EVERY_S
 
 
 def watch_weights(state: State, ctx: RunCtx, now: float) -> None:

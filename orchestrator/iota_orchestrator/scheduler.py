@@ -33,7 +33,7 @@ from iota_orchestrator.chains import (
     work_id,
     worker_key,
 )
-from iota_orchestrator.errors import Conflict, Forbidden, NotFound
+from iota_orchestrator.errors import Conflict, Forbidden, Gone, NotFound
 from iota_orchestrator.faults import Rejected
 from iota_orchestrator.runs import RunCtx
 
@@ -246,8 +246,11 @@ def _put_blob_row(conn: Connection, key: str, sha: str, size: int, now: float) -
 
 
 def load_item(conn: Connection, wid: str, contributor_id: str) -> Any:
-    row = conn.execute(_WORK, {"wid": parse_work_id(wid)}).first()
+    rid = parse_work_id(wid)
+    row = conn.execute(_WORK, {"wid": rid}).first()
     if row is None:
+        if rid < (conn.execute(select(func.max(W.c.id))).scalar() or 0):  # ids are never handed out twice
+            raise Gone(f"work item {wid} finished long ago and was pruned; result discarded")
         raise NotFound(f"no work item {wid!r}")
     if row.worker != contributor_id:
         raise Forbidden(f"work item {wid} is not yours")
