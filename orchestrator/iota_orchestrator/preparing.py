@@ -232,25 +232,29 @@ class Preparer(threading.Thread):
 
         try:
             p = runs.build(state.blobs, m, data_dir, run_id, progress)
-        except _Stopped:
-            with state.tx() as conn:
-                release(conn, run_id, self.owner)
-            return
-        except _Lost:
-            self.tidy(run_id)
-            return
-        except (ApiError, OSError) as e:
-            why = e.detail if isinstance(e, ApiError) else f"{e.filename or 'storage'}: {e.strerror or e}"
-            self.failed(run_id, why)
-            return
         except Exception as e:
-            log.exception("run %s: preparing it failed", run_id)
-            self.failed(run_id, f"the orchestrator failed preparing it ({type(e).__name__})")
+            if isinstance(e, _Stopped) or self.stopping.is_set():  # whatever failed as the server stopped
+                with contextlib.suppress(Exception), state.tx() as conn:
+                    release(conn, run_id, self.owner)
+                return
+            self.failed_with(run_id, e)
             return
         with state.tx() as conn:
             done = finish(conn, p, self.owner, clock.now())
         if not done:
             self.tidy(run_id)
+
+    def failed_with(self, run_id: str, e: Exception) -> None:
+        """What the encode raised: the run was taken from us, or it cannot be prepared (and why)."""
+        if isinstance(e, _Lost):
+            self.tidy(run_id)
+        elif isinstance(e, ApiError):
+            self.failed(run_id, e.detail)
+        elif isinstance(e, OSError):
+            self.failed(run_id, f"{e.filename or 'storage'}: {e.strerror or e}")
+        else:
+            log.error("run %s: preparing it failed", run_id, exc_info=e)
+            self.failed(run_id, f"the orchestrator failed preparing it ({type(e).__name__})")
 
     def failed(self, run_id: str, why: str) -> None:
         log.error("run %s: could not be prepared: %s", run_id, why)
