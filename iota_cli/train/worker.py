@@ -332,9 +332,7 @@ class Worker:
     def _synced(self, base: np.ndarray, epoch: int) -> None:
         self.merger.rebase(base, epoch)
         self.state = replace(self.state, epoch=epoch, since_merge=0)
-        # Paced: a restart from an older epoch takes the merged weights (at most an interval is lost).
-        if self.checkpointer.due():
-            self.checkpointer.submit(self.state, self.backend.weights(), self.backend.optimizer_state())
+        self.checkpointer.submit(self.state, self.backend.weights(), self.backend.optimizer_state())
         if self.state.step - self._paced_from >= self.manifest.merge.interval:
             self.beats.wake()  # the next round came due while this one was in flight
 
