@@ -31,14 +31,15 @@ def test_a_thread_holding_the_lock_delays_database_requests_not_the_loop(tmp_pat
         threading.Thread(target=long_tick, daemon=True).start()
         assert held.wait(5)
         with ThreadPoolExecutor(1) as pool:
-            runs = pool.submit(requests.get, orch.url + "/v1/runs", timeout=30)
-            time.sleep(0.3)  # the runs request is waiting for the lock by now
+            # A write (reads take no write lock on PostgreSQL: State.read)
+            write = pool.submit(requests.post, orch.url + "/v1/contributors", json={"name": "w"}, timeout=30)
+            time.sleep(0.3)  # the request is waiting for the lock by now
             t0 = time.monotonic()
             assert requests.get(orch.url + "/v1/health", timeout=5).status_code == 200
             assert time.monotonic() - t0 < 1.0, "the event loop waited for the database lock"
-            assert not runs.done()
+            assert not write.done()
             release.set()
-            assert runs.result(10).json() == []
+            assert write.result(10).status_code == 201
 
 
 def test_the_loop_may_not_take_the_lock_outside_with_db(tmp_path):

@@ -185,7 +185,7 @@ class State:
                         conn.rollback()
                     raise
         finally:
-            if not on_loop:
+            if not on_loop and not self.shared:  # on PostgreSQL with_db never waits for the lock
                 self._let_loop_know()
 
     def _let_loop_know(self) -> None:
