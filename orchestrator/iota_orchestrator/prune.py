@@ -172,14 +172,19 @@ def _read(row: Any, floor: dict[str, int]) -> bool:
 
 def _settled(conn: Connection, run_id: str, stage: int) -> float:
     """Ledger rows of the stage before this time are not counted by any round again (-inf: all are)."""
-    opened = conn.execute(
-        select(MR.c.opened)
+    opened = _nth_newest_round(conn, run_id, stage, SETTLED_ROUNDS, MR.c.opened)
+    return -math.inf if opened is None else float(opened)
+
+
+def _nth_newest_round(conn: Connection, run_id: str, stage: int, n: int, column: Any) -> Any:
+    """column of the stage's n-th newest merge round (1: the newest), None with fewer rounds."""
+    return conn.execute(
+        select(column)
         .where(MR.c.run_id == run_id, MR.c.stage == stage)
         .order_by(MR.c.epoch.desc())
-        .offset(SETTLED_ROUNDS - 1)
+        .offset(n - 1)
         .limit(1)
     ).scalar()
-    return -math.inf if opened is None else float(opened)
 
 
 def _ledger(state: State, run_id: str, cut: float, out: Pruned, until: float) -> None:
@@ -266,13 +271,7 @@ def _old_rounds(conn: Connection, run_id: str, out: Pruned) -> list[str]:
     momentum = select(B.c.key).where(B.c.key == MR.c.momentum_key).exists()  # butterfly.momentum_of reads it
     old: list[tuple[int, int, str | None]] = []
     for (stage,) in conn.execute(select(db.stages.c.stage).where(db.stages.c.run_id == run_id)):
-        newest = conn.execute(
-            select(MR.c.epoch)
-            .where(MR.c.run_id == run_id, MR.c.stage == stage)
-            .order_by(MR.c.epoch.desc())
-            .offset(KEEP_ROUNDS - 1)
-            .limit(1)
-        ).scalar()
+        newest = _nth_newest_round(conn, run_id, stage, KEEP_ROUNDS, MR.c.epoch)
         if newest is None:
             continue
         old += [
