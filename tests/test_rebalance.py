@@ -106,6 +106,7 @@ def throttle(pid: int, stop: threading.Event, run_s: float = 0.05, pause_s: floa
 
 
 @pytest.mark.slow
+@pytest.mark.quiet
 def test_a_worker_moves_to_the_slow_stage_and_the_swarm_speeds_up(tmp_path, monkeypatch):
     from iota_cli.swarm.local import Swarm, SwarmOptions, default_data
 

@@ -127,8 +127,10 @@ def test_iota_swarm_trains_and_loss_falls(tmp_path):
     assert all(w["credits"] > 0 for w in workers)
 
 
-def test_killed_worker_resumes_from_its_checkpoint_while_the_swarm_goes_on(swarm):
-    s = swarm(max_steps=60)
+def test_killed_worker_resumes_from_its_checkpoint_then_a_killed_orchestrator_comes_back(swarm):
+    """Two crashes in one run (one swarm start instead of two): a worker's, then the orchestrator's. The
+    run is stopped once both are shown: max_steps only has to outlast them."""
+    s = swarm(max_steps=80)
     victim = s.workers[1]  # a body replica
     wait_for(lambda: checkpoint_step(victim.home) >= 3, 240, 1.0, "the victim's first checkpoints")
     victim.signal(signal.SIGKILL)
@@ -154,16 +156,8 @@ def test_killed_worker_resumes_from_its_checkpoint_while_the_swarm_goes_on(swarm
     assert resumed.group(1) == files[0].name and int(resumed.group(2)) == step_at_kill, resumed.group(0)
     assert newest.name in log.read_text()  # the corrupt file was named in a warning
     wait_for(lambda: checkpoint_step(victim.home) > step_at_kill, 240, 1.0, "steps after the resume")
-    with SwarmApi.connect(s.url, s.admin_token) as admin:
-        admin.stop_run(s.run_id)  # the rest of the run proves nothing more: it drains and finishes
-    wait_for(lambda: not s.any_running(), 400, 2.0, "the run to finish")
-    assert all(w.proc.returncode == 0 for w in s.workers), [w.proc.returncode for w in s.workers]
-    assert s.status().state == "finished"
 
-
-def test_killed_orchestrator_comes_back_and_workers_carry_on(swarm):
-    s = swarm(max_steps=25)
-    wait_for(lambda: getattr(s.status(), "samples_completed", 0) >= 6, 240, 1.0, "training to start")
+    # Now the orchestrator: kill -9, and every worker waits for it and carries on when it is back.
     pids = [w.proc.pid for w in s.workers]
     s.orchestrator.kill()
     time.sleep(4)  # workers now see connection refused and wait with backoff
@@ -175,8 +169,11 @@ def test_killed_orchestrator_comes_back_and_workers_carry_on(swarm):
     completed_before = status.samples_completed
     wait_for(lambda: s.status().samples_completed >= completed_before + 6, 240, 1.0, "progress after restart")
     assert [w.proc.pid for w in s.workers] == pids  # nobody was restarted
+    with SwarmApi.connect(s.url, s.admin_token) as admin:
+        admin.stop_run(s.run_id)  # the rest of the run proves nothing more: it drains and finishes
     wait_for(lambda: not s.any_running(), 400, 2.0, "the run to finish")
-    assert all(w.proc.returncode == 0 for w in s.workers)
+    # Every worker exits 0: none was banned for results sent across the restart or a merge.
+    assert all(w.proc.returncode == 0 for w in s.workers), [w.proc.returncode for w in s.workers]
     final = s.status()
     assert final.state == "finished" and final.last_loss < final.first_loss
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import requests
 from inprocess_orchestrator import InProcessOrchestrator
-from iota_orchestrator import standing
+from iota_orchestrator import audits, standing
 from simworker import SimWorker
 
 from iota_cli.commands.status import render
@@ -60,6 +60,16 @@ def test_tolerances_follow_the_backend_and_dtypes():
 def test_standing_is_plus_one_minus_three():
     assert standing.score(3, 1, 1, 3) == 0 and standing.score(3, 2, 1, 3) < 0
     assert TrustConfig().pass_reward == 1 and TrustConfig().fail_penalty == 3
+
+
+def test_a_check_starts_from_the_epoch_its_item_ran_on_within_one_merge():
+    # A result sent behind the loop can arrive after its worker's heartbeat announced the next epoch:
+    # checked against that epoch's weights, an honest tail was banned (tests/test_swarm_e2e.py).
+    assert audits.item_epoch(held=3, ran_on=2) == 2
+    assert audits.item_epoch(held=3, ran_on=3) == 3
+    assert audits.item_epoch(held=3, ran_on=0) == 3, "older claims would widen the bound: not believed"
+    assert audits.item_epoch(held=3, ran_on=4) == 3
+    assert audits.item_epoch(held=3, ran_on=None) == 3
 
 
 # --- the protocol ------------------------------------------------------------------------------------

@@ -359,6 +359,9 @@ class WorkComplete(Model):
     sha256: Sha256 | None = None
     size: Count = 0
     loss: float | None = Field(None, allow_inf_nan=False, ge=-1e9, le=1e9)
+    # The weights epoch the item ran on: a result sent behind the loop may arrive after a merge landed
+    # (its heartbeat already says epoch + 1), and a check must start from the epoch the item used.
+    epoch: Count | None = None
 
 
 # Why a worker gives an item back: the orchestrator counts bad_input and unverified against the item

@@ -273,7 +273,7 @@ class Sender:
         depth: int = DEPTH,
     ) -> None:
         self.api, self.profile, self.liveness, self.fmt = api, profile, liveness, fmt
-        self._jobs: queue.Queue[tuple[WorkItem, str, TensorDict | None, float | None] | None]
+        self._jobs: queue.Queue[tuple[WorkItem, str, TensorDict | None, float | None, int] | None]
         self._jobs = queue.Queue(maxsize=1)
         self._done: queue.Queue[Sent] = queue.Queue()
         self._pending: list[str] = []  # work ids queued or being sent, oldest first
@@ -288,13 +288,15 @@ class Sender:
     def _alive(self) -> bool:
         return any(t.is_alive() for t in self._threads)
 
-    def send(self, item: WorkItem, key: str, payload: TensorDict | None, loss: float | None) -> None:
-        """Queue a result; blocks while the one before it is still waiting to be sent."""
+    def send(
+        self, item: WorkItem, key: str, payload: TensorDict | None, loss: float | None, epoch: int
+    ) -> None:
+        """Queue a result computed on weights of `epoch`; blocks while the one before it waits to be sent."""
         with self._lock:
             self._pending.append(item.work_id)
         while True:
             try:
-                self._jobs.put((item, key, payload, loss), timeout=0.2)
+                self._jobs.put((item, key, payload, loss, epoch), timeout=0.2)
                 return
             except queue.Full:
                 if not self._alive():
@@ -342,10 +344,11 @@ class Sender:
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            item, key, payload, loss = job
+            item, key, payload, loss, epoch = job
+            report = WorkComplete(loss=loss, epoch=epoch)
             try:
                 with self.liveness.call():
-                    sent = Sent(item, key, reply=self._send(item, payload, loss))
+                    sent = Sent(item, key, reply=self._send(item, payload, report))
             except Exception as e:  # noqa: BLE001 - the loop decides (Stopped included)
                 sent = Sent(item, key, error=e)
             with self._lock:
@@ -353,7 +356,7 @@ class Sender:
                 self._pending.remove(item.work_id)
                 self._lock.notify_all()
 
-    def _send(self, item: WorkItem, payload: TensorDict | None, loss: float | None) -> WorkCompleteReply:
+    def _send(self, item: WorkItem, payload: TensorDict | None, report: WorkComplete) -> WorkCompleteReply:
         sha, size = None, 0
         if payload is not None and item.upload is not None:
             with self.profile.timed("serialize_s"):
@@ -362,4 +365,4 @@ class Sender:
                 sha, size = self.api.upload(item.upload, data), len(data)
             self.profile.add("bytes_up", size)
         with self.profile.timed("complete_s"):
-            return self.api.complete(item.work_id, WorkComplete(sha256=sha, size=size, loss=loss))
+            return self.api.complete(item.work_id, report.model_copy(update={"sha256": sha, "size": size}))

@@ -172,7 +172,7 @@ class Worker:
                     payload, loss = self._forward(item, key, ready.inputs)
                 else:
                     payload, loss = self._backward(key, ready.inputs)
-            self.sender.send(item, key, payload, loss)
+            self.sender.send(item, key, payload, loss, self.state.epoch)
         except Stopped:
             self._abandon(item, key, Abandon(reason="stopping"))
             raise

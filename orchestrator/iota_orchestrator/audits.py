@@ -66,11 +66,22 @@ def pinned() -> Any:
 
 
 def sample(
-    conn: Connection, ctx: RunCtx, blobs: BlobStore, row: Any, a: Any, mark: int, basis: float, now: float
+    conn: Connection,
+    ctx: RunCtx,
+    blobs: BlobStore,
+    row: Any,
+    a: Any,
+    ran_on: int | None,
+    mark: int,
+    basis: float,
+    now: float,
 ) -> UploadRef | None:
-    """Maybe check this just-accepted forward item; the upload its worker's snapshot goes to if so."""
+    """Maybe check this just-accepted forward item; the upload its worker's snapshot goes to if so.
+
+    ran_on is the epoch the worker says the item used (None from older clients)."""
     if not standing.draw(ctx, a):  # first: the usual answer, and it needs no query
         return None
+    epoch = item_epoch(a.epoch, ran_on)
     pending = conn.execute(
         select(AU.c.id).where(
             AU.c.run_id == ctx.run_id,
@@ -93,11 +104,20 @@ def sample(
             deadline=now + ctx.manifest.train.work_timeout_s,
             ledger_mark=mark,
             basis=basis,
-            epoch=a.epoch,
-            steps=merge_checks.allowed_steps(conn, ctx, a.contributor_id, row.stage, a.epoch),
+            epoch=epoch,
+            steps=merge_checks.allowed_steps(conn, ctx, a.contributor_id, row.stage, epoch),
         )
     ).inserted_primary_key[0]  # type: ignore[index]
     return blobs.upload_ref(weights_key(ctx.run_id, audit_id), weights_max_size(ctx, row.stage))
+
+
+def item_epoch(held: int, ran_on: int | None) -> int:
+    """The epoch to check an item from: the one it ran on when that is the epoch the worker holds or the
+    one just before (its result was sent behind the loop while a merge landed). An older claim is not
+    believed: each epoch back widens the steps a snapshot may be from its base."""
+    if ran_on is not None and held - 1 <= ran_on <= held:
+        return ran_on
+    return held
 
 
 def of_item(conn: Connection, work_id: str, contributor_id: str) -> Any:

@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, func, insert, or_, select, update
 
-from iota_cli.core.protocol import Abandon, UploadRef
+from iota_cli.core.protocol import Abandon, UploadRef, WorkComplete
 from iota_orchestrator import audits, chains, data, db, faults, integrity, ledger
 from iota_orchestrator.blobs import BlobStore
 from iota_orchestrator.chains import (
@@ -263,9 +263,7 @@ def complete(
     blobs: BlobStore,
     row: Any,
     contributor_id: str,
-    sha: str | None,
-    size: int,
-    loss: float | None,
+    report: WorkComplete,
     now: float,
 ) -> tuple[float, set[str], UploadRef | None]:
     """Accept a result, credit it, and queue what follows in the sample's chain; a forward item may be
@@ -277,6 +275,7 @@ def complete(
         raise Conflict(
             f"work item {wid} was {'re-issued' if row.state == 'expired' else 'dropped'}; result discarded"
         )
+    sha, size, loss = report.sha256, report.size, report.loss
     last = ctx.n_stages - 1
     is_tail = row.kind == "forward" and row.stage == last
     if row.output_key:
@@ -295,7 +294,7 @@ def complete(
     check = None
     if row.kind == "forward":
         a = assignment(conn, ctx.run_id, contributor_id)
-        check = audits.sample(conn, ctx, blobs, row, a, mark, credits, now)
+        check = audits.sample(conn, ctx, blobs, row, a, report.epoch, mark, credits, now)
     else:
         keys |= audits.backward_done(conn, row)
     R = db.runs

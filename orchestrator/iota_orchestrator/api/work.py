@@ -180,9 +180,7 @@ def _complete(state: State, work_id: str, cid: str, body: WorkComplete) -> WorkC
             row = scheduler.load_item(conn, work_id, cid)
             standing.refuse_banned(chains.assignment(conn, row.run_id, cid))
             ctx = runs.context(conn, row.run_id)
-            credits, keys, check = scheduler.complete(
-                conn, ctx, state.blobs, row, cid, body.sha256, body.size, body.loss, now()
-            )
+            credits, keys, check = scheduler.complete(conn, ctx, state.blobs, row, cid, body, now())
             total = ledger.total(conn, cid)
     except Rejected as e:
         _charge(state, e, cid)
