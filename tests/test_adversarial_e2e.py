@@ -32,7 +32,7 @@ from iota_cli.core.protocol import RunStatus
 from iota_cli.swarm.corpus import default_data
 from iota_cli.swarm.local import Swarm, SwarmOptions
 
-pytestmark = [pytest.mark.slow, pytest.mark.quiet, pytest.mark.timeout(900)]  # it compares tokens/s
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 SAMPLES = 150  # about 20 s of training for the clean swarm on two cores
 # A claimed item's deadline, shortened from the tiny run's 30 s so that an item held hostage costs

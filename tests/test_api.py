@@ -61,7 +61,6 @@ def test_a_reply_that_does_not_fit_the_protocol_is_an_api_error(server):
     assert e.value.status == 200
 
 
-@pytest.mark.quiet
 def test_parting_calls_and_heartbeats_give_up_at_once_work_calls_wait(server):
     for path in ("/v1/heartbeat", "/v1/work/w7/abandon", "/v1/contributors/me/leave"):
         server.routes[path] = status(503)

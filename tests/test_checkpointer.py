@@ -59,7 +59,6 @@ def store(tmp_path):
     s.close()
 
 
-@pytest.mark.quiet
 def test_submit_returns_while_a_large_snapshot_is_written(store):
     c = Checkpointer(store, min_interval_s=0.0)
     w, opt = tensors(1, BIG)
@@ -94,7 +93,6 @@ def test_newest_snapshot_wins_when_writes_overlap(store):
     c.close()
 
 
-@pytest.mark.quiet
 def test_interval_grows_when_writes_are_slow(store):
     c = Checkpointer(store, min_interval_s=0.05, budget=0.25)
     assert c.interval_s == 0.05 and not c.due()
@@ -111,7 +109,6 @@ def test_interval_grows_when_writes_are_slow(store):
     c.close()
 
 
-@pytest.mark.quiet
 def test_writes_stay_within_the_budget_of_wall_time(store):
     budget, n = 0.1, 1 << 20
     c = Checkpointer(store, min_interval_s=0.0, budget=budget)

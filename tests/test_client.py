@@ -154,7 +154,6 @@ def test_connection_refused_then_server_appears(tmp_path):
             s.stop()
 
 
-@pytest.mark.quiet
 def test_max_wait_raises_unreachable():
     c = fast_client(f"http://127.0.0.1:{free_port()}", max_wait_s=0.5, on_wait=lambda m, s: None)
     t0 = time.monotonic()
@@ -163,7 +162,6 @@ def test_max_wait_raises_unreachable():
     assert time.monotonic() - t0 < 3
 
 
-@pytest.mark.quiet
 def test_stop_event_interrupts_waiting_promptly():
     stop = threading.Event()
     c = fast_client(f"http://127.0.0.1:{free_port()}", backoff=(10, 30), stop=stop, on_wait=lambda m, s: None)
@@ -185,7 +183,6 @@ def test_after_stop_a_request_gets_one_try_not_a_wait(server):
         c2.post("/v1/contributors/me/leave")
 
 
-@pytest.mark.quiet
 def test_read_stall_hits_the_read_timeout_then_recovers(server):
     def stall(h: Handler) -> None:
         h.server.release.wait(2)

@@ -80,7 +80,6 @@ def swarm(tmp_path_factory):
             s.stop_server()
 
 
-@pytest.mark.quiet
 def test_ready_then_watchdog_at_half_the_interval_and_status(swarm):
     ln = swarm.ln
     ln.wait_for("READY=1", timeout=120)

@@ -85,7 +85,6 @@ def test_a_request_through_the_link_takes_one_rtt(echo):
     assert 78 <= statistics.median(rtts) <= 110, rtts
 
 
-@pytest.mark.quiet
 def test_the_delay_costs_latency_not_throughput(echo):
     """64 KiB chunks streamed through a 100 ms rtt: the whole takes about one rtt, not one per chunk."""
     payload = b"x" * (16 * 65536)
@@ -114,7 +113,6 @@ def test_bandwidth_is_capped(sink):
     assert 0.75e6 <= rate <= 1.25e6, rate
 
 
-@pytest.mark.quiet
 def test_connections_share_one_line(sink):
     """Two transfers at once each get about half the line: one home link, not one per connection."""
     n, results = 250_000, []

@@ -70,7 +70,6 @@ def test_watchdog_pings_at_half_the_interval_with_a_fake_clock(listener):
     assert len(listener.times("WATCHDOG=1")) == 5
 
 
-@pytest.mark.quiet
 def test_watchdog_real_time_rate_and_silence_when_not_called(listener):
     n = Notifier.from_env({"NOTIFY_SOCKET": listener.env_value, "WATCHDOG_USEC": "200000"})
     assert n.watchdog_s == pytest.approx(0.1)

@@ -262,7 +262,6 @@ def test_workers_above_one_on_sqlite_is_a_usage_error(tmp_path):
     assert not (tmp_path / "orchestrator.sqlite3").exists(), "refused before anything was made"
 
 
-@pytest.mark.quiet
 def test_reads_skip_the_write_lock_another_replica_holds_and_writes_wait_for_it(tmp_path, pg_url):
     config = ServerConfig(tmp_path / "data", database=pg_url)
     prepare(config)

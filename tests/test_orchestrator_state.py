@@ -18,7 +18,6 @@ from iota_orchestrator.wakeups import Wakeups
 from sqlalchemy import func, insert, select
 
 
-@pytest.mark.quiet
 def test_a_thread_holding_the_lock_delays_database_requests_not_the_loop(tmp_path):
     with InProcessOrchestrator(tmp_path / "orch", admin_token="t", tick_s=3600) as orch:
         assert orch.state is not None

@@ -2,8 +2,12 @@
 
 The unit tests are plain data. The slow test starts a real orchestrator and four real `iota join`
 workers (stages 0, 1, 2, 0) and throttles stage 1's worker from outside, as a slower machine would be:
-SIGSTOP/SIGCONT on its process group, running a quarter of the time (what cpulimit does). It checks that
+SIGSTOP/SIGCONT on its process group, running a tenth of the time (what cpulimit does). It checks that
 a stage-0 worker moves to stage 1 and that the run's tokens/s after the move beats the pace before.
+
+The pace before is set by the throttle's wall-clock duty cycle, the pace after by the cores: whatever
+else runs on them (late in the suite) slows only the after. At a quarter of the time, that took the gain
+from 1.6x alone to 1.04-1.14x in the suite; at a tenth the before is low enough to leave a margin.
 """
 
 from __future__ import annotations
@@ -92,8 +96,8 @@ def test_busy_speed_ignores_time_spent_waiting_for_work():
 # --- a swarm with one slow stage ------------------------------------------------------------------------
 
 
-def throttle(pid: int, stop: threading.Event, run_s: float = 0.05, pause_s: float = 0.15) -> None:
-    """Run the process group a quarter of the time, as cpulimit would a slow machine's worker."""
+def throttle(pid: int, stop: threading.Event, run_s: float = 0.05, pause_s: float = 0.45) -> None:
+    """Run the process group a tenth of the time, as cpulimit would a slow machine's worker."""
     with contextlib.suppress(ProcessLookupError):
         try:
             while not stop.is_set():
@@ -106,7 +110,6 @@ def throttle(pid: int, stop: threading.Event, run_s: float = 0.05, pause_s: floa
 
 
 @pytest.mark.slow
-@pytest.mark.quiet
 def test_a_worker_moves_to_the_slow_stage_and_the_swarm_speeds_up(tmp_path, monkeypatch):
     from iota_cli.swarm.local import Swarm, SwarmOptions, default_data
 
