@@ -246,6 +246,8 @@ def test_kill_9_at_random_moments_always_loads_a_complete_checkpoint(tmp_path):
         # Complete (its sha256 verified, its bytes are its step's) and nothing reported durable is lost.
         assert ck is not None and ck.state.step >= last_done, (rounds, last_done, ck and ck.state.step)
         assert_holds(ck, ck.state.step, 1 << 20)
-        assert len(list(directory.glob("ckpt-*.safetensors"))) <= 2
+        # Two are kept; a kill between a new one's rename and the oldest's removal leaves a third,
+        # which the next save removes (seen once in the suite).
+        assert len(list(directory.glob("ckpt-*.safetensors"))) <= 3
         next_step = ck.state.step + 1_000  # the child's steps run on between checkpoints
     assert mid_write >= 1, f"no kill of {rounds} landed mid-write; the test proved nothing"

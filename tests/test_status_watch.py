@@ -71,6 +71,13 @@ def test_a_worker_that_is_gone_shows_as_not_running():
     assert out.returncode == 0, out.stderr
 
 
+def ctrl_c_as_in_a_shell() -> None:
+    """A shell's child takes SIGINT by default; this test process may have it ignored or blocked by what
+    ran before it in the suite (the child inherits both), and then Ctrl-C would never reach the watch."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
 def read_until(fd: int, want: int, needle: bytes, timeout: float = 30.0) -> bytes:
     """Bytes from fd until `needle` was seen `want` times."""
     got, deadline = b"", time.monotonic() + timeout
@@ -91,7 +98,10 @@ def test_not_a_terminal_prints_a_line_per_refresh_and_ctrl_c_exits_0():
     p = live_worker()
     p.update(step=7, tokens=512, credits=1.25, state="waiting for work: stage 0 has no worker")
     proc = subprocess.Popen(
-        [*IOTA, "--watch", "--interval", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [*IOTA, "--watch", "--interval", "0.2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=ctrl_c_as_in_a_shell,
     )
     try:
         got = read_until(proc.stdout.fileno(), 3, b"\n")
@@ -115,6 +125,7 @@ def test_a_terminal_redraws_the_block_in_place():
         stdout=follower,
         stderr=follower,
         close_fds=True,
+        preexec_fn=ctrl_c_as_in_a_shell,
     )
     os.close(follower)
     try:
