@@ -345,10 +345,9 @@ class Sender:
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
             item, key, payload, loss, epoch = job
-            report = WorkComplete(loss=loss, epoch=epoch)
             try:
                 with self.liveness.call():
-                    sent = Sent(item, key, reply=self._send(item, payload, report))
+                    sent = Sent(item, key, reply=self._send(item, payload, loss, epoch))
             except Exception as e:  # noqa: BLE001 - the loop decides (Stopped included)
                 sent = Sent(item, key, error=e)
             with self._lock:
@@ -356,7 +355,9 @@ class Sender:
                 self._pending.remove(item.work_id)
                 self._lock.notify_all()
 
-    def _send(self, item: WorkItem, payload: TensorDict | None, report: WorkComplete) -> WorkCompleteReply:
+    def _send(
+        self, item: WorkItem, payload: TensorDict | None, loss: float | None, epoch: int
+    ) -> WorkCompleteReply:
         sha, size = None, 0
         if payload is not None and item.upload is not None:
             with self.profile.timed("serialize_s"):
@@ -365,4 +366,5 @@ class Sender:
                 sha, size = self.api.upload(item.upload, data), len(data)
             self.profile.add("bytes_up", size)
         with self.profile.timed("complete_s"):
-            return self.api.complete(item.work_id, report.model_copy(update={"sha256": sha, "size": size}))
+            report = WorkComplete(sha256=sha, size=size, loss=loss, epoch=epoch)
+            return self.api.complete(item.work_id, report)
