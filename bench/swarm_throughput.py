@@ -4,7 +4,9 @@ For each model (the tiny one `iota swarm` trains, and a compute-bound one) this 
   - a local swarm built by iota_cli.swarm.local (the code `iota swarm` runs: an orchestrator process and
     `iota join` subprocesses on loopback), one torch-cpu worker per stage (3), a fixed max_samples;
   - the same model, batch and number of samples trained in this process, stage after stage
-    (bench/chain_reference.py), with torch on 2 threads: the cores the swarm's processes share.
+    (bench/chain_reference.py), with torch on 2 threads: the cores the swarm's processes share; timed
+    before and after each swarm, and the swarm is set against the mean of the two (the machine's speed
+    drifts between runs; both are printed).
 efficiency = swarm tokens/s / one-process tokens/s. Per worker it prints the `profile:` line each worker
 logs at exit (compute, waiting for work, claim/download/upload/complete/serialize, which overlap compute
 on the worker's own threads) and its bytes up and down per token.
@@ -14,9 +16,11 @@ on the worker's own threads) and its bytes up and down per token.
 
 With --rtt-ms (or --loss/--mbit) each model also runs with every worker's traffic through a loopback
 proxy of its own (iota_cli.swarm.link: that delay, that share of connections cut, that bandwidth cap),
-beside the plain loopback config. Last line, JSON:
+beside the plain loopback config. With --repeat N every config runs N times (in turn, so drift spreads
+over all of them), and the JSON line gives each config's median run with all the runs' efficiencies.
+Last line, JSON:
   {"configs": [{"model", "rtt_ms", "loss", "mbit", "efficiency", "swarm_tokens_per_s",
-   "one_process_tokens_per_s", "boundary_bytes_ratio"}]}
+   "one_process_tokens_per_s", "boundary_bytes_ratio", "efficiency_runs"}]}
 boundary_bytes_ratio: f32 hidden-state bytes per token (d_model * 4) over the bytes that cross one
 boundary in one direction per token, as uploaded: the tail's bytes_up / its tokens (the gradient back
 across the last boundary, the same shape as the activations forward; wire dtype, zstd framing when the
@@ -64,7 +68,7 @@ from iota_cli.swarm.corpus import default_data
 from iota_cli.swarm.link import Link, LinkProxy
 from iota_cli.swarm.local import Swarm, SwarmOptions
 
-POLL_S = 0.2
+POLL_S = 0.5  # the status it polls costs the orchestrator CPU the swarm would use
 STEADY = (0.1, 0.9)  # the share of the run's tokens between which its rate is taken
 PROFILE = re.compile(r"profile: (\{.*\})")
 THREADS = 2  # torch threads of the one-process side: the cores the swarm's processes share here
@@ -109,6 +113,9 @@ class SwarmResult:
     cuts: int = 0
     problems: list[str] = field(default_factory=list)
     cpu_s: dict[str, float] = field(default_factory=dict)  # CPU-seconds by process, at the run's end
+    traffic: dict[str, float] = field(
+        default_factory=dict
+    )  # the orchestrator's requests by route, blob bytes
 
 
 def cpu_seconds(pid: int) -> float:
@@ -159,6 +166,7 @@ def run_swarm(m: RunManifest, link: Link | None, home: Path, timeout_s: float = 
             time.sleep(POLL_S)
         if swarm.any_running():
             problems.append(f"the run did not end in {timeout_s:.0f} s")
+        traffic = scrape_traffic(swarm.url)  # before the workers stop: the orchestrator is up
         pid = swarm.orchestrator.proc.pid if swarm.orchestrator.proc else 0
         cpu = {"orchestrator": cpu_seconds(pid), "life_s": time.monotonic() - born}
         status = swarm.status() or status
@@ -184,7 +192,27 @@ def run_swarm(m: RunManifest, link: Link | None, home: Path, timeout_s: float = 
             problems.append(f"worker {w.index} logged no profile line")
         profiles.append({"stage": w.stage, **(json.loads(found[-1]) if found else {})})
     cuts = sum(p.cuts for p in proxies)
-    return SwarmResult(rate, whole, final, window, profiles, cuts, problems, cpu)
+    return SwarmResult(rate, whole, final, window, profiles, cuts, problems, cpu, traffic)
+
+
+def scrape_traffic(url: str) -> dict[str, float]:
+    """Requests by route and blob bytes each way, from the orchestrator's /metrics at the run's end."""
+    import requests
+
+    out: dict[str, float] = {}
+    try:
+        text = requests.get(f"{url}/metrics", timeout=10).text
+    except requests.RequestException:
+        return out
+    for line in text.splitlines():
+        if m := re.match(
+            r'iota_http_requests_total\{code="\d+",method="(\w+)",route="([^"]+)"\} (\S+)', line
+        ):
+            key = f"{m[1]} {m[2]}"
+            out[key] = out.get(key, 0.0) + float(m[3])
+        elif m := re.match(r'iota_blob_bytes_total\{direction="(\w+)"\} (\S+)', line):
+            out[f"blob bytes {m[1]}"] = float(m[2])
+    return out
 
 
 def rate_between(series: list[tuple[float, int]], lo: int, hi: int) -> tuple[float, float]:
@@ -200,6 +228,13 @@ def rate_between(series: list[tuple[float, int]], lo: int, hi: int) -> tuple[flo
 class OneProcess:
     tokens_per_s: float
     cpu_ms_per_token: float  # this process's CPU time (all its threads) per token
+    runs: tuple[float, ...] = ()  # tokens/s of each run averaged, in order
+
+    @staticmethod
+    def mean(*runs: OneProcess) -> OneProcess:
+        rates = tuple(r.tokens_per_s for r in runs)
+        cpu = sum(r.cpu_ms_per_token for r in runs) / len(runs)
+        return OneProcess(sum(rates) / len(rates), cpu, rates)
 
 
 def one_process(m: RunManifest, samples: int) -> OneProcess:
@@ -238,6 +273,12 @@ def report(name: str, m: RunManifest, link: Link, swarm: SwarmResult, alone: One
         f"wire {m.model.wire_dtype}: swarm {swarm.tokens_per_s:8.0f} tok/s  one-process {one:8.0f} tok/s  "
         f"efficiency {eff:.3f}  boundary {per_token:.1f} B/token (ratio {ratio:.1f})"
     )
+    if len(alone.runs) > 1:
+        print(
+            "  one process before and after the swarm: "
+            + ", ".join(f"{r:.0f}" for r in alone.runs)
+            + " tok/s"
+        )
     print(
         f"  {swarm.tokens} tokens through the tail in {swarm.window_s:.1f} s ({swarm.whole_tokens_per_s:.0f} "
         f"tok/s first to last, efficiency {swarm.whole_tokens_per_s / one if one else 0:.3f}); "
@@ -257,9 +298,27 @@ def report(name: str, m: RunManifest, link: Link, swarm: SwarmResult, alone: One
             + " ".join(f"{p.get(k, 0.0):11.2f}" for k in TIMED)
             + f" {tok:8} {up:9.1f} {down:10.1f}"
         )
+    print("  stage CPU-s: compute  loop thread  process  (the loop thread's rest: start-up, steps, merges)")
+    for p in swarm.profiles:
+        print(
+            f"  {p['stage']:5}  {p.get('compute_cpu_s', 0.0):12.2f} {p.get('loop_cpu_s', 0.0):12.2f}"
+            f" {p.get('process_cpu_s', 0.0):8.2f}"
+        )
     if orch := swarm.cpu_s.get("orchestrator"):
         life = swarm.cpu_s["life_s"]
         print(f"  orchestrator: {orch:.1f} CPU-s in its {life:.1f} s ({orch / life:.2f} of a core)")
+    if swarm.traffic and swarm.tokens:
+        per_item = m.train.batch_size * m.train.seq_len / swarm.tokens  # per sample through the tail
+        routes = sorted(((n, k) for k, n in swarm.traffic.items() if not k.startswith("blob")), reverse=True)
+        print(
+            "  orchestrator requests per sample: "
+            + ", ".join(f"{k} {n * per_item:.2f}" for n, k in routes[:8])
+        )
+        io = {k.split()[-1]: v for k, v in swarm.traffic.items() if k.startswith("blob")}
+        print(
+            f"  blob bytes through the orchestrator per token: in {io.get('in', 0) / swarm.tokens:.0f}, "
+            f"out {io.get('out', 0) / swarm.tokens:.0f}"
+        )
     if (every := swarm.cpu_s.get("all")) and swarm.tokens:
         print(
             f"  every process of the swarm: {every:.1f} CPU-s, start-up included "
@@ -287,6 +346,7 @@ def main() -> None:
     ap.add_argument("--mbit", type=float, default=0.0, help="bandwidth cap per worker, Mbit/s (0: none)")
     ap.add_argument("--samples", type=int, default=0, help="samples per config (default: per model)")
     ap.add_argument("--data", default=default_data(), help="glob of text files")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each config; the JSON gives the median")
     ap.add_argument("--inflight", type=int, default=0, help="samples per head in flight (default: manifest)")
     args = ap.parse_args()
     links = [Link()]
@@ -299,16 +359,33 @@ def main() -> None:
         m = manifest(name, args.data, samples)
         if args.inflight:
             m = replace(m, train=replace(m.train, max_inflight_per_head=args.inflight))
-        one = one_process(m, samples)
-        for link in links:
+        before = one_process(m, samples)
+        for link in [link for _ in range(args.repeat) for link in links]:
             home = Path(tempfile.mkdtemp(prefix=f"iota-throughput-{name}-"))
             try:
                 result = run_swarm(m, None if link == Link() else link, home)
             finally:
                 with contextlib.suppress(OSError):
                     shutil.rmtree(home)
-            configs.append(report(name, m, link, result, one))
-    print(json.dumps({"configs": configs}))
+            # The one process is timed again after the swarm, and the swarm is set against the mean: a
+            # shared machine's speed drifts by 10-30% over minutes here, which a ratio of two runs taken
+            # one after the other reads as efficiency.
+            after = one_process(m, samples)
+            configs.append(report(name, m, link, result, OneProcess.mean(before, after)))
+            before = after
+    print(json.dumps({"configs": median_by_config(configs)}))
+
+
+def median_by_config(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (model, link): the run of median efficiency, with every run's efficiency beside it."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["model"], r["rtt_ms"], r["loss"], r["mbit"]), []).append(r)
+    out = []
+    for group in groups.values():
+        ranked = sorted(group, key=lambda r: r["efficiency"])
+        out.append({**ranked[(len(ranked) - 1) // 2], "efficiency_runs": [r["efficiency"] for r in group]})
+    return out
 
 
 if __name__ == "__main__":

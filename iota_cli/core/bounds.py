@@ -18,6 +18,7 @@ a step count a replica reports. This module is numpy and pure, so the orchestrat
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -28,9 +29,11 @@ from iota_cli.core.manifest import OptimConfig
 # The half ulp of each wire dtype, relative: an update rounded for the wire grows by at most this much.
 WIRE_REL_ERROR = {"F32": 0.0, "BF16": 2.0**-8}
 F32_REL_ERROR = 2.0**-23  # an f32 weight update rounds by at most this, relative to |w|, per step
+CHUNK = 1 << 15  # float64 values per chunk of UpdateStats.of's sum of squares: 256 KiB
 SLACK_STEPS = 1  # a step whose backward passes straddle the window's edge (see steps_from_items)
 
 
+@functools.lru_cache(maxsize=64)  # a pure function of the betas, and 2^17 terms each time: every check asks
 def adam_ratio_bound(beta1: float, beta2: float) -> float:
     """The largest |m_hat / sqrt(v_hat)| Adam can produce at any step t, for any gradients (inf: none).
 
@@ -85,12 +88,20 @@ class UpdateStats:
 
     @classmethod
     def of(cls, update: np.ndarray) -> UpdateStats:
-        u = np.asarray(update, dtype=np.float32)
-        finite = bool(np.isfinite(u).all())
-        if not finite or u.size == 0:
-            return cls(math.inf if not finite else 0.0, math.inf if not finite else 0.0, finite)
-        wide = u.astype(np.float64)
-        return cls(float(np.abs(wide).max()), float(np.sqrt(np.dot(wide, wide))), True)
+        u = np.asarray(update, dtype=np.float32).ravel()
+        if u.size == 0:
+            return cls(0.0, 0.0, True)
+        # max and min propagate NaN and carry inf, so they answer "finite" too, with no temporary array.
+        hi, lo = float(u.max()), float(u.min())
+        if not (math.isfinite(hi) and math.isfinite(lo)):
+            return cls(math.inf, math.inf, False)
+        # The sum of squares in float64 (float32 would lose digits over millions of terms), a
+        # cache-sized chunk at a time rather than one float64 copy of the whole update.
+        sq = sum(
+            float(np.dot(c, c))
+            for c in (u[i : i + CHUNK].astype(np.float64) for i in range(0, u.size, CHUNK))
+        )
+        return cls(max(hi, -lo), math.sqrt(sq), True)
 
 
 def violation(stats: UpdateStats, bound: float) -> str | None:

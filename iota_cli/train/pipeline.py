@@ -54,15 +54,24 @@ class Profile:
 
     @contextmanager
     def timed(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
+        """Wall seconds under name, and this thread's CPU-seconds under name with _s made _cpu_s: on
+        shared cores the two part (a thread waiting for a core counts wall time, not CPU)."""
+        start, cpu = time.perf_counter(), time.thread_time()
         try:
             yield
         finally:
             self.add(name, time.perf_counter() - start)
+            self.add(name.removesuffix("_s") + "_cpu_s", time.thread_time() - cpu)
 
     def snapshot(self) -> dict[str, float]:
         with self._lock:
             return {k: round(v, 4) for k, v in sorted(self._values.items())}
+
+    def final(self, tokens: int) -> dict[str, float]:
+        """The snapshot the worker logs at exit, called on the loop thread: with that thread's CPU-seconds
+        and the whole process's (less compute_cpu_s, they are the worker's overhead)."""
+        cpu = {"loop_cpu_s": round(time.thread_time(), 3), "process_cpu_s": round(time.process_time(), 3)}
+        return {**self.snapshot(), **cpu, "tokens": tokens}
 
 
 class Liveness:

@@ -355,7 +355,7 @@ class Worker:
         except ClientError as e:
             log.info("could not send the last results: %s", e)
         self.sender.close()
-        log.info("profile: %s", json.dumps({**self.profile.snapshot(), "tokens": self.state.tokens}))
+        log.info("profile: %s", json.dumps(self.profile.final(self.state.tokens)))
 
     def _shutdown(self) -> None:
         if not self.reassign:  # moving to another stage is not stopping
