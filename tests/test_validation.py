@@ -182,6 +182,27 @@ def test_a_snapshot_never_sent_fails_at_the_deadline(orch):
     assert ws["banned"] and ws["checks"]["failed"] == 1 and credits(orch, head) < 0
 
 
+def test_a_complete_sent_again_gets_its_check_again_and_the_snapshot_passes(orch):
+    """A cut connection loses the complete's reply; the client sends it again. The check it asked for
+    must come back with it, or the weights are never sent and an honest worker fails at the deadline."""
+    run_id = make_run(orch, work_timeout_s=3.0)
+    head = pinned(orch, run_id, 0, "cut-off")
+    item = head.claim()
+    data = head.boundary_tensor("activations")
+    sha = head.upload(item["upload"], data)
+    first = head.complete(item, sha, len(data))
+    again = head.complete(item, sha, len(data))
+    assert first["audit"] and again["audit"], "the check's upload comes back with the repeated complete"
+    assert again["audit"]["url"].split("?")[0] == first["audit"]["url"].split("?")[0]
+    assert again["credits"] == first["credits"], "credited once"
+    head.snapshot(item["work_id"], again["audit"])
+    third = head.complete(item, sha, len(data))
+    assert third["audit"] is None, "sent: nothing waits on this item's weights any more"
+    time.sleep(3.5)  # past the snapshot's deadline: a check still waiting for weights would fail now
+    ws = worker_status(orch, run_id, head)
+    assert not ws["banned"] and ws["checks"]["failed"] == 0
+
+
 def test_a_snapshot_that_is_not_the_stages_weights_fails(orch):
     run_id = make_run(orch)
     head = pinned(orch, run_id, 0, "garbled")

@@ -111,6 +111,18 @@ def sample(
     return blobs.upload_ref(weights_key(ctx.run_id, audit_id), weights_max_size(ctx, row.stage))
 
 
+def awaited_upload(conn: Connection, ctx: RunCtx, blobs: BlobStore, row: Any) -> UploadRef | None:
+    """The upload a check of this forward item still waits on, for a complete sent again (its first
+    reply was lost on the way): answered None, the worker would never send its snapshot, and the check
+    would fail at its deadline, charging an honest worker for a cut connection."""
+    audit_id = conn.execute(
+        select(AU.c.id).where(AU.c.forward_id == row.id, AU.c.kind == "work", AU.c.state == "weights")
+    ).scalar_one_or_none()
+    if audit_id is None:
+        return None
+    return blobs.upload_ref(weights_key(ctx.run_id, audit_id), weights_max_size(ctx, row.stage))
+
+
 def item_epoch(held: int, ran_on: int | None) -> int:
     """The epoch to check an item from: the one it ran on when that is the epoch the worker holds or the
     one just before (its result was sent behind the loop while a merge landed). An older claim is not

@@ -269,8 +269,9 @@ def complete(
     """Accept a result, credit it, and queue what follows in the sample's chain; a forward item may be
     sampled for a check (audits.sample), and then the upload for its weights snapshot comes back too."""
     wid = work_id(row.id)
-    if row.state == "done":
-        return float(row.credits or 0.0), set(), None
+    if row.state == "done":  # sent again: the same answer, a check's upload included
+        check = audits.awaited_upload(conn, ctx, blobs, row) if row.kind == "forward" else None
+        return float(row.credits or 0.0), set(), check
     if row.state != "claimed":
         raise Conflict(
             f"work item {wid} was {'re-issued' if row.state == 'expired' else 'dropped'}; result discarded"
