@@ -93,7 +93,7 @@ async def dashboard_view(
             waiting = app.state.activity.waiting(state.token_cache, now)
             return {**dashboard.view(conn, ctx, series, waiting, now), "runs": dashboard.run_list(conn)}
 
-        cached = app.state.views[run_id] = (time.monotonic(), json.dumps(await state.in_tx(look)).encode())
+        cached = app.state.views[run_id] = (time.monotonic(), json.dumps(await state.in_read(look)).encode())
     return Response(cached[1], media_type="application/json", headers={"Cache-Control": "no-store"})
 
 
@@ -110,7 +110,7 @@ class _Collected:
 @router.get("/metrics")
 async def metrics(request: Request, state: StateDep) -> Response:
     """Prometheus text format: the request metrics, then the swarm's state read from the database now."""
-    families = await state.in_tx(gauges.collect)
+    families = await state.in_read(gauges.collect)
     scraped = CollectorRegistry(auto_describe=False)
     scraped.register(_Collected(families))
     body = generate_latest(request.app.state.metrics.registry) + generate_latest(scraped)
