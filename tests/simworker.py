@@ -128,8 +128,10 @@ class SimWorker:
     def upload(self, ref: JSON, data: bytes) -> str:
         return self.api.upload(UploadRef.model_validate(ref), data)
 
-    def complete(self, item: JSON, sha: str | None, size: int, loss: float | None = None) -> JSON:
-        result = WorkComplete(sha256=sha, size=size, loss=loss)
+    def complete(
+        self, item: JSON, sha: str | None, size: int, loss: float | None = None, epoch: int | None = None
+    ) -> JSON:
+        result = WorkComplete(sha256=sha, size=size, loss=loss, epoch=epoch)
         return self.api.complete(item["work_id"], result).model_dump(mode="json")
 
     # --- stand-in compute ------------------------------------------------------------------------------

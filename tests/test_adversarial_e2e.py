@@ -276,7 +276,9 @@ class Clean:
     """The same swarm without a cheater: the yardstick of every case, run once for the module.
 
     The two cores are shared, so a clean run a few minutes old can be off by some 15%: a case that
-    falls short by less than NOISE more is compared again with a clean run taken just after it.
+    falls short by less than NOISE more is compared again with a clean run taken just after it, and if
+    it still does, played once more beside that clean run (play). A cheater that really costs the swarm
+    more than TOLERANCE fails both tries.
     """
 
     def __init__(self, homes: pytest.TempPathFactory) -> None:
@@ -296,12 +298,13 @@ class Clean:
         self.runs.append(run)
         return run
 
+    def in_doubt(self, run: Run) -> bool:
+        """Short of the tolerance by no more than the noise, against the latest clean run."""
+        return 1 - TOLERANCE - NOISE <= run.ratio(self.latest) < 1 - TOLERANCE
+
     def judge(self, run: Run) -> list[str]:
         """What the case broke, its throughput held against the clean run nearest in time."""
-        problems = run.verdict(self.latest)
-        if 1 - TOLERANCE - NOISE <= run.ratio(self.latest) < 1 - TOLERANCE:
-            problems = run.verdict(self.measure())
-        return problems
+        return run.verdict(self.latest)
 
 
 @pytest.fixture(scope="module")
@@ -310,8 +313,17 @@ def clean(tmp_path_factory: pytest.TempPathFactory) -> Clean:
 
 
 def play(clean: Clean, home: Path, label: str, factory: CheaterFactory) -> Run:
-    """Run the swarm with this cheater, giving it twice the clean swarm's time (and 30 s) to settle."""
-    return drive(home, label, factory, deadline_s=2 * clean.latest.elapsed_s + 30)
+    """Run the swarm with this cheater, giving it twice the clean swarm's time (and 30 s) to settle; in
+    doubt (Clean), measure the clean swarm again, and then the case again: the faster try is judged."""
+    run = drive(home, label, factory, deadline_s=2 * clean.latest.elapsed_s + 30)
+    if not clean.in_doubt(run):
+        return run
+    clean.measure()
+    if clean.in_doubt(run):
+        again = drive(home.with_name(home.name + "-again"), label, factory, 2 * clean.latest.elapsed_s + 30)
+        print(f"played again: {again.summary()}")
+        run = max(run, again, key=lambda r: r.ratio(clean.latest))
+    return run
 
 
 def check(run: Run, clean: Clean, *extra: str) -> None:

@@ -32,6 +32,7 @@ from iota_cli.core import flat, outer
 from iota_cli.core.manifest import MergeConfig, RunManifest, tiny_manifest
 from iota_cli.core.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION, SHA256_HEADER, MergePlan
 from iota_cli.core.tensors import decode
+from iota_cli.core.validation import AuditVerdict
 from iota_cli.swarm.corpus import write_corpus
 from iota_cli.swarm.orchestrator import OrchestratorProcess
 from iota_cli.train.api import SwarmApi
@@ -439,3 +440,33 @@ def test_the_final_round_at_the_end_of_a_run_merges_the_same_way(orch):
         until(lambda: alive() and api.run_status(run_id).state == "finished", 40, "the run to finish")
     assert merged.tobytes() == rep.weights().tobytes() and rep.epoch == 1
     assert not np.array_equal(merged, base)
+
+
+def test_a_result_sent_after_its_merge_landed_is_checked_from_the_epoch_it_ran_on(orch):
+    """The worker sends results behind its loop: a forward run on epoch 0 may be completed after the
+    replica's merge landed and its heartbeat said epoch 1. Its check must start from epoch 0's weights
+    (the ones it ran on), or an honest worker fails it."""
+    # The held item, and the head whose sample it is (silent meanwhile), outlive the round.
+    m = manifest(orch.corpus, work_timeout_s=120.0, lease_s=120.0)
+    run_id = make_run(orch, replace(m, trust=replace(m.trust, sample_rate=1.0)))
+    (rep,) = replicas(orch, run_id, 1)
+    carry([rep])  # its first forward is checked; a pass vets it, and every forward is sampled after
+    with SwarmApi.connect(orch.url, ADMIN, retries=0, max_wait_s=0.0) as v:
+        while (task := v.next_audit(wait_s=1.0)) is not None:
+            v.judge(task.audit_id, AuditVerdict(passed=True))
+    head, _ = _ends[run_id]
+    head.do(head.claim())
+    held = rep.sim.claim()  # computed on epoch 0...
+    assert held is not None and held["kind"] == "forward"
+    base = open_round([rep], [np.full(rep.layout.size, 1e-3, np.float32)], work=False)[0]
+    rep.merge(0, base)
+    rep.weights()  # syncs to the merged weights
+    rep.heartbeat()  # and says it holds epoch 1
+    (a,) = [x for x in rows(orch, db.assignments, run_id) if x.contributor_id == rep.cid]
+    assert rep.epoch == 1 and a.epoch == 1
+    data = rep.sim.boundary_tensor("activations")
+    sha = rep.sim.upload(held["upload"], data)
+    reply = rep.sim.complete(held, sha, len(data), epoch=0)  # ...and sent once the merge had landed
+    assert reply["audit"], "sampled (rate 1 once vetted)"
+    (audit,) = [x for x in rows(orch, db.audits, run_id) if x.forward_id == int(held["work_id"][1:])]
+    assert audit.epoch == 0, "checked from the epoch it ran on, not the one its worker holds now"
