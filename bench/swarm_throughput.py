@@ -113,9 +113,8 @@ class SwarmResult:
     cuts: int = 0
     problems: list[str] = field(default_factory=list)
     cpu_s: dict[str, float] = field(default_factory=dict)  # CPU-seconds by process, at the run's end
-    traffic: dict[str, float] = field(
-        default_factory=dict
-    )  # the orchestrator's requests by route, blob bytes
+    # The orchestrator's requests by route ("POST /v1/work/claim") and "blob bytes in"/"out".
+    traffic: dict[str, float] = field(default_factory=dict)
 
 
 def cpu_seconds(pid: int) -> float:
