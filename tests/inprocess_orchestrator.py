@@ -10,6 +10,7 @@ overloaded proxy or blob store would, so a client's waiting can be driven by a r
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import threading
 import time
@@ -23,7 +24,8 @@ from iota_orchestrator.state import ServerConfig, State, open_state
 
 
 class Unavailable:
-    """ASGI middleware before the app: 503 (Retry-After 1) to every (method, path prefix) in `closed`."""
+    """ASGI middleware before the app: 503 (Retry-After 1) to every (method, path prefix) in `closed`; a
+    prefix may hold `*` wildcards (fnmatch: "/v1/work/*/complete")."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -31,7 +33,7 @@ class Unavailable:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and any(
-            scope["method"] == m and scope["path"].startswith(p) for m, p in set(self.closed)
+            scope["method"] == m and fnmatch.fnmatchcase(scope["path"], p + "*") for m, p in set(self.closed)
         ):
             headers = [(b"retry-after", b"1"), (b"content-length", b"0")]
             await send({"type": "http.response.start", "status": 503, "headers": headers})

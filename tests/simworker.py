@@ -15,6 +15,7 @@ sends. The sim never waits for a server that is down: a test sees every failure 
 
 from __future__ import annotations
 
+import base64
 import tempfile
 import time
 from pathlib import Path
@@ -116,8 +117,9 @@ class SimWorker:
         )
         return self.api.heartbeat(beat).model_dump(mode="json")
 
-    def claim(self, wait_s: float = 0.0, claim_id: str | None = None) -> JSON | None:
-        claim = self.api.claim(ClaimRequest(run_id=self.run_id, wait_s=wait_s, claim_id=claim_id))
+    def claim(self, wait_s: float = 0.0, claim_id: str | None = None, inline_max: int = 0) -> JSON | None:
+        request = ClaimRequest(run_id=self.run_id, wait_s=wait_s, claim_id=claim_id, inline_max=inline_max)
+        claim = self.api.claim(request)
         return claim.item.model_dump(mode="json") if claim.item else None
 
     def download(self, ref: JSON) -> bytes:
@@ -129,9 +131,16 @@ class SimWorker:
         return self.api.upload(UploadRef.model_validate(ref), data)
 
     def complete(
-        self, item: JSON, sha: str | None, size: int, loss: float | None = None, epoch: int | None = None
+        self,
+        item: JSON,
+        sha: str | None,
+        size: int,
+        loss: float | None = None,
+        epoch: int | None = None,
+        data: bytes | None = None,  # the result inline (base64 in the body), not uploaded
     ) -> JSON:
-        result = WorkComplete(sha256=sha, size=size, loss=loss, epoch=epoch)
+        inline = base64.b64encode(data).decode() if data is not None else None
+        result = WorkComplete(sha256=sha, size=size, loss=loss, epoch=epoch, data=inline)
         return self.api.complete(item["work_id"], result).model_dump(mode="json")
 
     # --- stand-in compute ------------------------------------------------------------------------------

@@ -47,11 +47,12 @@ def no_work(run_state: str) -> object:
 def test_claim_sends_the_request_model_and_reads_items_and_the_runs_end(server):
     server.routes["/v1/work/claim"] = sequence(ok(ITEM), no_work("running"), no_work("finished"))
     a = api(server.url)
-    request = ClaimRequest(run_id="r1", wait_s=1.5, claim_id="c1")
+    request = ClaimRequest(run_id="r1", wait_s=1.5, claim_id="c1", inline_max=4096)
     assert a.claim(request) == Claim(WorkItem.model_validate(ITEM))
     assert a.claim(request) == Claim(None, "running", 2.0)
     assert a.claim(request) == Claim(None, "finished", 2.0)
-    assert json.loads(server.bodies[0]) == {"run_id": "r1", "wait_s": 1.5, "claim_id": "c1"}
+    sent = {"run_id": "r1", "wait_s": 1.5, "claim_id": "c1", "inline_max": 4096}
+    assert json.loads(server.bodies[0]) == sent
 
 
 def test_a_reply_that_does_not_fit_the_protocol_is_an_api_error(server):

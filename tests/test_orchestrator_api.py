@@ -5,6 +5,7 @@ One server serves every test in this module; each test creates its own run (with
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import threading
 import time
@@ -17,9 +18,11 @@ from simworker import SimWorker
 
 from iota_cli.core.flat import FlatLayout
 from iota_cli.core.manifest import tiny_manifest
+from iota_cli.core.protocol import INLINE_MAX
 from iota_cli.core.tensors import RawTensor, decode, encode
 from iota_cli.swarm.corpus import write_corpus
 from iota_cli.swarm.orchestrator import OrchestratorProcess, wait_until
+from iota_cli.train.errors import ApiError
 
 ADMIN = "admin-token-for-tests"
 
@@ -235,6 +238,38 @@ def test_blob_uploads_are_checked(orch):
     assert over.status_code == 416
     t, _ = decode(full.content)
     assert t["tokens"].dtype == "I32" and t["tokens"].shape == (8, 65)
+
+
+def test_small_blobs_come_inline_in_the_claim_and_the_complete(orch):
+    """Asked for, a claim's inputs carry their bytes and a result may come in its complete: two round
+    trips an item, not four. The bytes are checked as an upload's are, and the URLs still serve them."""
+    run_id = make_run(orch)
+    h, b = pinned(orch, run_id, 0, "h"), pinned(orch, run_id, 1, "b")
+    item = h.claim(inline_max=INLINE_MAX)
+    tokens = item["tokens"]
+    inline = base64.b64decode(tokens["data"])
+    assert hashlib.sha256(inline).hexdigest() == tokens["sha256"] and len(inline) == tokens["size"]
+    assert h.download({**tokens, "data": None}) == inline, "the URL serves the same bytes"
+    assert 0 < item["upload"]["inline_max"] <= item["upload"]["max_size"]
+    good = h.boundary_tensor("activations")
+    sha = hashlib.sha256(good).hexdigest()
+    path = f"/v1/work/{item['work_id']}/complete"
+    lying = {"sha256": "0" * 64, "size": len(good), "data": base64.b64encode(good).decode()}
+    r = post(orch, path, h.token, json=lying)
+    assert r.status_code == 400 and "hashes to" in r.json()["detail"]
+    r = post(orch, path, h.token, json={"sha256": sha, "size": len(good), "data": "not base64!"})
+    assert r.status_code == 400
+    wrong = encode({"activations": RawTensor("F32", (8, 64, 3), bytes(8 * 64 * 3 * 4))})
+    with pytest.raises(ApiError) as e:
+        h.complete(item, hashlib.sha256(wrong).hexdigest(), len(wrong), data=wrong)
+    assert e.value.status == 422, "read and checked as an uploaded result is"
+    first = h.complete(item, sha, len(good), data=good)
+    assert first["credits"] > 0
+    assert h.complete(item, sha, len(good), data=good) == first, "a repeated complete counts once"
+    other = h.complete(item, hashlib.sha256(wrong).hexdigest(), len(wrong), data=wrong)
+    assert other == first, "done: the answer stands and the accepted result is kept"
+    plain = b.claim()  # not asked for: URLs only, as an older worker gets
+    assert plain["input"]["data"] is None and b.download(plain["input"]) == good
 
 
 def test_silent_worker_is_dropped_forward_reissued_backward_discarded(orch):

@@ -9,6 +9,7 @@ A real orchestrator serves in this process (tests/inprocess_orchestrator.py); si
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from collections.abc import Iterator
 from dataclasses import replace
@@ -21,6 +22,7 @@ from iota_orchestrator.s3blobs import S3Store
 from simworker import SimWorker
 
 from iota_cli.core.manifest import tiny_manifest
+from iota_cli.core.protocol import INLINE_MAX
 from iota_cli.swarm.corpus import write_corpus
 from iota_cli.train.api import SwarmApi
 
@@ -70,10 +72,19 @@ def test_it_hands_out_presigned_urls_and_serves_no_blob_bytes(orch, seaweed):
     weights = head.assigned.weights
     assert weights.url.startswith(seaweed.endpoint + "/"), weights.url
     assert hashlib.sha256(head.download(weights.model_dump())).hexdigest() == weights.sha256
-    item = head.claim()
+    item = head.claim(inline_max=INLINE_MAX)  # asked for, but an object store carries no bytes here
     assert item is not None
     for ref in (item["tokens"], item["upload"]):
         assert ref["url"].startswith(seaweed.endpoint + "/") and "X-Amz-Signature=" in ref["url"]
+    assert item["tokens"]["data"] is None and item["upload"]["inline_max"] == 0
+    data = head.boundary_tensor("activations")
+    inline = {
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "size": len(data),
+        "data": base64.b64encode(data).decode(),
+    }
+    r = head.request("POST", f"/v1/work/{item['work_id']}/complete", json=inline)
+    assert r.status_code == 400 and "object store" in r.json()["detail"], r.text
     key = f"runs/{run_id}/weights/0/e0.safetensors"
     for method in ("GET", "PUT", "HEAD"):
         r = head.request(method, f"/v1/blobs/{key}?exp=9999999999&sig={'0' * 40}", data=b"x")

@@ -265,9 +265,11 @@ def test_stop_gives_back_the_item_in_flight_and_checkpoints(orch, tmp_path, capl
         r.stage.hold = threading.Event()
         r.start()
         assert r.stage.entered.wait(10)
-        # The result cannot be uploaded now (503), and the goodbye does not get through either, so
-        # only the worker's own give-back can put the item back in the queue.
-        orch.unavailable.update({("PUT", "/v1/blobs/"), ("POST", "/v1/contributors/me/leave")})
+        # The result cannot be sent now (503: uploaded, or inline in its complete), and the goodbye
+        # does not get through either, so only the worker's own give-back can put the item back.
+        orch.unavailable.update(
+            {("PUT", "/v1/blobs/"), ("POST", "/v1/work/*/complete"), ("POST", "/v1/contributors/me/leave")}
+        )
         try:
             r.worker.stop.set()
             r.stage.hold.set()

@@ -54,19 +54,29 @@ class Health(Model):
     version: str = ""
 
 
+# The most bytes a blob may carry inline in a claim's reply or a complete's body (base64 in JSON, under
+# the orchestrator's 1 MiB JSON limit): a stage's activations or a token batch, never weights.
+INLINE_MAX = 256 << 10
+_INLINE_CHARS = 4 * (INLINE_MAX // 3 + 1)  # base64 of INLINE_MAX bytes
+
+
 class BlobRef(Model):
-    """Bytes to download: resolve url against the orchestrator URL (it may be relative), verify sha256."""
+    """Bytes to download: resolve url against the orchestrator URL (it may be relative), verify sha256;
+    `data`, the bytes themselves (base64) when the claim asked for inputs inline, is verified the same."""
 
     url: str
     sha256: str
     size: int
+    data: Annotated[str, Field(max_length=_INLINE_CHARS)] | None = None
 
 
 class UploadRef(Model):
-    """Where to PUT bytes (with the X-Iota-Sha256 header); at most max_size bytes are accepted."""
+    """Where to PUT bytes (with the X-Iota-Sha256 header); at most max_size bytes are accepted. A result
+    of at most inline_max bytes may come in the complete instead (WorkComplete.data); 0: always PUT."""
 
     url: str
     max_size: int
+    inline_max: int = 0
 
 
 # --- runs -----------------------------------------------------------------------------------------------
@@ -341,6 +351,8 @@ class ClaimRequest(Model):
     run_id: Id
     wait_s: float = Field(0.0, ge=0, le=30)  # long-poll: wait up to this long for work before 204
     claim_id: Id | None = None  # idempotency key: a retry with the same id gets the same item back
+    # Inputs of at most this many bytes come inline in the reply (BlobRef.data), when the store allows.
+    inline_max: int = Field(0, ge=0, le=INLINE_MAX)
 
 
 class WorkItem(Model):
@@ -362,6 +374,8 @@ class WorkComplete(Model):
     # The weights epoch the item ran on: a result sent behind the loop may arrive after a merge landed
     # (its heartbeat already says epoch + 1), and a check must start from the epoch the item used.
     epoch: Count | None = None
+    # The result's bytes (base64) when its upload allows them inline; sha256 and size describe them.
+    data: Annotated[str, Field(max_length=_INLINE_CHARS)] | None = None
 
 
 # Why a worker gives an item back: the orchestrator counts bad_input and unverified against the item

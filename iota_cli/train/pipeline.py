@@ -15,6 +15,8 @@ re-issued, as an item in flight always was.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 import queue
 import threading
@@ -27,7 +29,15 @@ from pathlib import Path
 
 from iota_cli.core import wire
 from iota_cli.core.backend import StageInputError, UnknownWorkId
-from iota_cli.core.protocol import Abandon, BlobRef, ClaimRequest, WorkComplete, WorkCompleteReply, WorkItem
+from iota_cli.core.protocol import (
+    INLINE_MAX,
+    Abandon,
+    BlobRef,
+    ClaimRequest,
+    WorkComplete,
+    WorkCompleteReply,
+    WorkItem,
+)
 from iota_cli.core.tensors import RawTensor, TensorDict
 from iota_cli.train import fetch
 from iota_cli.train.api import Claim, SwarmApi
@@ -228,7 +238,9 @@ class Prefetcher:
 
     def _next(self) -> Ready | None:
         # One claim id per claim: if an answer is lost and the client retries, the same item comes back.
-        request = ClaimRequest(run_id=self.run_id, wait_s=self.wait_s(), claim_id=uuid.uuid4().hex)
+        request = ClaimRequest(
+            run_id=self.run_id, wait_s=self.wait_s(), claim_id=uuid.uuid4().hex, inline_max=INLINE_MAX
+        )
         with self.profile.timed("claim_s"):
             claim = self.api.claim(request)
         self.last = claim
@@ -244,7 +256,7 @@ class Prefetcher:
         inputs: dict[str, RawTensor] = {}
         try:
             for name, ref in input_names(item, self.kind):
-                with self.profile.timed("download_s"):
+                with self.profile.timed("download_s"):  # bytes inline in the claim: a decode only
                     inputs[name] = fetch.tensor(self.api, ref, name, self.work_dir)
                 self.profile.add("bytes_down", ref.size if ref else 0)
         except Stopped:
@@ -367,13 +379,17 @@ class Sender:
     def _send(
         self, item: WorkItem, payload: TensorDict | None, loss: float | None, epoch: int
     ) -> WorkCompleteReply:
-        sha, size = None, 0
+        sha, size, inline = None, 0, None
         if payload is not None and item.upload is not None:
             with self.profile.timed("serialize_s"):
                 data = self.fmt.frame(payload)
-            with self.profile.timed("upload_s"):
-                sha, size = self.api.upload(item.upload, data), len(data)
+            size = len(data)
+            if size <= item.upload.inline_max:  # in the complete itself: one round trip, not two
+                sha, inline = hashlib.sha256(data).hexdigest(), base64.b64encode(data).decode("ascii")
+            else:
+                with self.profile.timed("upload_s"):
+                    sha = self.api.upload(item.upload, data)
             self.profile.add("bytes_up", size)
         with self.profile.timed("complete_s"):
-            report = WorkComplete(sha256=sha, size=size, loss=loss, epoch=epoch)
+            report = WorkComplete(sha256=sha, size=size, loss=loss, epoch=epoch, data=inline)
             return self.api.complete(item.work_id, report)

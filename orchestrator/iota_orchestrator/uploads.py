@@ -7,19 +7,26 @@ awaits `receive`: the store copies the upload into place and hashes it (S3Store.
 loop), and it is recorded the same way. The checks that follow see the same row with either store.
 
     await uploads.receive(state, row.output_key, ctx.act_max_size)   # then check and seal as before
+
+A small result may also come inline in its complete (WorkComplete.data, directory store only):
+`inline_result` decodes and verifies it, and `store_inline` records it as a PUT would, in the complete's
+own transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import logging
 import time
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, insert, select, update
 
+from iota_cli.core.protocol import WorkComplete
 from iota_orchestrator import db, runs, scheduler
-from iota_orchestrator.errors import Conflict, Gone
+from iota_orchestrator.errors import BadRequest, Conflict, Gone, TooLarge
 from iota_orchestrator.state import State
 
 log = logging.getLogger("iota_orchestrator")
@@ -88,3 +95,32 @@ async def receive_result(state: State, work_id: str, contributor_id: str) -> Non
     key, limit = await state.in_tx(find)
     if key is not None:
         await receive(state, key, limit)
+
+
+def inline_result(state: State, report: WorkComplete) -> bytes | None:
+    """A complete's inline result, decoded and checked against its sha256 and size (None: none came)."""
+    if report.data is None:
+        return None
+    if state.blobs.presigned:
+        raise BadRequest("this orchestrator keeps blobs in an object store: PUT the result to its URL")
+    try:
+        data = base64.b64decode(report.data, validate=True)
+    except ValueError:  # binascii.Error, or a non-ASCII character
+        raise BadRequest("data is not valid base64") from None
+    got = hashlib.sha256(data).hexdigest()
+    if report.sha256 != got or report.size != len(data):
+        raise BadRequest(f"the inline result hashes to {got} ({len(data)} bytes), not what the report says")
+    return data
+
+
+def store_inline(conn: Connection, state: State, key: str, data: bytes, sha: str, max_size: int) -> None:
+    """Write an inline result (sha: what inline_result checked) under key as a PUT of it would, with the
+    same refusals, unless it is there already."""
+    if len(data) > max_size:
+        raise TooLarge(f"result of {len(data)} bytes exceeds its limit of {max_size} bytes")
+    row = lookup(conn, key)
+    if row is not None and (row.sha256, row.size) == (sha, len(data)) and state.blobs.exists(key):
+        return
+    admit(row, key, sha, len(data))
+    state.blobs.write(key, data)
+    record(conn, row, key, sha, len(data))

@@ -34,7 +34,7 @@ from iota_orchestrator.api.urls import assignment_reply, work_item
 from iota_orchestrator.errors import Conflict
 from iota_orchestrator.faults import Rejected
 from iota_orchestrator.state import State
-from iota_orchestrator.uploads import receive_result
+from iota_orchestrator.uploads import inline_result, receive_result, store_inline
 
 router = APIRouter(
     prefix="/v1",
@@ -82,9 +82,8 @@ async def heartbeat(body: Heartbeat, cid: Contributor, state: StateDep) -> Heart
     return await state.in_tx(beat)
 
 
-def _try_claim(
-    state: State, cid: str, run_id: str, claim_id: str | None
-) -> tuple[WorkItem | None, list[str], str]:
+def _try_claim(state: State, cid: str, body: ClaimRequest) -> tuple[WorkItem | None, list[str], str]:
+    run_id, claim_id = body.run_id, body.claim_id
     with state.tx() as conn:
         t = now()  # the transaction's instant (the database's clock on PostgreSQL)
         run = runs.get_run(conn, run_id)
@@ -100,7 +99,7 @@ def _try_claim(
     if c is None:
         return None, keys, run.state
     _ensure_tokens(state, ctx, c)
-    return work_item(state.blobs, ctx, c), keys, run.state
+    return work_item(state.blobs, ctx, c, body.inline_max), keys, run.state
 
 
 def _ensure_tokens(state: State, ctx: runs.RunCtx, c: scheduler.Claimed) -> None:
@@ -143,7 +142,7 @@ NO_WORK = {
 async def claim(body: ClaimRequest, cid: Contributor, state: StateDep) -> WorkItem | Response:
     """The next work item: routed backward work first, then forward work; 204 when there is none."""
     deadline = time.monotonic() + body.wait_s
-    item, keys, run_state = await state.with_db(_try_claim, state, cid, body.run_id, body.claim_id)
+    item, keys, run_state = await state.with_db(_try_claim, state, cid, body)
     while (
         item is None
         and run_state == "running"
@@ -153,7 +152,7 @@ async def claim(body: ClaimRequest, cid: Contributor, state: StateDep) -> WorkIt
         # Register before looking again, so work that comes while we look still wakes us.
         watched, ev = keys, state.wake.register(keys)
         try:
-            item, keys, run_state = await state.with_db(_try_claim, state, cid, body.run_id, body.claim_id)
+            item, keys, run_state = await state.with_db(_try_claim, state, cid, body)
             if item is None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ev.wait(), timeout=left)
@@ -169,17 +168,24 @@ async def claim(body: ClaimRequest, cid: Contributor, state: StateDep) -> WorkIt
 
 @router.post("/work/{work_id}/complete", response_model=WorkCompleteReply)
 async def complete(work_id: str, body: WorkComplete, cid: Contributor, state: StateDep) -> WorkCompleteReply:
-    """Report a finished item whose result is uploaded; credits it once, however often it is repeated."""
-    await receive_result(state, work_id, cid)  # an upload to an object store is taken in first
-    return await state.with_db(_complete, state, work_id, cid, body)
+    """Report a finished item whose result is uploaded (or comes inline, `data`); credits it once, however
+    often it is repeated."""
+    data = inline_result(state, body)
+    if data is None:
+        await receive_result(state, work_id, cid)  # an upload to an object store is taken in first
+    return await state.with_db(_complete, state, work_id, cid, body, data)
 
 
-def _complete(state: State, work_id: str, cid: str, body: WorkComplete) -> WorkCompleteReply:
+def _complete(
+    state: State, work_id: str, cid: str, body: WorkComplete, data: bytes | None
+) -> WorkCompleteReply:
     try:
         with state.tx() as conn:
             row = scheduler.load_item(conn, work_id, cid)
             standing.refuse_banned(chains.assignment(conn, row.run_id, cid))
             ctx = runs.context(conn, row.run_id)
+            if data is not None and body.sha256 and row.state == "claimed" and row.output_key:
+                store_inline(conn, state, row.output_key, data, body.sha256, ctx.act_max_size)
             credits, keys, check = scheduler.complete(conn, ctx, state.blobs, row, cid, body, now())
             total = ledger.total(conn, cid)
     except Rejected as e:
