@@ -297,11 +297,11 @@ def report(name: str, m: RunManifest, link: Link, swarm: SwarmResult, alone: One
             + " ".join(f"{p.get(k, 0.0):11.2f}" for k in TIMED)
             + f" {tok:8} {up:9.1f} {down:10.1f}"
         )
-    print("  stage CPU-s: compute  loop thread  process  (the loop thread's rest: start-up, steps, merges)")
+    print("  stage CPU-s: compute  steps  loop thread  process  (the loop thread's rest: start-up, merges)")
     for p in swarm.profiles:
         print(
-            f"  {p['stage']:5}  {p.get('compute_cpu_s', 0.0):12.2f} {p.get('loop_cpu_s', 0.0):12.2f}"
-            f" {p.get('process_cpu_s', 0.0):8.2f}"
+            f"  {p['stage']:5}  {p.get('compute_cpu_s', 0.0):12.2f} {p.get('step_cpu_s', 0.0):6.2f}"
+            f" {p.get('loop_cpu_s', 0.0):12.2f} {p.get('process_cpu_s', 0.0):8.2f}"
         )
     if orch := swarm.cpu_s.get("orchestrator"):
         life = swarm.cpu_s["life_s"]

@@ -1,14 +1,15 @@
 """Latency hiding for the worker's loop: claims and inputs fetched ahead, results sent behind.
 
 Over a home link each round trip costs tens of milliseconds, and an item needs four of them (claim,
-download, upload, complete). The loop thread only computes: a `Prefetcher` thread claims the next item
-and downloads its inputs while the current one runs, and a `Sender` thread uploads a result and
-completes it while the next one runs. Over a long round trip one thread of each is not enough (an
-upload and a complete are two round trips, 200 ms at 100 ms RTT, more than an item's compute), so each
-runs DEPTH threads: at most DEPTH items claimed ahead, one computing, DEPTH being sent and one queued
-for them, which is `train.max_claims_per_worker` (6). Neither ever touches the backend (the loop
-thread owns it). What kill -9 loses is unchanged: claimed items lapse at their deadline and are
-re-issued, as an item in flight always was.
+download, upload, complete), or two where the orchestrator carries small blobs inline in the claim's
+reply and the complete (the directory store; protocol: INLINE_MAX). The loop thread only computes: a
+`Prefetcher` thread claims the next item and downloads its inputs while the current one runs, and a
+`Sender` thread uploads a result and completes it while the next one runs. Over a long round trip one
+thread of each is not enough (an upload and a complete are 200 ms at 100 ms RTT, more than an item's
+compute), so each runs DEPTH threads: at most DEPTH items claimed ahead, one computing, DEPTH being sent
+and one queued for them, which is `train.max_claims_per_worker` (6). Neither ever touches the backend
+(the loop thread owns it). What kill -9 loses is unchanged: claimed items lapse at their deadline and
+are re-issued, as an item in flight always was.
 
     python -c "from iota_cli.train.pipeline import *; p = Profile(); p.add('x_s', 1); print(p.snapshot())"
 """

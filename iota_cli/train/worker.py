@@ -239,14 +239,15 @@ class Worker:
         k = self.manifest.train.backward_per_step
         if self._since_step < k:
             return
-        self._before_weights_change()
-        self.backend.step()
-        self._since_step -= k
-        self.state = replace(self.state, step=self.state.step + 1, since_merge=self.state.since_merge + 1)
-        if self.state.step - self._paced_from == self.manifest.merge.interval:
-            self.beats.wake()  # a round is due: say so now, not up to heartbeat_s later
-        if self.checkpointer.due():
-            self.checkpointer.submit(self.state, self.backend.weights(), self.backend.optimizer_state())
+        with self.profile.timed("step_s"):  # the weights held for results in flight, a checkpoint's copy
+            self._before_weights_change()
+            self.backend.step()
+            self._since_step -= k
+            self.state = replace(self.state, step=self.state.step + 1, since_merge=self.state.since_merge + 1)
+            if self.state.step - self._paced_from == self.manifest.merge.interval:
+                self.beats.wake()  # a round is due: say so now, not up to heartbeat_s later
+            if self.checkpointer.due():
+                self.checkpointer.submit(self.state, self.backend.weights(), self.backend.optimizer_state())
 
     def _forget(self, key: str) -> None:
         self.saved.forget(key)
