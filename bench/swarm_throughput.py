@@ -51,7 +51,6 @@ import glob
 import json
 import os
 import re
-import resource
 import shutil
 import tempfile
 import time
@@ -61,6 +60,7 @@ from typing import Any
 
 import numpy as np
 from chain_reference import start, train_sample
+from proc_cpu import CpuSeries, Window, children_cpu_s, cpu_seconds
 
 from iota_cli.core.manifest import RunManifest, tiny_manifest
 from iota_cli.core.modelspec import ModelConfig
@@ -72,19 +72,25 @@ POLL_S = 0.5  # the status it polls costs the orchestrator CPU the swarm would u
 STEADY = (0.1, 0.9)  # the share of the run's tokens between which its rate is taken
 PROFILE = re.compile(r"profile: (\{.*\})")
 THREADS = 2  # torch threads of the one-process side: the cores the swarm's processes share here
-# d 256, 6 layers in 2+2+2: one item (8 x 128 tokens) is ~100+ ms of forward+backward per stage on a core,
-# so compute, not the orchestrator's round trips, should bound the swarm.
+# The compute-bound model: d 512, 6 layers in 2+2+2. One sample (8 x 128 tokens) is ~0.6 s of forward and
+# backward per stage on a core, ~0.2 s a forward item and ~0.4 s a backward: the order of the ~0.25 s an item
+# of a 1B model's stage takes on a consumer GPU (issue 15), against which a worker's round trips are set.
 COMPUTE_MODEL = ModelConfig(
-    d_model=256,
+    d_model=512,
     n_layers=6,
-    n_heads=4,
-    n_kv_heads=2,
-    ffn_dim=704,
+    n_heads=8,
+    n_kv_heads=4,
+    ffn_dim=1408,
     context=128,
-    bottleneck_dim=8,  # 32x narrower than d_model in int8 (ModelConfig's default wire): 128x the bytes
+    bottleneck_dim=16,  # 32x narrower than d_model in int8 (ModelConfig's default wire): 128x the bytes
     stages=(2, 2, 2),
 )
-SAMPLES = {"tiny": 240, "compute": 80}  # sized so the default run stays within a few minutes on 2 cores
+# "compute-256", the compute model of the first measurements: a quarter of the FLOPs per token, so the
+# orchestrator's and the workers' per-item costs weigh four times as much against the compute.
+SMALLER = replace(COMPUTE_MODEL, d_model=256, n_heads=4, n_kv_heads=2, ffn_dim=704, bottleneck_dim=8)
+MODELS = {"compute": COMPUTE_MODEL, "compute-256": SMALLER}
+# Sized so the default run stays within a few minutes on 2 cores.
+SAMPLES = {"tiny": 240, "compute": 64, "compute-256": 80}
 TIMED = ("compute_s", "wait_s", "claim_s", "download_s", "upload_s", "complete_s", "serialize_s")
 
 
@@ -100,15 +106,14 @@ def manifest(model: str, data: str, samples: int) -> RunManifest:
     # demo's, which a model whose weights cross home links could not afford.
     train = replace(m.train, seq_len=128, batch_size=8, max_inflight_per_head=16, backward_per_step=4)
     merge = replace(m.merge, wire_dtype="BF16", interval=3)
-    return replace(m, name="compute", model=COMPUTE_MODEL, train=train, merge=merge)
+    return replace(m, name=model, model=MODELS[model], train=train, merge=merge)
 
 
 @dataclass
 class SwarmResult:
-    tokens_per_s: float  # over the steady part
-    whole_tokens_per_s: float  # first completed sample to last
+    steady: Window | None  # the steady part: tokens/s, and every process's CPU in it
+    whole: Window | None  # first completed sample to last
     tokens: int
-    window_s: float
     profiles: list[dict[str, Any]]  # one per worker: its stage, then its profile line
     cuts: int = 0
     problems: list[str] = field(default_factory=list)
@@ -116,20 +121,9 @@ class SwarmResult:
     # The orchestrator's requests by route ("POST /v1/work/claim") and "blob bytes in"/"out".
     traffic: dict[str, float] = field(default_factory=dict)
 
-
-def cpu_seconds(pid: int) -> float:
-    """user + system CPU-seconds of a live process (Linux /proc), 0 if it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def children_cpu_s() -> float:
-    """user + system CPU-seconds of every reaped child process so far."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+    @property
+    def tokens_per_s(self) -> float:
+        return self.steady.tokens_per_s if self.steady else 0.0
 
 
 def run_swarm(m: RunManifest, link: Link | None, home: Path, timeout_s: float = 600.0) -> SwarmResult:
@@ -140,13 +134,14 @@ def run_swarm(m: RunManifest, link: Link | None, home: Path, timeout_s: float = 
     swarm = Swarm(options=options, home=home, manifest=m)
     children0 = children_cpu_s()
     proxies: list[LinkProxy] = []
-    series: list[tuple[float, int]] = []
+    series = CpuSeries({})
     problems: list[str] = []
     status = None
     try:
         swarm.prepare()
         born = time.monotonic()
-        assert swarm.orchestrator is not None
+        assert swarm.orchestrator is not None and swarm.orchestrator.proc is not None
+        series.pids["orchestrator"] = swarm.orchestrator.proc.pid
         for w in swarm.workers:
             url = swarm.url
             if link is not None:
@@ -157,11 +152,13 @@ def run_swarm(m: RunManifest, link: Link | None, home: Path, timeout_s: float = 
                 url = proxy.url
             # All stages at once: with one worker per stage nobody is crowded, so nobody is moved.
             w.start(url, swarm.run_id)
+            assert w.proc is not None
+            series.pids[f"stage {w.stage}"] = w.proc.pid
         deadline = time.monotonic() + timeout_s
         while swarm.any_running() and time.monotonic() < deadline:
             status = swarm.status() or status
             if status is not None:
-                series.append((time.monotonic(), status.tokens_processed))
+                series.poll(status.tokens_processed)
             time.sleep(POLL_S)
         if swarm.any_running():
             problems.append(f"the run did not end in {timeout_s:.0f} s")
@@ -180,9 +177,10 @@ def run_swarm(m: RunManifest, link: Link | None, home: Path, timeout_s: float = 
     if status is not None and status.state != "finished":
         problems.append(f"the run ended {status.state}")
     final = status.tokens_processed if status else 0
-    series.append((series[-1][0] if series else 0.0, final))
-    whole, window = rate_between(series, 1, final)
-    rate, _ = rate_between(series, int(STEADY[0] * final), int(STEADY[1] * final))
+    if series.polls:  # the final count at the last poll's time: stopping is not the run's
+        series.polls.append((series.polls[-1][0], final, series.polls[-1][2]))
+    whole = series.between(1, final)
+    steady = series.between(int(STEADY[0] * final), int(STEADY[1] * final))
     profiles = []
     for w in swarm.workers:
         log = (w.home / "worker.log").read_text(errors="replace") if (w.home / "worker.log").exists() else ""
@@ -191,7 +189,7 @@ def run_swarm(m: RunManifest, link: Link | None, home: Path, timeout_s: float = 
             problems.append(f"worker {w.index} logged no profile line")
         profiles.append({"stage": w.stage, **(json.loads(found[-1]) if found else {})})
     cuts = sum(p.cuts for p in proxies)
-    return SwarmResult(rate, whole, final, window, profiles, cuts, problems, cpu, traffic)
+    return SwarmResult(steady, whole, final, profiles, cuts, problems, cpu, traffic)
 
 
 def scrape_traffic(url: str) -> dict[str, float]:
@@ -212,15 +210,6 @@ def scrape_traffic(url: str) -> dict[str, float]:
         elif m := re.match(r'iota_blob_bytes_total\{direction="(\w+)"\} (\S+)', line):
             out[f"blob bytes {m[1]}"] = float(m[2])
     return out
-
-
-def rate_between(series: list[tuple[float, int]], lo: int, hi: int) -> tuple[float, float]:
-    """Tokens/s from the first poll that saw at least lo tokens to the first that saw hi, and that span."""
-    a = next(((t, n) for t, n in series if n >= max(lo, 1)), None)
-    b = next(((t, n) for t, n in series if n >= hi), None)
-    if a is None or b is None or b[0] <= a[0]:
-        return 0.0, 0.0
-    return (b[1] - a[1]) / (b[0] - a[0]), b[0] - a[0]
 
 
 @dataclass(frozen=True)
@@ -261,6 +250,7 @@ def one_process(m: RunManifest, samples: int) -> OneProcess:
 
 def report(name: str, m: RunManifest, link: Link, swarm: SwarmResult, alone: OneProcess) -> dict[str, Any]:
     one, one_cpu_ms = alone.tokens_per_s, alone.cpu_ms_per_token
+    whole = swarm.whole or Window({}, 0.0, 0)
     # The tail uploads only the gradient across the last boundary, the size of the activations that
     # crossed it forward; the head's uploads also carry its proof of work, which goes to the validator.
     tail = swarm.profiles[-1] if swarm.profiles else {}
@@ -279,10 +269,17 @@ def report(name: str, m: RunManifest, link: Link, swarm: SwarmResult, alone: One
             + " tok/s"
         )
     print(
-        f"  {swarm.tokens} tokens through the tail in {swarm.window_s:.1f} s ({swarm.whole_tokens_per_s:.0f} "
-        f"tok/s first to last, efficiency {swarm.whole_tokens_per_s / one if one else 0:.3f}); "
+        f"  {swarm.tokens} tokens through the tail in {whole.wall_s:.1f} s ({whole.tokens_per_s:.0f} "
+        f"tok/s first to last, efficiency {whole.tokens_per_s / one if one else 0:.3f}); "
         f"connections cut by the proxies: {swarm.cuts}"
     )
+    if steady := swarm.steady:
+        # Start-up and draining left out: what a long run pays per token, and whether the cores were full.
+        print(
+            f"  steady part, {steady.wall_s:.1f} s: {steady.cores_busy:.2f} cores busy; CPU-ms per token "
+            + ", ".join(f"{k} {steady.ms_per_token(k):.3f}" for k in steady.cpu_s)
+            + f"; all {steady.ms_per_token():.3f} (one process {one_cpu_ms:.3f})"
+        )
     print(
         "  stage "
         + " ".join(f"{k:>11}" for k in TIMED)
@@ -297,12 +294,10 @@ def report(name: str, m: RunManifest, link: Link, swarm: SwarmResult, alone: One
             + " ".join(f"{p.get(k, 0.0):11.2f}" for k in TIMED)
             + f" {tok:8} {up:9.1f} {down:10.1f}"
         )
-    print("  stage CPU-s: compute  steps  loop thread  process  (the loop thread's rest: start-up, merges)")
+    cols = ("compute", "step", "merge", "checkpoint", "loop", "process")
+    print("  stage CPU-s: " + " ".join(f"{c:>10}" for c in cols) + "  (loop: the loop thread, start-up too)")
     for p in swarm.profiles:
-        print(
-            f"  {p['stage']:5}  {p.get('compute_cpu_s', 0.0):12.2f} {p.get('step_cpu_s', 0.0):6.2f}"
-            f" {p.get('loop_cpu_s', 0.0):12.2f} {p.get('process_cpu_s', 0.0):8.2f}"
-        )
+        print(f"  {p['stage']:5}        " + " ".join(f"{p.get(c + '_cpu_s', 0.0):10.2f}" for c in cols))
     if orch := swarm.cpu_s.get("orchestrator"):
         life = swarm.cpu_s["life_s"]
         print(f"  orchestrator: {orch:.1f} CPU-s in its {life:.1f} s ({orch / life:.2f} of a core)")
@@ -339,7 +334,7 @@ def report(name: str, m: RunManifest, link: Link, swarm: SwarmResult, alone: One
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="tiny,compute", help="comma-separated: tiny, compute")
+    ap.add_argument("--models", default="tiny,compute", help="comma-separated: tiny, compute, compute-256")
     ap.add_argument("--rtt-ms", type=float, default=0.0, help="round-trip time the proxy adds, ms")
     ap.add_argument("--loss", type=float, default=0.0, help="share of connections the proxy cuts")
     ap.add_argument("--mbit", type=float, default=0.0, help="bandwidth cap per worker, Mbit/s (0: none)")

@@ -84,6 +84,7 @@ class Checkpointer:
         self._finished_ok = False
         self.last_write_s = 0.0  # duration of the last write (pack, sha256, write, fsync, rename)
         self.total_write_s = 0.0  # all writes together: over wall time, what checkpoints cost
+        self.total_write_cpu_s = 0.0  # their CPU-seconds (on shared cores, wall time includes waiting)
         self.writes = 0  # writes that succeeded
         self.failures = 0  # writes that raised (logged; the previous checkpoint stays valid)
         self.dropped = 0  # snapshots replaced by a newer one before they were written
@@ -204,7 +205,7 @@ class Checkpointer:
 
     def _write(self, snap: _Snapshot, background: bool = False) -> Path:
         """One store write, timed; the caller has set _writing_since, so it is the only one running."""
-        start = time.monotonic()
+        start, cpu = time.monotonic(), time.thread_time()
         path: Path | None = None
         try:
             path = self.store.save(snap.state, snap.weights, snap.optimizer)
@@ -218,6 +219,7 @@ class Checkpointer:
             with self._cond:
                 self.last_write_s = elapsed
                 self.total_write_s += elapsed
+                self.total_write_cpu_s += time.thread_time() - cpu
                 self._writing_since = None
                 if snap.seq > self._finished:
                     self._finished, self._finished_ok = snap.seq, path is not None

@@ -70,6 +70,7 @@ class RoundStats:
     received: int = 0
     reduced: int = 0  # partitions this replica computed
     outcome: str = "running"  # merged, or dropped: why
+    cpu_s: float = 0.0  # the round thread's CPU-seconds (encode, hashes, reduce), beside the loop's
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,11 @@ class Merger:
         """The epoch of the round this replica is in (running, or finished but not yet taken)."""
         with self._lock:
             return self._round.offer.epoch if self._round is not None else None
+
+    @property
+    def cpu_s(self) -> float:
+        """CPU-seconds the round threads have spent so far."""
+        return sum(r.cpu_s for r in self.rounds)
 
     def begin(self, offer: MergeRound, weights: TensorDict, step: int) -> bool:
         """Contribute to offer's round with these weights (taken now: the snapshot), in the background;
@@ -150,6 +156,7 @@ class Merger:
 
     def _run(self, rnd: _Round) -> None:
         merged: np.ndarray | None = None
+        cpu = time.thread_time()
         try:
             merged = self._merge(rnd)
         except Stopped:
@@ -160,6 +167,7 @@ class Merger:
             log.exception("merge round %d failed", rnd.offer.epoch)
             rnd.stats.outcome = f"dropped: {type(e).__name__}"
         s = rnd.stats
+        s.cpu_s = time.thread_time() - cpu
         log.info(
             "merge round %d: sent %d, received %d (bytes; step %d, %d parts reduced, %s)",
             s.epoch, s.sent, s.received, s.step, s.reduced, s.outcome,

@@ -78,11 +78,11 @@ class Profile:
         with self._lock:
             return {k: round(v, 4) for k, v in sorted(self._values.items())}
 
-    def final(self, tokens: int) -> dict[str, float]:
-        """The snapshot the worker logs at exit, called on the loop thread: with that thread's CPU-seconds
-        and the whole process's (less compute_cpu_s, they are the worker's overhead)."""
-        cpu = {"loop_cpu_s": round(time.thread_time(), 3), "process_cpu_s": round(time.process_time(), 3)}
-        return {**self.snapshot(), **cpu, "tokens": tokens}
+    def final(self, tokens: int, **threads_cpu_s: float) -> dict[str, float]:
+        """The snapshot the worker logs at exit, called on the loop thread: with that thread's CPU-seconds,
+        the whole process's (less compute_cpu_s, they are the worker's overhead) and other threads'."""
+        cpu = {"loop_cpu_s": time.thread_time(), "process_cpu_s": time.process_time(), **threads_cpu_s}
+        return {**self.snapshot(), **{k: round(v, 3) for k, v in cpu.items()}, "tokens": tokens}
 
 
 class Liveness:

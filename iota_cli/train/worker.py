@@ -356,7 +356,8 @@ class Worker:
         except ClientError as e:
             log.info("could not send the last results: %s", e)
         self.sender.close()
-        log.info("profile: %s", json.dumps(self.profile.final(self.state.tokens)))
+        cpu = {"merge_cpu_s": self.merger.cpu_s, "checkpoint_cpu_s": self.checkpointer.total_write_cpu_s}
+        log.info("profile: %s", json.dumps(self.profile.final(self.state.tokens, **cpu)))
 
     def _shutdown(self) -> None:
         if not self.reassign:  # moving to another stage is not stopping
